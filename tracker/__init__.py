@@ -1,0 +1,3 @@
+"""Monocular FLAME head tracker with DenseMarks dense correspondences."""
+
+__version__ = "0.1.0"

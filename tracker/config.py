@@ -1,0 +1,247 @@
+"""Typed configuration: nested dataclasses, every field documented, loadable from YAML in configs/.
+
+Each energy term owns its config dataclass (in its module under tracker/energy/); `EnergyConfig` has one field
+per term, so adding a term touches that module and one line here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tracker.energy.dense import DenseCorrespondenceConfig, DenseRenderConfig
+from tracker.energy.landmarks import LandmarkEnergyConfig
+from tracker.energy.photometric import PhotometricConfig
+from tracker.energy.priors import PriorConfig
+from tracker.energy.temporal import TemporalConfig
+from tracker.errors import TrackerError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class FlameConfig:
+    path: str | None = None
+    """FLAME model file (.pkl/.npz); None: $FLAME_MODEL, then flame_assets/."""
+    assets_dir: str | None = None
+    """Folder with landmark embeddings, FLAME_masks.pkl, eyelids; None: $TRACKER_FLAME_ASSETS, model's folder."""
+    n_shape: int = 100
+    """Identity coefficients fitted (clipped to what the file holds)."""
+    n_expr: int = 50
+    """Expression coefficients fitted (clipped to what the file holds)."""
+    eyelids: bool = True
+    """Use eyelid blendshapes when l_eyelid.npy / r_eyelid.npy are present."""
+
+
+@dataclass
+class CameraConfig:
+    focal: float | None = None
+    """Fixed focal length in pixels; None estimates it on keyframes."""
+    fov_init_deg: float = 30.0
+    """Field of view over the longer image side that initialises the focal length, degrees."""
+
+
+@dataclass
+class VideoConfig:
+    start: int = 0
+    """First frame index to track."""
+    max_frames: int | None = None
+    """Track at most this many frames (after stride)."""
+    stride: int = 1
+    """Track every n-th frame."""
+
+
+@dataclass
+class DetectConfig:
+    landmarks: str = "mediapipe"
+    """Landmark detector: mediapipe | dlib | fan."""
+    mediapipe_model: str | None = None
+    """MediaPipe face_landmarker .task file; None: $TRACKER_MEDIAPIPE_MODEL, then the download cache."""
+    cache: bool = True
+    """Cache detections per video so a re-run skips detection."""
+
+
+@dataclass
+class EnergyConfig:
+    landmarks: LandmarkEnergyConfig = field(default_factory=LandmarkEnergyConfig)
+    """2D landmark reprojection term."""
+    priors: PriorConfig = field(default_factory=PriorConfig)
+    """Priors on shape, expression, pose."""
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    """Temporal smoothness of pose and expression."""
+    photometric: PhotometricConfig = field(default_factory=PhotometricConfig)
+    """Render-and-compare colour term."""
+    dense_render: DenseRenderConfig = field(default_factory=DenseRenderConfig)
+    """DenseMarks render-and-compare in canonical-cube space."""
+    dense_corr: DenseCorrespondenceConfig = field(default_factory=DenseCorrespondenceConfig)
+    """DenseMarks nearest-canonical-coordinate 2D-3D correspondences."""
+
+
+@dataclass
+class FitConfig:
+    keyframes: int = 8
+    """Frames used to estimate shared identity and focal length."""
+    shape_iters: int = 30
+    """Levenberg-Marquardt iterations of the keyframe (identity, focal) stage."""
+    frame_iters: int = 5
+    """Levenberg-Marquardt iterations per frame when warm-started from the previous frame."""
+    first_frame_iters: int = 20
+    """Levenberg-Marquardt iterations for a frame started from its own landmarks (first frame, re-init)."""
+    lr: float = 0.01
+    """Adam learning rate of the image-based stages (per-parameter multipliers in fit/solver.py)."""
+    reinit_factor: float = 3.0
+    """Re-initialise a frame from its own landmarks when its error exceeds this times the running median."""
+    global_iters: int = 0
+    """Steps of the optional joint refinement over all frames (0 = off)."""
+    global_window: int = 64
+    """Frames per chunk in the global refinement."""
+
+
+@dataclass
+class PhotometricStageConfig:
+    enabled: bool = False
+    """Run the photometric stage after landmark tracking."""
+    renderer: str = "torch"
+    """Rasteriser backend: torch | pytorch3d | nvdiffrast."""
+    resolution: int = 256
+    """Longer side of the images compared in the photometric stage."""
+    iters: int = 20
+    """Photometric optimiser steps per frame."""
+    texture_size: int = 256
+    """Albedo texture resolution."""
+    texture_keyframe_iters: int = 200
+    """Steps fitting texture and lighting on keyframes."""
+    uv_obj: str | None = None
+    """head_template.obj with FLAME UVs; None: the FLAME assets folder."""
+
+
+@dataclass
+class DenseMarksStageConfig:
+    mode: str = "auto"
+    """auto (on when weights are found) | on | off."""
+    weights: str | None = None
+    """model.safetensors of DenseMarks; None: the Hugging Face cache."""
+    canonical_map: str | None = None
+    """Per-vertex canonical cube coordinates (.npy); None: estimate from the video's well-fitted frames."""
+    cache_dir: str | None = None
+    """Where uvw predictions are cached; None: next to the outputs."""
+    oracle: bool = False
+    """Use the evaluation-only oracle predictor (synthetic data only; refused on real videos)."""
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "output"
+    """Output root; results go to <dir>/<video stem>/."""
+    video: bool = True
+    """Write the overlay video."""
+    save_meshes: bool = False
+    """Write per-frame meshes (.obj)."""
+
+
+@dataclass
+class TrackerConfig:
+    seed: int = 0
+    """Random seed (everything is deterministic given it)."""
+    device: str = "cpu"
+    """Torch device: cpu | cuda | cuda:N."""
+    flame: FlameConfig = field(default_factory=FlameConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    photometric: PhotometricStageConfig = field(default_factory=PhotometricStageConfig)
+    densemarks: DenseMarksStageConfig = field(default_factory=DenseMarksStageConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check a YAML value against a field's type annotation (ints pass as floats)."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, type(int | None)) \
+        else (annotation,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise TrackerError(f"config key {key} must not be empty")
+    for option in options:
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option in (int, str, bool) and type(value) is option:
+            return value
+    names = "/".join(getattr(o, "__name__", str(o)) for o in options)
+    raise TrackerError(f"config key {key} must be {names}, got {value!r}")
+
+
+def update_dataclass(obj: Any, values: dict, prefix: str = "") -> Any:
+    """Apply a nested dict onto a dataclass instance; unknown keys and wrong types are errors."""
+    if not isinstance(values, dict):
+        raise TrackerError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping")
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise TrackerError(f"unknown config key {name!r} (known here: {', '.join(sorted(known))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            update_dataclass(current, value, f"{name}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], name))
+    return obj
+
+
+def validate(cfg: TrackerConfig) -> None:
+    """Range checks that YAML types cannot express."""
+    checks = [
+        (cfg.flame.n_shape >= 0 and cfg.flame.n_expr >= 0, "flame.n_shape/n_expr must be >= 0"),
+        (cfg.video.start >= 0, "video.start must be >= 0"),
+        (cfg.video.stride >= 1, "video.stride must be >= 1"),
+        (cfg.video.max_frames is None or cfg.video.max_frames >= 1, "video.max_frames must be >= 1"),
+        (cfg.camera.focal is None or cfg.camera.focal > 0, "camera.focal must be > 0"),
+        (0 < cfg.camera.fov_init_deg < 170, "camera.fov_init_deg must be in (0, 170)"),
+        (cfg.fit.keyframes >= 1, "fit.keyframes must be >= 1"),
+        (cfg.fit.frame_iters >= 1 and cfg.fit.first_frame_iters >= 1, "fit iterations must be >= 1"),
+        (cfg.fit.lr > 0, "fit.lr must be > 0"),
+        (cfg.fit.reinit_factor > 1, "fit.reinit_factor must be > 1"),
+        (cfg.detect.landmarks in ("mediapipe", "dlib", "fan"), "detect.landmarks must be mediapipe|dlib|fan"),
+        (cfg.photometric.renderer in ("torch", "pytorch3d", "nvdiffrast"),
+         "photometric.renderer must be torch|pytorch3d|nvdiffrast"),
+        (cfg.photometric.resolution >= 32, "photometric.resolution must be >= 32"),
+        (cfg.densemarks.mode in ("auto", "on", "off"), "densemarks.mode must be auto|on|off"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TrackerError(f"bad config: {message}")
+    for term in dataclasses.fields(cfg.energy):
+        if getattr(cfg.energy, term.name).weight < 0:
+            raise TrackerError(f"bad config: energy.{term.name}.weight must be >= 0")
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrackerConfig:
+    """Defaults, then a YAML file (a name in configs/ or a path), then overrides (nested dict)."""
+    cfg = TrackerConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file() and (CONFIG_DIR / path).is_file():
+            path = CONFIG_DIR / path
+        if not path.is_file():
+            raise TrackerError(f"config file {path} not found")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise TrackerError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        update_dataclass(cfg, values)
+    if overrides:
+        update_dataclass(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,246 @@
+"""One tracking run: video -> landmarks -> FLAME fit -> outputs. The CLI (tracker/run.py) is a thin shell
+around `track_video`."""
+
+from __future__ import annotations
+
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import tracker
+from tracker.camera import Camera
+from tracker.config import TrackerConfig, config_to_dict
+from tracker.detect.base import SCHEME_IBUG68, SCHEME_MEDIAPIPE, LandmarkTrack, make_detector
+from tracker.detect.sequence import detect_video
+from tracker.energy.base import Observations
+from tracker.energy.landmarks import LandmarkEnergy, landmark_group_weights
+from tracker.energy.priors import PriorEnergy
+from tracker.energy.temporal import TemporalEnergy
+from tracker.errors import TrackerError
+from tracker.fit.sequence import SequenceTracker, TrackResult
+from tracker.fit.solver import FRAME_FIELDS, Problem
+from tracker.flame.assets import FlameBundle, load_flame_bundle
+from tracker.flame.landmarks import LandmarkSet
+from tracker.flame.model import FlameParams
+from tracker.io.export import FrameTable, write_json, write_obj, write_params
+from tracker.io.video import FrameSelection, probe_video, read_frames
+
+SCHEME_OF_DETECTOR = {"mediapipe": SCHEME_MEDIAPIPE, "dlib": SCHEME_IBUG68, "fan": SCHEME_IBUG68}
+PARTIAL_WRITE_EVERY = 25
+"""Frames between rewrites of the partial npz during tracking."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrackerError(f"--device {name} asked for, but CUDA is not available in this torch build/machine")
+    return device
+
+
+def observations_from_track(track: LandmarkTrack, landmarks: LandmarkSet, group_weights: torch.Tensor,
+                            device: torch.device) -> Observations:
+    """Detected points in embedding order; missing frames/points get weight 0."""
+    idx = landmarks.detector_index.numpy()
+    pts = track.points[:, idx]
+    conf = track.confidence[:, idx] * track.valid[:, None]
+    finite = np.isfinite(pts).all(-1)
+    conf = np.where(finite, conf, 0.0)
+    pts = np.nan_to_num(pts)
+    lo = np.where(finite[..., None], pts, np.inf).min(1)
+    hi = np.where(finite[..., None], pts, -np.inf).max(1)
+    size = np.where(track.valid, np.linalg.norm(hi - lo, axis=-1), 1.0)
+    size = np.where(np.isfinite(size) & (size > 1), size, 1.0)
+    to = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=device)  # noqa: E731
+    return Observations(to(pts), to(conf) * group_weights.to(device)[None], to(size))
+
+
+@dataclass
+class RunSummary:
+    """What a run did; written as summary.json and printed at the end."""
+
+    video: str
+    out_dir: str
+    frames: int
+    valid_frames: int
+    invalid_frame_indices: list[int]
+    reinitialised_frames: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    seconds_per_frame: dict[str, float] = field(default_factory=dict)
+    lmk_error_px_mean: float = float("nan")
+    lmk_error_px_p95: float = float("nan")
+    focal_px: float = float("nan")
+    outputs: dict[str, str] = field(default_factory=dict)
+    complete: bool = True
+
+
+class OutputWriter:
+    """Collects finished frames and rewrites the npz every few frames (and at the end)."""
+
+    def __init__(self, out_dir: Path, camera: Camera, fps: float, metadata: dict, track: LandmarkTrack):
+        self.path = out_dir / "flame_params.npz"
+        self.camera, self.fps, self.metadata, self.track = camera, fps, metadata, track
+        self.done: dict[int, tuple] = {}
+
+    def add(self, t: int, params, err: float, _reinit: bool) -> None:
+        self.done[t] = (params, err)
+        if len(self.done) % PARTIAL_WRITE_EVERY == 0:
+            self.write_partial()
+
+    def write_partial(self) -> None:
+        """Finished frames only, marked incomplete."""
+        if not self.done:
+            return
+        ts = sorted(self.done)
+        params = [self.done[t][0] for t in ts]
+        stacked = FlameParams(shape=params[0].shape,
+                              **{n: torch.cat([getattr(p, n) for p in params]) for n in FRAME_FIELDS})
+        table = FrameTable(stacked, self.track.frame_indices[ts], self.track.timestamps[ts],
+                           np.ones(len(ts), bool), np.array([self.done[t][1] for t in ts], np.float32))
+        write_params(self.path, table, self.camera, self.fps, {**self.metadata, "complete": False})
+
+    def write_final(self, table: FrameTable) -> None:
+        write_params(self.path, table, self.camera, self.fps, {**self.metadata, "complete": True})
+
+
+def build_metadata(cfg: TrackerConfig, bundle: FlameBundle, video: Path, detector_settings: dict) -> dict:
+    return {
+        "tool": "tracker", "tool_version": tracker.__version__, "torch_version": torch.__version__,
+        "video": str(video), "flame_file": str(bundle.flame_file), "flame_sha256": bundle.model.sha256,
+        "flame_name": bundle.model.name, "n_shape": bundle.model.n_shape, "n_expr": bundle.model.n_expr,
+        "eyelid_blendshapes": bundle.model.has_eyelids, "landmark_scheme": bundle.landmarks.scheme,
+        "detector": detector_settings, "config": config_to_dict(cfg), "machine": platform.platform(),
+        "conventions": "world = FLAME(shape, expr, [rotation, neck_pose, jaw_pose, eyes_pose], eyelids) + "
+                       "translation; pixel = K (R X + t) / depth, OpenCV axes, pixel centres at integers",
+    }
+
+
+def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = True) -> RunSummary:
+    """Track one video with the given configuration and write all outputs; returns the summary."""
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    video = Path(video)
+    info = probe_video(video)
+    out_dir = Path(cfg.output.dir) / video.stem
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    scheme = SCHEME_OF_DETECTOR[cfg.detect.landmarks]
+    bundle = load_flame_bundle(cfg.flame.path, cfg.flame.assets_dir, cfg.flame.n_shape, cfg.flame.n_expr,
+                               scheme, cfg.flame.eyelids)
+    model = bundle.model.to(device)
+    landmarks = bundle.landmarks.to(device)
+
+    detector = make_detector(cfg.detect.landmarks, **_detector_options(cfg))
+    selection = FrameSelection(cfg.video.start, cfg.video.max_frames, cfg.video.stride)
+    start = time.perf_counter()
+    with tqdm(total=_expected_frames(info.n_frames, selection), desc="landmarks", unit="frame",
+              disable=not show_progress) as bar:
+        try:
+            track = detect_video(video, detector, selection, use_cache=cfg.detect.cache,
+                                 cache_dir=out_dir / "cache", on_frame=lambda *_: bar.update(1))
+        finally:
+            if hasattr(detector, "close"):  # MediaPipe's native graph must be closed before exit
+                detector.close()
+    timings["detection"] = time.perf_counter() - start
+    T = len(track)
+    if T == 0:
+        raise TrackerError(f"{video}: no frames selected (start {cfg.video.start} is past the end?)")
+
+    camera = Camera.from_image(info.height, info.width, cfg.camera.fov_init_deg, cfg.camera.focal, device)
+    group_weights = landmark_group_weights(scheme, bundle.landmarks.detector_index, cfg.energy.landmarks)
+    obs = observations_from_track(track, landmarks, group_weights, device)
+    terms = [LandmarkEnergy(cfg.energy.landmarks), PriorEnergy(cfg.energy.priors, model),
+             TemporalEnergy(cfg.energy.temporal)]
+    problem = Problem(model, landmarks, camera, terms)
+    fitter = SequenceTracker(problem, cfg)
+    metadata = build_metadata(cfg, bundle, video, detector.settings())
+    writer = OutputWriter(out_dir, camera, info.fps, metadata, track)
+
+    start = time.perf_counter()
+    try:
+        shape = torch.zeros(1, model.n_shape, device=device)
+        if track.valid.any():
+            shape, camera.focal = fitter.estimate_identity(obs, track.valid)
+        timings["identity"] = time.perf_counter() - start
+        start = time.perf_counter()
+        with tqdm(total=T, desc="fitting", unit="frame", disable=not show_progress) as bar:
+            result = fitter.track(obs, track.valid, shape, on_frame=writer.add, progress=lambda: bar.update(1))
+    except KeyboardInterrupt:
+        writer.write_partial()
+        raise
+    except Exception:
+        writer.write_partial()  # keep finished frames, then let the error surface
+        raise
+    timings["fitting"] = time.perf_counter() - start
+
+    table = FrameTable(result.params, track.frame_indices, track.timestamps, result.valid, result.lmk_error_px)
+    writer.write_final(table)
+    outputs = {"params": str(writer.path)}
+
+    start = time.perf_counter()
+    if cfg.output.save_meshes:
+        outputs["meshes"] = str(_save_meshes(out_dir / "meshes", model, result, track))
+    if cfg.output.video:
+        from tracker.io.overlay_video import write_overlay_video
+
+        outputs["overlay_video"] = str(write_overlay_video(
+            out_dir / "overlay.mp4", read_frames(video, selection), model, landmarks, camera, result, obs,
+            info.fps, show_progress))
+    timings["outputs"] = time.perf_counter() - start
+
+    summary = _summarise(video, out_dir, track, result, timings, camera, outputs)
+    write_json(out_dir / "summary.json", summary.__dict__)
+    return summary
+
+
+def _detector_options(cfg: TrackerConfig) -> dict:
+    if cfg.detect.landmarks == "mediapipe" and cfg.detect.mediapipe_model:
+        return {"model_path": cfg.detect.mediapipe_model}
+    return {}
+
+
+def _expected_frames(n_frames: int, selection: FrameSelection) -> int | None:
+    if n_frames <= 0:
+        return None
+    n = max(0, (n_frames - selection.start + selection.stride - 1) // selection.stride)
+    return min(n, selection.max_frames) if selection.max_frames else n
+
+
+@torch.no_grad()
+def _save_meshes(folder: Path, model, result: TrackResult, track: LandmarkTrack) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    faces = model.faces.cpu().numpy()
+    for t in range(len(track)):
+        if result.valid[t]:
+            verts = model(result.params.frames(slice(t, t + 1))).vertices[0].cpu().numpy()
+            write_obj(folder / f"{int(track.frame_indices[t]):06d}.obj", verts, faces)
+    return folder
+
+
+def _summarise(video: Path, out_dir: Path, track: LandmarkTrack, result: TrackResult, timings: dict,
+               camera: Camera, outputs: dict) -> RunSummary:
+    T = len(track)
+    errors = result.lmk_error_px[result.valid]
+    total = sum(timings.values())
+    return RunSummary(
+        video=str(video), out_dir=str(out_dir), frames=T, valid_frames=int(result.valid.sum()),
+        invalid_frame_indices=[int(i) for i in track.frame_indices[~result.valid]],
+        reinitialised_frames=int(result.reinitialised.sum()),
+        seconds={k: round(v, 3) for k, v in timings.items()},
+        seconds_per_frame={**{k: round(v / T, 4) for k, v in timings.items()}, "total": round(total / T, 4)},
+        lmk_error_px_mean=float(errors.mean()) if len(errors) else float("nan"),
+        lmk_error_px_p95=float(np.percentile(errors, 95)) if len(errors) else float("nan"),
+        focal_px=float(camera.focal), outputs=outputs,
+    )
