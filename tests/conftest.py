@@ -13,6 +13,11 @@ FLAME_ASSETS = ASSETS / "flame"
 VIDEOS = SHARED / "videos" / "dev"
 MEDIAPIPE_TASK = ASSETS / "mediapipe" / "face_landmarker_v2_with_blendshapes.task"
 
+# The CLI under test finds FLAME, its side assets and the MediaPipe model through these variables.
+os.environ.setdefault("FLAME_MODEL", str(FLAME_STANDIN))
+os.environ.setdefault("TRACKER_FLAME_ASSETS", str(FLAME_ASSETS))
+os.environ.setdefault("TRACKER_MEDIAPIPE_MODEL", str(MEDIAPIPE_TASK))
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

@@ -230,6 +230,39 @@ def test_interpolating_positions_reproduces_pixel_centres_and_depth(perspective)
     assert image[0][~covered].abs().sum() == 0
 
 
+def test_empty_scene_gives_empty_image_and_zero_gradients():
+    verts, faces = quad_scene()
+    off_screen = (verts + torch.tensor([100.0, 0.0, 0.0], dtype=torch.float64)).requires_grad_(True)
+    fragments = rasterize(off_screen, faces, RasterSettings((9, 11)))
+    image, mask = interpolate(fragments, off_screen, faces, off_screen)
+    assert fragments.triangle_id.eq(-1).all() and mask.sum() == 0 and image.abs().sum() == 0
+    image.sum().backward()
+    assert off_screen.grad.abs().sum() == 0
+
+
+def test_gradients_recover_a_known_image_shift(flame_mesh):
+    # Interior gradients only (no silhouette term): a smooth colour field over the face carries
+    # the information about where the mesh is.
+    screen, faces, camera, size = flame_mesh
+    colours = (camera[0] - camera[0].mean(0)) / camera[0].std(0)
+    settings = RasterSettings((size, size))
+    true_shift = torch.tensor([1.5, -1.0, 0.0])
+
+    def render(shift):
+        verts = screen + shift
+        return interpolate(rasterize(verts, faces, settings), verts, faces, colours)[0]
+
+    target = render(true_shift)
+    shift = torch.zeros(3, requires_grad=True)
+    optimiser = torch.optim.Adam([shift], lr=0.1)
+    for _ in range(60):
+        optimiser.zero_grad()
+        loss = (render(shift * torch.tensor([1.0, 1.0, 0.0])) - target).pow(2).mean()
+        loss.backward()
+        optimiser.step()
+    assert torch.allclose(shift.detach()[:2], true_shift[:2], atol=0.1)
+
+
 # --- shading and texture ----------------------------------------------------------------------
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from tracker.config import load_config
 from tracker.errors import TrackerError
@@ -93,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished frames were written", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: finished frames are on disk; keep the message short
+        if os.environ.get("TRACKER_DEBUG"):
+            traceback.print_exc()
+        print(f"error: unexpected {type(exc).__name__}: {exc} (finished frames were written; "
+              "set TRACKER_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
     print_summary(summary)
     return 0
 

@@ -147,11 +147,11 @@ class Fragments:
 
 
 def _expand(counts: Tensor) -> tuple[Tensor, Tensor]:
-    """For consecutive segments of the given lengths: (segment index, start of its segment) per element."""
+    """Segments of the given lengths laid end to end: (segment index, offset within it) per element."""
     total = int(counts.sum())
     segment = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=total)
     starts = torch.cumsum(counts, 0) - counts
-    return segment, starts
+    return segment, torch.arange(total, device=counts.device) - starts.index_select(0, segment)
 
 
 def _drawable_triangles(tri: Tensor, settings: RasterSettings) -> Tensor:
@@ -211,14 +211,13 @@ def rasterize(verts_screen: Tensor, faces: Tensor, settings: RasterSettings) -> 
         slope_long, slope_upper, slope_lower = _edge_slope(x, y, 0, 2), _edge_slope(x, y, 0, 1), _edge_slope(x, y, 1, 2)
 
         # (triangle, row) spans: the long edge (0-2) bounds one side, edge 0-1 or 1-2 the other.
-        span_tri, span_start = _expand(num_rows)
-        row = (row_first.reshape(-1).index_select(0, kept) - span_start.float()).index_select(0, span_tri)
-        row += torch.arange(span_tri.numel(), device=device, dtype=row.dtype)
-        yc = row + 0.5
+        span_tri, row_offset = _expand(num_rows)
 
         def at_span(values: Tensor) -> Tensor:
             return values.index_select(0, span_tri)
 
+        row = at_span(row_first.reshape(-1).index_select(0, kept)) + row_offset
+        yc = row + 0.5
         x0, y0, x1, y1 = at_span(x[0]), at_span(y[0]), at_span(x[1]), at_span(y[1])
         x_long = x0 + (yc - y0) * at_span(slope_long)
         x_short = torch.where(
@@ -228,15 +227,13 @@ def rasterize(verts_screen: Tensor, faces: Tensor, settings: RasterSettings) -> 
         col_last = torch.floor(torch.maximum(x_long, x_short) - 0.5).clamp_(max=width - 1)
         num_cols = (col_last - col_first + 1).clamp_(min=0).long()
 
-        # Pixel entries: per span, everything needed is "span value + offset within the span".
-        flat_tri = kept.index_select(0, span_tri)
-        s_row = at_span(sx) * 0.5 + at_span(sy) * yc + at_span(s[0] - sx * x[0] - sy * y[0])
-        pix_span, pix_start = _expand(num_cols)
-        offset = torch.arange(pix_span.numel(), device=device)
-        pixel = ((flat_tri // num_faces * height + row.long()) * width + col_first.long() - pix_start)
-        pixel = pixel.index_select(0, pix_span) + offset
-        column = (col_first - pix_start.float()).index_select(0, pix_span) + offset.float()
-        depth_key = at_span(sx).index_select(0, pix_span) * column + s_row.index_select(0, pix_span)
+        # Pixel entries: every per-pixel value is "span value + offset along the span".
+        flat_tri = at_span(kept)
+        pixel_base = (flat_tri // num_faces * height + row.long()) * width + col_first.long()
+        s_row = at_span(sx) * (col_first + 0.5) + at_span(sy) * yc + at_span(s[0] - sx * x[0] - sy * y[0])
+        pix_span, col_offset = _expand(num_cols)
+        pixel = pixel_base.index_select(0, pix_span) + col_offset
+        depth_key = torch.addcmul(s_row.index_select(0, pix_span), at_span(sx).index_select(0, pix_span), col_offset.float())
         depth_bits = depth_key.clamp_(min=0).view(torch.int32).long()  # >= 0 keeps keys ordered
         if settings.perspective_correct:  # larger 1/z is nearer
             depth_bits = _INT32_MAX - depth_bits
