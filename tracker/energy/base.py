@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -18,6 +18,8 @@ from tracker.camera import Camera
 from tracker.flame.landmarks import LandmarkSet, yaw_degrees
 from tracker.flame.lbs import batch_rodrigues
 from tracker.flame.model import FlameModel, FlameParams
+from tracker.render.interpolate import interpolate
+from tracker.render.rasterize import Fragments
 
 
 @dataclass
@@ -31,14 +33,16 @@ class Observations:
     face_size: torch.Tensor
     """(B,) face scale in pixels (landmark bounding-box diagonal), so energies are resolution independent."""
     images: torch.Tensor | None = None
-    """(B, H, W, 3) RGB in [0, 1] for image-based terms."""
+    """(B, H, W, 3) RGB in [0, 1] for image-based terms (possibly downscaled from the video)."""
+    image_scale: float = 1.0
+    """Size of `images` pixels relative to video pixels (e.g. 0.5 when images are half-size)."""
     extras: dict = field(default_factory=dict)
-    """Term-specific inputs (DenseMarks uvw maps, segmentation masks, ...), keyed by term name."""
+    """Term-specific per-frame inputs (DenseMarks uvw maps, ...): tensors with frames first."""
 
     def frames(self, index) -> "Observations":
         return Observations(
             self.landmarks[index], self.landmark_weights[index], self.face_size[index],
-            None if self.images is None else self.images[index],
+            None if self.images is None else self.images[index], self.image_scale,
             {k: v[index] if isinstance(v, torch.Tensor) else v for k, v in self.extras.items()},
         )
 
@@ -48,8 +52,11 @@ class Evaluation:
 
     def __init__(self, model: FlameModel, landmarks: LandmarkSet, camera: Camera, params: FlameParams,
                  obs: Observations, reference: FlameParams | None = None,
-                 contour_yaw: torch.Tensor | None = None, landmark_model: FlameModel | None = None):
+                 contour_yaw: torch.Tensor | None = None, landmark_model: FlameModel | None = None,
+                 rasterizer: Callable[[torch.Tensor, torch.Tensor], Fragments] | None = None):
         self.model = model
+        self.rasterizer = rasterizer
+        """rasterizer(verts_screen (B, V, 3), faces) -> Fragments at the size of obs.images."""
         self.landmark_model = landmark_model or model.restricted(landmarks.vertex_ids)
         """The model restricted to the landmark vertices (callers that evaluate often pass it in)."""
         self.landmark_set = landmarks
@@ -89,6 +96,25 @@ class Evaluation:
     def vertices_2d(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected vertices (B, V, 2) pixels and their depth (B, V)."""
         return self.camera.project(self.vertices)
+
+    @cached_property
+    def screen_vertices(self) -> torch.Tensor:
+        """(B, V, 3) vertices in the pixels of obs.images (x, y) with depth (z), for the rasteriser."""
+        pix, depth = self.vertices_2d
+        return torch.cat([pix * self.obs.image_scale, depth[..., None]], dim=-1)
+
+    @cached_property
+    def fragments(self) -> Fragments:
+        """Visibility of the full mesh in obs.images' pixels (not differentiable; interpolation is)."""
+        if self.rasterizer is None:
+            raise RuntimeError("an image term needs a rasterizer: build the Problem with one")
+        with torch.no_grad():
+            return self.rasterizer(self.screen_vertices.detach(), self.model.faces)
+
+    def interpolate(self, attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-vertex attributes (B or 1, V, C) -> image (B, H, W, C) and coverage mask (B, H, W, 1),
+        differentiable in the attributes and the vertex positions."""
+        return interpolate(self.fragments, self.screen_vertices, self.model.faces, attributes)
 
 
 class EnergyTerm(Protocol):

@@ -50,14 +50,20 @@ class Problem:
     landmarks: LandmarkSet
     camera: Camera
     terms: Sequence[EnergyTerm]
+    rasterizer: Callable | None = None
+    """rasterizer(verts_screen, faces) -> Fragments, needed by image terms (photometric, DenseMarks)."""
 
     def __post_init__(self):
         self.landmark_model = self.model.restricted(self.landmarks.vertex_ids)
 
+    def with_terms(self, terms: Sequence[EnergyTerm], rasterizer: Callable | None = None) -> "Problem":
+        """The same model and camera with other energy terms (e.g. a stage adding image terms)."""
+        return Problem(self.model, self.landmarks, self.camera, terms, rasterizer or self.rasterizer)
+
     def evaluation(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
                    camera: Camera | None = None, contour_yaw: torch.Tensor | None = None) -> Evaluation:
         return Evaluation(self.model, self.landmarks, camera or self.camera, params, obs, reference, contour_yaw,
-                          self.landmark_model)
+                          self.landmark_model, self.rasterizer)
 
     def residuals(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
                   camera: Camera | None = None, contour_yaw: torch.Tensor | None = None) -> torch.Tensor:
@@ -235,9 +241,14 @@ def adam_minimise(loss_fn: Callable[[], torch.Tensor], tensors: dict[str, torch.
 
 
 def fit_adam(problem: Problem, init: FlameParams, obs: Observations, free: Sequence[str], iters: int, lr: float,
-             reference: FlameParams | None = None) -> FlameParams:
-    """Adam over the `free` fields for image-based stages; returns detached parameters."""
+             reference: FlameParams | None = None,
+             extra: dict[str, torch.Tensor] | None = None) -> FlameParams:
+    """Adam over the `free` fields for image-based stages; returns detached parameters.
+
+    extra: further leaf tensors optimised alongside (e.g. a texture or lighting owned by a term), by name.
+    """
     params = leaf_params(init, free)
     tensors = {name: getattr(params, name) for name in free}
+    tensors.update(extra or {})
     adam_minimise(lambda: problem.energy(params, obs, reference).sum(), tensors, iters, lr)
     return params.detach()
