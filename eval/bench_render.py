@@ -96,8 +96,10 @@ def bench(device: torch.device, size: int, runs: int) -> None:
         albedo = colors.clone().requires_grad_(True)
         renderer(verts, faces, normals, sh, VertexAlbedo(albedo)).image.backward(grad_image)
 
-    print(f"device {device}, {size}x{size}, FLAME {screen.shape[1]} verts / {faces.shape[0]} faces, coverage {coverage:.0%}")
-    for name, step in (("rasterise + interpolate fwd+bwd", raster_interpolate), ("MeshRenderer SH fwd+bwd", full_render)):
+    mesh = f"FLAME {screen.shape[1]} verts, {faces.shape[0]} faces"
+    print(f"device {device}, {size}x{size}, {mesh}, coverage {coverage:.0%}")
+    steps = {"rasterise + interpolate fwd+bwd": raster_interpolate, "MeshRenderer SH fwd+bwd": full_render}
+    for name, step in steps.items():
         wall, cpu = time_runs(step, runs, device)
         print(
             f"  {name}: median {statistics.median(wall) * 1e3:.1f} ms wall (min {min(wall) * 1e3:.1f}), "

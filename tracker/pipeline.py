@@ -23,6 +23,7 @@ from tracker.energy.landmarks import LandmarkEnergy, landmark_group_weights
 from tracker.energy.priors import PriorEnergy
 from tracker.energy.temporal import TemporalEnergy
 from tracker.errors import TrackerError
+from tracker.fit.global_refine import refine_globally
 from tracker.fit.sequence import SequenceTracker, TrackResult
 from tracker.fit.solver import FRAME_FIELDS, Problem
 from tracker.flame.assets import FlameBundle, load_flame_bundle
@@ -177,6 +178,11 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
         start = time.perf_counter()
         with tqdm(total=T, desc="fitting", unit="frame", disable=not show_progress) as bar:
             result = fitter.track(obs, track.valid, shape, on_frame=writer.add, progress=lambda: bar.update(1))
+        if cfg.fit.global_iters > 0:
+            with tqdm(total=int(track.valid.sum()), desc="global refinement", unit="frame",
+                      disable=not show_progress) as bar:
+                result = refine_globally(problem, result, obs, cfg.fit.global_iters, cfg.fit.global_window,
+                                         cfg.fit.lr, progress=bar.update)
     except KeyboardInterrupt:
         writer.write_partial()
         raise

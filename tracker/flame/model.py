@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -64,8 +64,8 @@ class FlameParams:
 
     def frames(self, index) -> "FlameParams":
         """Select frames (shape is shared and kept)."""
-        out = self.map(lambda t: t[index])
-        return replace(out, shape=self.shape)
+        selected = {f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "shape"}
+        return FlameParams(shape=self.shape, **selected)
 
 
 @dataclass

@@ -44,7 +44,7 @@ def interpolate(
     verts_screen: Tensor,
     faces: Tensor,
     attributes: Tensor,
-    perspective_correct: bool = True,
+    perspective_correct: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Interpolate per-vertex attributes to the covered pixels.
 
@@ -53,10 +53,11 @@ def interpolate(
     faces: (F, 3) long.
     attributes: (B, V, C) or (V, C) per-vertex values.
     perspective_correct: interpolate linearly in 3D (True, perspective projections) or on the
-        image (False, e.g. orthographic).
+        image (False, e.g. orthographic); None = as the fragments were rasterised.
     Returns (image (B, H, W, C), zero on background; mask (B, H, W, 1) in the attributes' dtype).
     """
-    values = interpolate_covered(fragments, verts_screen, faces, face_corner_values(attributes, faces), perspective_correct)
+    corner_values = face_corner_values(attributes, faces)  # (3, C, [B,] F)
+    values = interpolate_covered(fragments, verts_screen, faces, corner_values, perspective_correct)
     return pixels_to_image(fragments, values), fragments.mask.unsqueeze(-1).to(values.dtype)
 
 
@@ -65,7 +66,7 @@ def interpolate_face_corners(
     verts_screen: Tensor,
     faces: Tensor,
     corner_attributes: Tensor,
-    perspective_correct: bool = True,
+    perspective_correct: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Interpolate attributes stored per face corner (e.g. UVs with seams) to the covered pixels.
 
@@ -78,13 +79,19 @@ def interpolate_face_corners(
 
 
 def interpolate_covered(
-    fragments: Fragments, verts_screen: Tensor, faces: Tensor, corner_values: Tensor, perspective_correct: bool = True
+    fragments: Fragments,
+    verts_screen: Tensor,
+    faces: Tensor,
+    corner_values: Tensor,
+    perspective_correct: bool | None = None,
 ) -> Tensor:
     """Interpolated values at the covered pixels only.
 
     corner_values: (3, C, B, F) or (3, C, F) value at each face corner (see
     `barycentric.face_corner_values`). Returns (C, P) in `fragments.covered` order.
     """
+    if perspective_correct is None:
+        perspective_correct = fragments.perspective_correct
     batch = verts_screen.shape[0]
     if corner_values.dim() == 3:
         corner_values = corner_values.unsqueeze(2).expand(-1, -1, batch, -1)

@@ -233,7 +233,9 @@ def rasterize(verts_screen: Tensor, faces: Tensor, settings: RasterSettings) -> 
         s_row = at_span(sx) * (col_first + 0.5) + at_span(sy) * yc + at_span(s[0] - sx * x[0] - sy * y[0])
         pix_span, col_offset = _expand(num_cols)
         pixel = pixel_base.index_select(0, pix_span) + col_offset
-        depth_key = torch.addcmul(s_row.index_select(0, pix_span), at_span(sx).index_select(0, pix_span), col_offset.float())
+        depth_key = torch.addcmul(
+            s_row.index_select(0, pix_span), at_span(sx).index_select(0, pix_span), col_offset.float()
+        )
         depth_bits = depth_key.clamp_(min=0).view(torch.int32).long()  # >= 0 keeps keys ordered
         if settings.perspective_correct:  # larger 1/z is nearer
             depth_bits = _INT32_MAX - depth_bits

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from tracker.render.backends import get_rasterizer
@@ -24,7 +23,7 @@ from tracker.render.barycentric import face_corner_values
 from tracker.render.interpolate import interpolate_covered, pixels_to_image
 from tracker.render.rasterize import Fragments, RasterSettings
 from tracker.render.shading import normalize_channels, sh_irradiance
-from tracker.render.texture import uv_to_grid
+from tracker.render.texture import sample_texture_points
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ class VertexAlbedo:
 
 @dataclass(frozen=True)
 class TextureAlbedo:
-    """Albedo texture (B, 3, Ht, Wt) with UVs per face corner (F, 3, 2), see texture.ObjMesh."""
+    """Albedo texture (B or 1, 3, Ht, Wt) with UVs per face corner (F, 3, 2), see texture.ObjMesh."""
 
     texture: Tensor
     corner_uvs: Tensor
@@ -99,32 +98,20 @@ def shade_sh(
     vertex_normals: (B, V, 3) unit normals in the SH frame; sh_coefficients: (B, 9, 3).
     Normals (and vertex albedo) are interpolated together, perspective-correct as rasterised.
     """
-    perspective = fragments.perspective_correct
     if isinstance(albedo, VertexAlbedo):
         colors = albedo.colors.expand(vertex_normals.shape[0], -1, -1)
         corners = face_corner_values(torch.cat([vertex_normals, colors], dim=-1), faces)
-        normals, pixel_albedo = interpolate_covered(fragments, verts_screen, faces, corners, perspective).split(3)
+        normals, pixel_albedo = interpolate_covered(fragments, verts_screen, faces, corners).split(3)
     else:
-        normals = interpolate_covered(fragments, verts_screen, faces, face_corner_values(vertex_normals, faces), perspective)
-        uv = interpolate_covered(fragments, verts_screen, faces, albedo.corner_uvs.movedim((1, 2), (0, 1)), perspective)
+        normals = interpolate_covered(fragments, verts_screen, faces, face_corner_values(vertex_normals, faces))
+        uv = interpolate_covered(fragments, verts_screen, faces, albedo.corner_uvs.movedim((1, 2), (0, 1)))
     normals = normalize_channels(normals)
     slices = _image_slices(fragments)
     shading = torch.cat([sh_irradiance(normals[:, s], sh_coefficients[b]) for b, s in enumerate(slices)], dim=1)
-    if isinstance(albedo, TextureAlbedo):
-        # Sample each image's texture at its covered pixels only: a (1, P_b) grid per image.
-        pixel_albedo = torch.cat(
-            [
-                F.grid_sample(
-                    albedo.texture[b : b + 1],
-                    uv_to_grid(uv[:, s].t()).view(1, 1, -1, 2),
-                    mode="bilinear",
-                    padding_mode="border",
-                    align_corners=False,
-                ).view(albedo.texture.shape[1], -1)
-                for b, s in enumerate(slices)
-            ],
-            dim=1,
-        )
+    if isinstance(albedo, TextureAlbedo):  # sample each image's texture at its covered pixels only
+        textures = albedo.texture.expand(len(slices), -1, -1, -1).split(1)
+        samples = [sample_texture_points(textures[b], uv[:, s].t()) for b, s in enumerate(slices)]
+        pixel_albedo = torch.cat(samples, dim=1)
     return RenderOutput(
         fragments=fragments,
         pixel_color=pixel_albedo * shading,

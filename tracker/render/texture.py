@@ -95,6 +95,13 @@ def sample_texture(texture: Tensor, uv_image: Tensor) -> Tensor:
     return sampled.permute(0, 2, 3, 1)
 
 
+def sample_texture_points(texture: Tensor, uv: Tensor) -> Tensor:
+    """Bilinearly sample one texture (1, C, Ht, Wt) at N points uv (N, 2). Returns (C, N)."""
+    grid = uv_to_grid(uv).view(1, 1, -1, 2)
+    sampled = F.grid_sample(texture, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return sampled.view(texture.shape[1], -1)
+
+
 def total_variation(texture: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean absolute difference between neighbouring texels (smoothness prior).
 
