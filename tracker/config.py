@@ -118,6 +118,18 @@ class PhotometricStageConfig:
     """Steps fitting texture and lighting on keyframes."""
     uv_obj: str | None = None
     """head_template.obj with FLAME UVs; None: the FLAME assets folder."""
+    albedo: str = "texture"
+    """Albedo model: texture (in FLAME's UV layout, needs uv_obj) | vertex (per-vertex colours)."""
+    keyframes: int = 8
+    """Frames (spread over the sequence) on which albedo and lighting are estimated."""
+    appearance_lr: float = 0.03
+    """Adam learning rate of the albedo and lighting fit."""
+    albedo_smoothness: float = 0.02
+    """Weight of the albedo's total variation (texture) or edge differences (vertex colours)."""
+    albedo_symmetry: float = 0.0
+    """Weight of the texture's left-right symmetry prior (0 = off)."""
+    pyramid_levels: int = 3
+    """Coarse-to-fine levels of the per-frame refinement, each half the size of the next (1 = full size only)."""
 
 
 @dataclass
@@ -151,14 +163,23 @@ class TrackerConfig:
     device: str = "cpu"
     """Torch device: cpu | cuda | cuda:N."""
     flame: FlameConfig = field(default_factory=FlameConfig)
+    """The FLAME model and its side assets."""
     camera: CameraConfig = field(default_factory=CameraConfig)
+    """Intrinsics: fixed or estimated focal length."""
     video: VideoConfig = field(default_factory=VideoConfig)
+    """Which frames to track."""
     detect: DetectConfig = field(default_factory=DetectConfig)
+    """Landmark detection."""
     energy: EnergyConfig = field(default_factory=EnergyConfig)
+    """Energy terms and their weights."""
     fit: FitConfig = field(default_factory=FitConfig)
+    """Optimisation schedule of the landmark stage and the global refinement."""
     photometric: PhotometricStageConfig = field(default_factory=PhotometricStageConfig)
+    """The photometric stage."""
     densemarks: DenseMarksStageConfig = field(default_factory=DenseMarksStageConfig)
+    """The DenseMarks stage."""
     output: OutputConfig = field(default_factory=OutputConfig)
+    """What is written where."""
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

@@ -25,7 +25,7 @@ from tracker.energy.landmarks import LandmarkEnergy, LandmarkEnergyConfig, landm
 from tracker.energy.priors import PriorConfig, PriorEnergy
 from tracker.errors import MissingAssetError
 from tracker.fit.init import rigid_from_landmarks
-from tracker.fit.solver import LANDMARK_FIELDS, Problem, fit_lm
+from tracker.fit.solver import LANDMARK_FIELDS, Problem, fit_lm, torch_threads
 from tracker.flame.assets import FlameBundle
 from tracker.flame.model import FlameParams
 from tracker.render.texture import FLAME_UV_MIRROR_U
@@ -35,8 +35,10 @@ FFHQ_DIR = SHARED / "images" / "FFHQ"
 FFHQ_SEG_DIR = SHARED / "images" / "FFHQ_seg"
 PHOTO_FOV_DEG = 20.0
 """Assumed field of view of the FFHQ crops (portrait lenses; only the unwrap depends on it, weakly)."""
-FIT_ITERS = 40
+FIT_ITERS = 20
 """Levenberg-Marquardt iterations of the photo fit."""
+DEFAULT_HAIR_RGB = (0.16, 0.11, 0.08)
+"""Hair colour when the photo shows too little of the scalp to measure it."""
 FACE_MASK_ERODE_PX = 3
 """Photo face-mask erosion: texels right at the mask border often see hair or background."""
 
@@ -69,7 +71,8 @@ def fit_flame_to_photo(bundle: FlameBundle, landmarks: np.ndarray, height: int, 
     init = FlameParams.zeros(1, model.n_shape, model.n_expr)
     init.rotation[0], init.translation[0] = torch.from_numpy(rotation), torch.from_numpy(translation)
     problem = Problem(model, lmk_set, camera, [LandmarkEnergy(LandmarkEnergyConfig()), PriorEnergy(PriorConfig(), model)])
-    params, _ = fit_lm(problem, init, obs, LANDMARK_FIELDS, FIT_ITERS, free_shape=True)
+    with torch_threads(1):  # many tiny ops: extra threads only slow them down
+        params, _ = fit_lm(problem, init, obs, LANDMARK_FIELDS, FIT_ITERS, free_shape=True)
     return params, camera
 
 
@@ -97,6 +100,8 @@ def photo_texture(bundle: FlameBundle, atlas: UvAtlas, index: int) -> np.ndarray
     texture = atlas.to_image(colors).numpy()
     seen = atlas.to_image(weight[:, None])[..., 0].numpy()
     texture, seen = mirror_fill(texture, seen, FLAME_UV_MIRROR_U)
+    scalp = atlas.to_image(on_scalp[:, None].float())[..., 0].numpy() > 0
+    texture, seen = hair_fill(texture, seen, scalp)
     return np.clip(push_pull_fill(texture, seen), 0.0, 1.0)
 
 
@@ -109,6 +114,14 @@ def mirror_fill(texture: np.ndarray, weight: np.ndarray, mirror_u: float) -> tup
     mirrored, mirrored_weight = texture[:, mirror_cols], weight[:, mirror_cols]
     take = (weight <= 0) & (mirrored_weight > 0)
     return np.where(take[..., None], mirrored, texture), np.where(take, mirrored_weight, weight)
+
+
+def hair_fill(texture: np.ndarray, weight: np.ndarray, scalp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Paint the unseen scalp texels (S, S bool `scalp`) with the median colour of the seen ones."""
+    seen_hair = scalp & (weight > 0)
+    hair = np.median(texture[seen_hair], axis=0) if seen_hair.sum() >= 100 else np.array(DEFAULT_HAIR_RGB)
+    unseen = scalp & (weight <= 0)
+    return np.where(unseen[..., None], hair, texture), np.where(unseen, 1.0, weight)
 
 
 def adjust_skin(texture: np.ndarray, rng: np.random.Generator) -> np.ndarray:

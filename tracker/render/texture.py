@@ -69,7 +69,7 @@ def load_obj(path: str | Path) -> ObjMesh:
         ).reshape(-1, 3, 2)
     except ValueError as error:
         raise TrackerError(f"{path}: every face corner needs a UV index (f v/vt ...): {error}") from None
-    # OBJ indices are 1-based; negative ones count back from the end of the list so far.
+    # OBJ indices are 1-based; negative ones count back from the last vertex / UV (read before the faces).
     counts = np.array([len(verts), len(uvs)])
     indices = np.where(indices < 0, indices + counts, indices - 1)
     return ObjMesh(
