@@ -144,6 +144,24 @@ class DenseMarksStageConfig:
     """Where uvw predictions are cached; None: next to the outputs."""
     oracle: bool = False
     """Use the evaluation-only oracle predictor (synthetic data only; refused on real videos)."""
+    oracle_ground_truth: str | None = None
+    """Ground-truth npz of the synthetic sequence (metadata synthetic: true) that the oracle renders from."""
+    crop_scale: float = 1.5
+    """Side of the square head crop over the side of the tracked head's bounding box."""
+    map_frames: int = 60
+    """Most frames (spread over the video, weighted by fit quality) used to estimate the canonical map."""
+    rounds: int = 3
+    """Correspondence rounds per frame: visibility gates refreshed, then Levenberg-Marquardt steps."""
+    lm_iters: int = 4
+    """Levenberg-Marquardt iterations per round (landmark, prior, temporal and correspondence terms)."""
+    iters: int = 20
+    """Adam steps per frame with all terms (render-and-compare included) after the rounds (0 = skip)."""
+    free_neck: bool = True
+    """Fit the neck rotation too (DenseMarks sees the neck, landmarks do not)."""
+    track_lost: bool = True
+    """Also fit frames without landmarks from their predecessor, with the dense terms."""
+    min_inliers: float = 0.1
+    """Fraction of the sampled vertices with a kept correspondence needed to accept a frame without landmarks."""
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Appearance of the synthetic sequences: face textures fitted from real photos, and backgrounds.
 
 Textures: FLAME is fitted to the 68 landmarks that ship with each FFHQ photo (the tracker's own
-Levenberg-Marquardt landmark fit), the photo is unwrapped into FLAME's UV layout where the fitted face
-is visible and inside the photo's face mask (hair is kept on the scalp), the unseen half is mirrored from
-the seen one, and what remains (back of the head, ears, neck) is filled smoothly from its surroundings.
+Levenberg-Marquardt landmark fit) and the photo is unwrapped into FLAME's UV layout where the fitted face is
+visible. Skin comes from texels inside the photo's face mask: unseen ones are mirrored from the other side of
+the face, and what remains (ears, neck) is filled smoothly from the seen skin. Hair comes from scalp texels
+seen above the eyebrows and is spread over the whole scalp.
 Backgrounds are procedural rooms: a lit wall, soft furniture-like shapes, fine texture and vignetting.
 Everything is deterministic given its inputs (seeds, image index).
 """
@@ -39,6 +40,8 @@ FIT_ITERS = 20
 """Levenberg-Marquardt iterations of the photo fit."""
 DEFAULT_HAIR_RGB = (0.16, 0.11, 0.08)
 """Hair colour when the photo shows too little of the scalp to measure it."""
+MIN_HAIR_TEXELS = 200
+"""Seen scalp texels needed to take the hair from the photo."""
 FACE_MASK_ERODE_PX = 3
 """Photo face-mask erosion: texels right at the mask border often see hair or background."""
 
@@ -90,19 +93,23 @@ def photo_texture(bundle: FlameBundle, atlas: UvAtlas, index: int) -> np.ndarray
     height, width = rgb.shape[:2]
     params, camera = fit_flame_to_photo(bundle, landmarks, height, width)
     vertices = bundle.model(params).vertices[0]
-    colors, weight = unwrap_image(atlas, vertices, camera, torch.from_numpy(rgb), UnwrapOptions(min_facing=0.25))
-    # Keep texels that land on the photo's face mask, or on the scalp (hair belongs there).
+    colors, weight = unwrap_image(atlas, vertices, camera, torch.from_numpy(rgb), UnwrapOptions(min_facing=0.05))
+    # Skin comes from the photo's face mask; hair from scalp texels that land above the eyebrows.
     eroded = cv2.erode(face_mask.astype(np.uint8), np.ones((2 * FACE_MASK_ERODE_PX + 1,) * 2, np.uint8)) > 0
     pixels, _ = camera.project(atlas.texel_values(vertices))
     on_face = sample_image(torch.from_numpy(eroded.astype(np.float32))[..., None], pixels)[:, 0] > 0.99
-    on_scalp = torch.from_numpy(region_texels(atlas, bundle.masks["scalp"]))
-    weight = torch.where(on_face | on_scalp, weight, torch.zeros_like(weight))
+    scalp = torch.from_numpy(region_texels(atlas, bundle.masks["scalp"]))
+    above_brows = pixels[:, 1] < float(landmarks[17:27, 1].min())
+    skin_weight = torch.where(on_face & ~scalp, weight, torch.zeros_like(weight))
+    hair_weight = torch.where(scalp & above_brows & ~on_face, weight, torch.zeros_like(weight))
     texture = atlas.to_image(colors).numpy()
-    seen = atlas.to_image(weight[:, None])[..., 0].numpy()
-    texture, seen = mirror_fill(texture, seen, FLAME_UV_MIRROR_U)
-    scalp = atlas.to_image(on_scalp[:, None].float())[..., 0].numpy() > 0
-    texture, seen = hair_fill(texture, seen, scalp)
-    return np.clip(push_pull_fill(texture, seen), 0.0, 1.0)
+    as_image = lambda w: atlas.to_image(w[:, None])[..., 0].numpy()  # noqa: E731
+    skin = push_pull_fill(*mirror_fill(texture, as_image(skin_weight), FLAME_UV_MIRROR_U))
+    hair_seen = as_image(hair_weight)
+    hair = push_pull_fill(texture, hair_seen) if (hair_seen > 0).sum() >= MIN_HAIR_TEXELS else \
+        np.broadcast_to(np.array(DEFAULT_HAIR_RGB, np.float32), texture.shape)
+    scalp_image = as_image(scalp.float()) > 0
+    return np.clip(np.where(scalp_image[..., None], hair, skin), 0.0, 1.0)
 
 
 def mirror_fill(texture: np.ndarray, weight: np.ndarray, mirror_u: float) -> tuple[np.ndarray, np.ndarray]:
@@ -114,14 +121,6 @@ def mirror_fill(texture: np.ndarray, weight: np.ndarray, mirror_u: float) -> tup
     mirrored, mirrored_weight = texture[:, mirror_cols], weight[:, mirror_cols]
     take = (weight <= 0) & (mirrored_weight > 0)
     return np.where(take[..., None], mirrored, texture), np.where(take, mirrored_weight, weight)
-
-
-def hair_fill(texture: np.ndarray, weight: np.ndarray, scalp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Paint the unseen scalp texels (S, S bool `scalp`) with the median colour of the seen ones."""
-    seen_hair = scalp & (weight > 0)
-    hair = np.median(texture[seen_hair], axis=0) if seen_hair.sum() >= 100 else np.array(DEFAULT_HAIR_RGB)
-    unseen = scalp & (weight <= 0)
-    return np.where(unseen[..., None], hair, texture), np.where(unseen, 1.0, weight)
 
 
 def adjust_skin(texture: np.ndarray, rng: np.random.Generator) -> np.ndarray:

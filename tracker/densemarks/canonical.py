@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import cv2
 import numpy as np
@@ -29,11 +29,13 @@ from scipy.sparse.linalg import spsolve
 from scipy.spatial import cKDTree
 
 from tracker.camera import Camera, to_camera
-from tracker.densemarks.predict import UvwPrediction
 from tracker.errors import TrackerError
 from tracker.flame.model import FlameModel, FlameParams
 from tracker.render import RasterSettings, interpolate, rasterize, vertex_normals
 from tracker.render.shading import lambert_headlight
+
+if TYPE_CHECKING:  # the predictor module imports transformers: keep it out of config loading
+    from tracker.densemarks.predict import UvwPrediction
 
 MAP_FORMAT = "densemarks_canonical_map"
 MAP_VERSION = 1
@@ -158,8 +160,8 @@ class CanonicalMapOptions:
 
     min_facing: float = 0.15
     """Smallest cosine between the vertex normal and the ray to the camera (grazing views smear)."""
-    depth_tolerance_m: float = 0.003
-    """How far behind the rendered surface a vertex may lie and still count as visible."""
+    depth_tolerance_m: float = 0.001
+    """Depth mismatch allowed between a vertex and the pixels around it, beyond the surface's own slope."""
     silhouette_fraction: float = 0.03
     """Distance from the silhouette (fraction of the crop side) below which the weight ramps down to 0."""
     error_scale: float = 1.0
@@ -185,36 +187,83 @@ def resize_uvw(uvw: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=interpolation)
 
 
+def surface_neighbourhood(faces: torch.Tensor, n_vertices: int) -> torch.Tensor:
+    """Sorted keys v * F + f of the faces that touch vertex v or one of its mesh neighbours: what the pixels
+    around v may show when v is visible. faces: (F, 3) -> (M,) long on the faces' device."""
+    faces_np = faces.cpu().numpy()
+    n_faces = len(faces_np)
+    incidence = sp.csr_matrix((np.ones(3 * n_faces), (faces_np.reshape(-1), np.repeat(np.arange(n_faces), 3))),
+                              shape=(n_vertices, n_faces))
+    adjacency = (incidence @ incidence.T).astype(bool).astype(np.float64)  # includes the diagonal
+    near = (adjacency @ incidence).tocoo()
+    keys = np.sort(near.row.astype(np.int64) * n_faces + near.col)
+    return torch.from_numpy(keys).to(faces.device)
+
+
+def shows_neighbourhood(neighbourhood: torch.Tensor, vertex: torch.Tensor, face: torch.Tensor, n_faces: int) -> torch.Tensor:
+    """(N,) bool: face[i] (-1 = background) is in the surface neighbourhood of vertex[i]."""
+    keys = vertex * n_faces + face
+    position = torch.searchsorted(neighbourhood, keys).clamp(max=len(neighbourhood) - 1)
+    return (neighbourhood[position] == keys) & (face >= 0)
+
+
+@torch.no_grad()
+def vertex_visibility(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera, affine: torch.Tensor, size: int,
+                      depth_tolerance_m: float, neighbourhood: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which vertices of one mesh a size x size crop shows.
+
+    vertices: (V, 3) world; affine: (2, 3) frame -> crop pixels; depth_tolerance_m: allowed depth mismatch on
+    top of the surface's own slope; neighbourhood: `surface_neighbourhood` keys, to also require that the pixels
+    around a vertex show faces next to it (stricter, for sampling). Returns visible (V,) bool (the pixels around the vertex show its surface),
+    facing (V,) cosine between normal and the ray to the camera, crop positions
+    (V, 2) and the coverage (size, size) bool.
+    """
+    screen = crop_screen_vertices(vertices[None], camera, affine[None])[0]
+    fragments = rasterize(screen[None], faces, RasterSettings((size, size)))
+    covered, surface_depth = fragments.mask[0], fragments.depth[0]
+    xy, depth = screen[:, :2], screen[:, 2]
+    normals = vertex_normals(to_camera(vertices)[None], faces)[0]
+    facing = -(normals * F.normalize(to_camera(vertices), dim=-1)).sum(-1)
+    # Depth change of this surface over one crop pixel: footprint z / f times the slope tan(view angle).
+    footprint = depth / (camera.focal * affine[0, 0])
+    slope = (1 - facing.square()).clamp(min=0).sqrt() / facing.clamp(min=0.5)
+    tolerance = depth_tolerance_m + footprint * slope
+    # The four pixels a bilinear read at the vertex blends must all show this surface: covered (not background)
+    # and at the vertex's depth (not an occluder in front, nor a farther surface beside an occluding edge).
+    corner = (xy - 0.5).floor().long()
+    visible = ((xy >= 0.5) & (xy <= size - 0.5)).all(-1)
+    vertex_ids = torch.arange(len(vertices), device=vertices.device)
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        col = (corner[:, 0] + dx).clamp(0, size - 1)
+        row = (corner[:, 1] + dy).clamp(0, size - 1)
+        visible &= covered[row, col] & ((depth - surface_depth[row, col]).abs() <= tolerance)
+        if neighbourhood is not None:
+            face = fragments.triangle_id[0][row, col]
+            visible &= shows_neighbourhood(neighbourhood, vertex_ids, face, len(faces))
+    return visible, facing, xy, covered
+
+
 @torch.no_grad()
 def vertex_observations(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera, affine: torch.Tensor,
-                        uvw: torch.Tensor, options: CanonicalMapOptions) -> tuple[torch.Tensor, torch.Tensor]:
+                        uvw: torch.Tensor, options: CanonicalMapOptions,
+                        neighbourhood: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted uvw at each vertex of one frame and how much to trust it.
 
     vertices: (V, 3) world; affine: (2, 3) frame -> map pixels; uvw: (S, S, 3) map.
     Returns samples (V, 3) and weights (V,) (0 for hidden, grazing or off-crop vertices).
     """
     size = uvw.shape[0]
-    screen = crop_screen_vertices(vertices[None], camera, affine[None])[0]
-    fragments = rasterize(screen[None], faces, RasterSettings((size, size)))
-    depth_image = fragments.depth[0]
-    covered = fragments.mask[0]
-    xy = screen[:, :2]
+    visible, facing, xy, covered = vertex_visibility(vertices, faces, camera, affine, size, options.depth_tolerance_m,
+                                                     neighbourhood)
+    # Near the silhouette a bilinear sample mixes in the background and small pose errors move the edge.
+    to_edge = cv2.distanceTransform(covered.cpu().numpy().astype(np.uint8), cv2.DIST_L2, 3)
     col = xy[:, 0].floor().long().clamp(0, size - 1)
     row = xy[:, 1].floor().long().clamp(0, size - 1)
-    inside = (xy >= 0).all(-1) & (xy < size).all(-1)
-    visible = inside & covered[row, col] & (screen[:, 2] <= depth_image[row, col] + options.depth_tolerance_m)
-    normals = vertex_normals(to_camera(vertices)[None], faces)[0]
-    rays = F.normalize(to_camera(vertices), dim=-1)
-    facing = -(normals * rays).sum(-1)
-    # Near the silhouette a bilinear sample mixes in the background and small pose errors move the edge.
-    outside = (~covered).cpu().numpy().astype(np.uint8)
-    to_edge = cv2.distanceTransform(1 - outside, cv2.DIST_L2, 3) if outside.any() else np.full(outside.shape, size,
-                                                                                               np.float32)
     edge_distance = torch.from_numpy(to_edge).to(vertices)[row, col]
     edge_weight = (edge_distance / (options.silhouette_fraction * size)).clamp(max=1.0)
     weight = torch.where(visible & (facing > options.min_facing), facing * edge_weight, torch.zeros_like(facing))
-    samples = sample_map(uvw[None], xy[None])[0]
-    return samples, weight
+    return sample_map(uvw[None], xy[None])[0], weight
 
 
 def weighted_median(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -282,6 +331,7 @@ def estimate_canonical_map(model: FlameModel, camera: Camera, params: FlameParam
     n_vertices = model.n_vertices
     samples = np.zeros((n_vertices, count, 3), np.float32)
     weights = np.zeros((n_vertices, count), np.float32)
+    neighbourhood = surface_neighbourhood(model.faces, n_vertices)
     for i, prediction in enumerate(predictions):
         uvw = resize_uvw(prediction.uvw, options.map_resolution)
         affine = crop_affine(prediction.frame_to_crop, options.map_resolution / prediction.uvw.shape[-1])
@@ -289,7 +339,7 @@ def estimate_canonical_map(model: FlameModel, camera: Camera, params: FlameParam
             vertices = model(params.frames(slice(i, i + 1))).vertices[0]
         frame_samples, frame_weight = vertex_observations(
             vertices, model.faces, camera, torch.as_tensor(affine, dtype=torch.float32, device=device),
-            torch.from_numpy(uvw).to(device), options)
+            torch.from_numpy(uvw).to(device), options, neighbourhood)
         samples[:, i] = frame_samples.cpu().numpy()
         weights[:, i] = frame_weight.cpu().numpy() * weights_per_frame[i]
     support = weights.sum(1)

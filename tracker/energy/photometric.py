@@ -2,13 +2,13 @@
 FLAME's UV layout, or per-vertex colours) under spherical-harmonics lighting, compared with the frame inside
 chosen FLAME regions.
 
-Per covered pixel the colour difference rendered - observed (3,) goes through the robust loss
-(`robust_residuals`, scale `robust_scale` in colour units), is weighted by the pixel's region weight, and is
-dropped when it exceeds `outlier_k` times the frame's median residual (hands, hair, glasses: whatever the
-model cannot explain must not pull the fit). Each frame's residuals are divided by the square root of its
-inlier count, so the energy is a mean over pixels and its weight is on the landmark term's scale. The term
-returns the full masked residual image (B, H * W * 3), zeros where nothing is compared, so its length is
-fixed for a given image size.
+Only the faces of the chosen regions are rendered (`RegionMesh`): that is the region mask, and most of the
+speed. Per covered pixel the colour difference rendered - observed (3,) goes through the robust loss
+(`robust_residuals`, scale `robust_scale` in colour units) and is dropped when it exceeds `outlier_k` times
+the frame's median residual (hands, hair, glasses: what the model cannot explain must not pull the fit).
+Each frame's residuals are divided by the square root of its inlier count, so the energy is a mean over
+pixels and its weight is on the landmark term's scale. The term returns the full masked residual image
+(B, H * W * 3), zeros where nothing is compared, so its length is fixed for a given image size.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tracker.camera import to_camera
+from tracker.camera import Camera, to_camera
 from tracker.energy.base import Evaluation, robust_residuals
 from tracker.errors import TrackerError
+from tracker.flame.model import FlameModel, FlameParams
 from tracker.render.interpolate import pixels_to_image
 from tracker.render.rasterize import Fragments
 from tracker.render.renderer import Albedo, RenderOutput, TextureAlbedo, VertexAlbedo, shade_sh
@@ -76,6 +77,12 @@ class Appearance:
             return TextureAlbedo(self.texture.unsqueeze(0), self.corner_uvs)
         return VertexAlbedo(self.vertex_colors)
 
+    def on_region(self, mesh: "RegionMesh") -> "Appearance":
+        """The appearance of a region mesh's faces (UVs) or vertices (colours); differentiable."""
+        if self.texture is not None:
+            return replace(self, corner_uvs=self.corner_uvs.index_select(0, mesh.face_ids))
+        return replace(self, vertex_colors=self.vertex_colors.index_select(0, mesh.vertex_ids))
+
     def detach(self) -> "Appearance":
         return Appearance(*(None if t is None else t.detach().clone()
                             for t in (self.sh, self.texture, self.corner_uvs, self.vertex_colors)))
@@ -88,95 +95,112 @@ class Appearance:
         return replace(self, texture=F.avg_pool2d(self.texture.unsqueeze(0), factor, ceil_mode=True)[0])
 
 
-def region_vertex_weights(masks: dict[str, np.ndarray], regions: Sequence[str], n_vertices: int,
-                          device: torch.device | str = "cpu") -> Tensor:
-    """(V,) 1 on the vertices of the named FLAME_masks regions, 0 elsewhere."""
-    unknown = [name for name in regions if name not in masks]
-    if unknown or not regions:
-        raise TrackerError(f"unknown photometric region(s) {unknown or regions}: choose from {', '.join(sorted(masks))}")
-    weights = torch.zeros(n_vertices, device=device)
-    for name in regions:
-        weights[torch.as_tensor(masks[name], device=device)] = 1.0
-    return weights
+@dataclass(frozen=True, eq=False)
+class RegionMesh:
+    """The part of FLAME that is rendered and compared: the faces whose corners all lie in chosen regions.
 
-
-def face_region_weights(vertex_weights: Tensor, faces: Tensor) -> Tensor:
-    """Per-vertex weights (V,) -> per-face weights (F,), the mean over each face's corners.
-
-    The region mask is a weight, not something to optimise, so it is rendered flat per face (a lookup by
-    triangle id) instead of being interpolated with gradients.
+    Rendering only these faces is exact for visibility as long as nothing outside the regions can occlude
+    them, which holds for the face, forehead and nose (eyeballs and the mouth show through holes in the
+    region mesh and are left uncovered, so they are never compared).
     """
-    return vertex_weights[faces].mean(dim=1)
+
+    model: FlameModel
+    """FLAME restricted to `vertex_ids`; its faces index into them."""
+    vertex_ids: Tensor
+    """(S,) FLAME vertices of the regions."""
+    face_ids: Tensor
+    """(Fr,) index in FLAME's faces of each face of `model`."""
 
 
-def inlier_mask(residual_norm: Tensor, region: Tensor, image: Tensor, batch: int, k: float,
-                floor: float) -> Tensor:
-    """(P,) 1 for compared pixels whose residual is at most max(k x the frame's median, floor), else 0.
+def region_mesh(model: FlameModel, masks: dict[str, np.ndarray], regions: Sequence[str]) -> RegionMesh:
+    """The sub-mesh of the named FLAME_masks regions (all of FLAME for regions == ["all"])."""
+    device = model.faces.device
+    if list(regions) == ["all"]:
+        inside = torch.ones(model.n_vertices, dtype=torch.bool, device=device)
+    else:
+        unknown = [name for name in regions if name not in masks]
+        if unknown or not regions:
+            raise TrackerError(f"unknown photometric region(s) {unknown or regions}: "
+                               f"choose from {', '.join(sorted(masks))}")
+        inside = torch.zeros(model.n_vertices, dtype=torch.bool, device=device)
+        for name in regions:
+            inside[torch.as_tensor(masks[name], device=device)] = True
+    vertex_ids = torch.nonzero(inside).squeeze(1)
+    face_ids = torch.nonzero(inside[model.faces].all(dim=1)).squeeze(1)
+    return RegionMesh(model.restricted(vertex_ids), vertex_ids, face_ids)
 
-    residual_norm: (P,) colour residual lengths; region: (P,) region weights (> 0 = compared);
-    image: (P,) frame index of each pixel, in [0, batch).
+
+def screen_vertices(mesh: RegionMesh, camera: Camera, params: FlameParams,
+                    image_scale: float) -> tuple[Tensor, Tensor]:
+    """The region's vertices for the rasteriser, (B, S, 3) pixel x, y (of images `image_scale` times the
+    video's size) and depth, and in camera coordinates (B, S, 3)."""
+    verts = mesh.model(params).vertices
+    pix, depth = camera.project(verts)
+    return torch.cat([pix * image_scale, depth.unsqueeze(-1)], dim=-1), to_camera(verts)
+
+
+def inlier_mask(residual_norm: Tensor, image: Tensor, batch: int, k: float, floor: float) -> Tensor:
+    """(P,) 1 for pixels whose residual is at most max(k x their frame's median residual, floor), else 0.
+
+    residual_norm: (P,) colour residual lengths; image: (P,) frame index of each pixel, in [0, batch).
     """
-    inside = region > 0
     limit = residual_norm.new_full((batch,), floor)
     for b in range(batch):
-        frame = residual_norm[inside & (image == b)]
+        frame = residual_norm[image == b]
         if frame.numel():
             limit[b] = torch.clamp(k * frame.median(), min=floor)
-    return (inside & (residual_norm <= limit[image])).to(residual_norm.dtype)
+    return (residual_norm <= limit[image]).to(residual_norm.dtype)
 
 
-def masked_photometric_residuals(color: Tensor, target: Tensor, region: Tensor, image: Tensor, batch: int,
+def masked_photometric_residuals(color: Tensor, target: Tensor, image: Tensor, batch: int,
                                  cfg: PhotometricConfig) -> Tensor:
-    """Weighted residuals (3, P) at covered pixels: robust, region-weighted, outliers dropped, mean-normalised.
+    """Weighted residuals (3, P) at the covered pixels: robust, outliers dropped, mean-normalised per frame.
 
-    color, target: (3, P) rendered and observed colours; region: (P,) region weights; image: (P,) frame
-    index of each pixel. The sum of squares over one frame's pixels is weight x mean over its inlier pixels
-    of rho(|r|^2 / robust_scale^2).
+    color, target: (3, P) rendered and observed colours; image: (P,) frame index of each pixel. The sum of
+    squares over one frame's pixels is weight x the mean over its inlier pixels of rho(|r|^2 / robust_scale^2).
     """
     residual = color - target
-    keep = inlier_mask(residual.detach().norm(dim=0), region, image, batch, cfg.outlier_k, cfg.outlier_floor)
-    weight = region * keep
-    count = torch.zeros(batch, device=weight.device).index_add_(0, image, keep).clamp(min=1.0)
-    scale = torch.sqrt(cfg.weight * weight / count[image])
+    keep = inlier_mask(residual.detach().norm(dim=0), image, batch, cfg.outlier_k, cfg.outlier_floor)
+    count = torch.zeros(batch, device=keep.device).index_add_(0, image, keep).clamp(min=1.0)
+    scale = torch.sqrt(cfg.weight * keep / count[image])
     return robust_residuals(residual.t(), cfg.robust_scale, cfg.robust).t() * scale
 
 
-def render_appearance(appearance: Appearance, fragments: Fragments, verts_screen: Tensor, verts_camera: Tensor,
-                      faces: Tensor) -> RenderOutput:
-    """Shade rasterised frames with the appearance.
+def render_appearance(appearance: Appearance, mesh: RegionMesh, fragments: Fragments, verts_screen: Tensor,
+                      verts_camera: Tensor) -> RenderOutput:
+    """Shade the rasterised region mesh with the appearance.
 
-    verts_screen: (B, V, 3) pixel x, y and depth as rasterised; verts_camera: (B, V, 3) OpenCV camera
-    coordinates (for the normals the SH lighting is expressed in).
+    verts_screen: (B, S, 3) as rasterised; verts_camera: (B, S, 3) OpenCV camera coordinates (the frame of
+    the normals the SH lighting is expressed in).
     """
-    batch = verts_screen.shape[0]
+    faces = mesh.model.faces
     normals = vertex_normals(verts_camera, faces)
-    sh = appearance.sh.unsqueeze(0).expand(batch, -1, -1)
-    return shade_sh(fragments, verts_screen, faces, normals, sh, appearance.albedo())
+    sh = appearance.sh.unsqueeze(0).expand(verts_screen.shape[0], -1, -1)
+    return shade_sh(fragments, verts_screen, faces, normals, sh, appearance.on_region(mesh).albedo())
 
 
 class PhotometricEnergy:
-    """Render-and-compare term; `appearance` is fixed while poses are fitted (its tensors may be leaves that
-    an optimiser updates alongside, see fit_adam's `extra`)."""
+    """Render-and-compare term over a region mesh; `appearance` stays fixed while poses are fitted (its
+    tensors may also be leaves that an optimiser updates alongside, see fit_adam's `extra`)."""
 
     name = "photometric"
 
-    def __init__(self, cfg: PhotometricConfig, appearance: Appearance, face_weights: Tensor):
+    def __init__(self, cfg: PhotometricConfig, appearance: Appearance, mesh: RegionMesh):
         if cfg.robust not in ("l1", "huber"):
             raise TrackerError(f"energy.photometric.robust must be l1 or huber, got {cfg.robust!r}")
         self.cfg = cfg
         self.appearance = appearance
-        self.face_weights = face_weights
-        """(F,) region weight of each face, see `face_region_weights`."""
+        self.mesh = mesh
 
     def __call__(self, ev: Evaluation) -> Tensor:
-        if ev.obs.images is None:
-            raise RuntimeError("the photometric term needs Observations.images")
-        fragments = ev.fragments
-        faces = ev.model.faces
-        rendered = render_appearance(self.appearance, fragments, ev.screen_vertices, to_camera(ev.vertices), faces)
+        if ev.obs.images is None or ev.rasterizer is None:
+            raise RuntimeError("the photometric term needs Observations.images and a Problem rasterizer")
+        verts_screen, verts_camera = screen_vertices(self.mesh, ev.camera, ev.params, ev.obs.image_scale)
+        with torch.no_grad():
+            fragments = ev.rasterizer(verts_screen.detach(), self.mesh.model.faces)
+        rendered = render_appearance(self.appearance, self.mesh, fragments, verts_screen, verts_camera)
         pixels = fragments.covered
-        batch = ev.screen_vertices.shape[0]
+        batch = verts_screen.shape[0]
         target = ev.obs.images.reshape(-1, 3).index_select(0, pixels.pixel).t()
-        residual = masked_photometric_residuals(rendered.pixel_color, target, self.face_weights[pixels.face],
-                                                pixels.image, batch, self.cfg)
+        residual = masked_photometric_residuals(rendered.pixel_color, target, pixels.image, batch, self.cfg)
         return pixels_to_image(fragments, residual).reshape(batch, -1)

@@ -25,18 +25,19 @@ from tracker.energy.photometric import (
     Appearance,
     PhotometricConfig,
     PhotometricEnergy,
-    face_region_weights,
+    RegionMesh,
     masked_photometric_residuals,
     neutral_sh,
-    region_vertex_weights,
+    region_mesh,
     render_appearance,
+    screen_vertices,
 )
 from tracker.errors import TrackerError
 from tracker.fit.refine import refine_sequence
 from tracker.fit.sequence import TrackResult, choose_keyframes
 from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, adam_minimise
 from tracker.flame.assets import FlameBundle
-from tracker.flame.model import FlameModel, FlameParams
+from tracker.flame.model import FlameParams
 from tracker.render.backends import get_rasterizer
 from tracker.render.barycentric import face_corner_values
 from tracker.render.interpolate import interpolate_covered
@@ -85,9 +86,8 @@ def initial_appearance(stage: PhotometricStageConfig, bundle: FlameBundle, color
 class PixelGeometry:
     """What fixed geometry gives the P covered pixels of B frames, for appearance fitting.
 
-    face, image: (P,) face and frame of each pixel; bary: (3, P) perspective-correct barycentric weights;
-    normals: (3, P) unit normals in camera coordinates; target: (3, P) observed colours;
-    region: (P,) region weight.
+    face, image: (P,) FLAME face (full mesh index) and frame of each pixel; bary: (3, P) perspective-correct
+    barycentric weights; normals: (3, P) unit normals in camera coordinates; target: (3, P) observed colours.
     """
 
     face: Tensor
@@ -95,25 +95,25 @@ class PixelGeometry:
     bary: Tensor
     normals: Tensor
     target: Tensor
-    region: Tensor
     batch: int
 
 
 @torch.no_grad()
-def pixel_geometry(problem: Problem, params: FlameParams, obs: Observations, face_weights: Tensor) -> PixelGeometry:
-    """Rasterise the frames of `params` at the size of obs.images and keep the per-pixel geometry."""
-    ev = problem.evaluation(params, obs)
-    fragments, faces = ev.fragments, problem.model.faces
-    batch, num_faces = params.batch_size, faces.shape[0]
-    normals = face_corner_values(vertex_normals(to_camera(ev.vertices), faces), faces)  # (3, 3, B, F)
+def pixel_geometry(mesh: RegionMesh, camera: Camera, params: FlameParams, images: Tensor, image_scale: float,
+                   backend: str) -> PixelGeometry:
+    """Rasterise the region mesh in frames `params` at the size of images (B, H, W, 3), keep the pixels."""
+    batch = params.batch_size
+    verts_screen, verts_camera = screen_vertices(mesh, camera, params, image_scale)
+    faces = mesh.model.faces
+    fragments = make_rasterizer(backend, tuple(images.shape[1:3]))(verts_screen, faces)
+    normals = face_corner_values(vertex_normals(verts_camera, faces), faces)  # (3, 3, B, F)
     # Corner k's barycentric weight is the interpolation of the indicator of corner k.
-    identity = torch.eye(3, device=faces.device).view(3, 3, 1, 1).expand(3, 3, batch, num_faces)
-    values = interpolate_covered(fragments, ev.screen_vertices, faces, torch.cat([normals, identity], dim=1))
+    identity = torch.eye(3, device=faces.device).view(3, 3, 1, 1).expand(3, 3, batch, faces.shape[0])
+    values = interpolate_covered(fragments, verts_screen, faces, torch.cat([normals, identity], dim=1))
     pixels = fragments.covered
     return PixelGeometry(
-        face=pixels.face, image=pixels.image, bary=values[3:], normals=normalize_channels(values[:3]),
-        target=obs.images.reshape(-1, 3).index_select(0, pixels.pixel).t(), region=face_weights[pixels.face],
-        batch=batch,
+        face=mesh.face_ids[pixels.face], image=pixels.image, bary=values[3:], normals=normalize_channels(values[:3]),
+        target=images.reshape(-1, 3).index_select(0, pixels.pixel).t(), batch=batch,
     )
 
 
@@ -165,8 +165,7 @@ def fit_appearance(geometry: PixelGeometry, init: Appearance, faces: Tensor, ter
             appearance = current()
             color = pixel_albedo(appearance, faces, geometry.face, geometry.bary) * \
                 sh_irradiance(geometry.normals, appearance.sh)
-            residual = masked_photometric_residuals(color, geometry.target, geometry.region, geometry.image,
-                                                    geometry.batch, cfg)
+            residual = masked_photometric_residuals(color, geometry.target, geometry.image, geometry.batch, cfg)
             return residual.pow(2).sum() / geometry.batch + appearance_regulariser(appearance, stage, edges)
         return loss
 
@@ -208,23 +207,18 @@ def check_stage_inputs(result: TrackResult, images: np.ndarray, stage: Photometr
                            f"{images.shape[2]}x{images.shape[1]} images: lower it or raise photometric.resolution")
 
 
-def estimate_appearance(problem: Problem, params: FlameParams, obs: Observations, images: np.ndarray,
-                        image_scale: float, bundle: FlameBundle, cfg: TrackerConfig, face_weights: Tensor,
+def estimate_appearance(mesh: RegionMesh, camera: Camera, params: FlameParams, images: np.ndarray,
+                        image_scale: float, bundle: FlameBundle, cfg: TrackerConfig,
                         keyframes: np.ndarray) -> Appearance:
     """Appearance from the keyframes' images with their poses held fixed (full stage resolution)."""
-    device = face_weights.device
-    key_index = torch.as_tensor(keyframes, device=device)
-    stage_images = torch.cat([frame_images(images, int(t), 1, device) for t in keyframes])
-    key_obs = with_images(obs.frames(key_index), stage_images, image_scale)
-    rasterizer = make_rasterizer(cfg.photometric.renderer, tuple(stage_images.shape[1:3]))
-    geometry = pixel_geometry(problem.with_terms(problem.terms, rasterizer), params.frames(key_index), key_obs,
-                              face_weights)
-    if not bool((geometry.region > 0).any()):
+    device = mesh.vertex_ids.device
+    key_images = torch.cat([frame_images(images, int(t), 1, device) for t in keyframes])
+    key_params = params.frames(torch.as_tensor(keyframes, device=device))
+    geometry = pixel_geometry(mesh, camera, key_params, key_images, image_scale, cfg.photometric.renderer)
+    if geometry.face.numel() == 0:
         raise TrackerError("photometric stage: the compared regions are not visible in any keyframe")
-    weights = geometry.region / geometry.region.sum()
-    mean_color = (geometry.target * weights).sum(dim=1)
-    init = initial_appearance(cfg.photometric, bundle, mean_color)
-    return fit_appearance(geometry, init, problem.model.faces, cfg.energy.photometric, cfg.photometric)
+    init = initial_appearance(cfg.photometric, bundle, geometry.target.mean(dim=1))
+    return fit_appearance(geometry, init, bundle.model.faces.to(device), cfg.energy.photometric, cfg.photometric)
 
 
 def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observations, images: np.ndarray,
@@ -244,43 +238,44 @@ def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observatio
     check_stage_inputs(result, images, stage)
     if not result.valid.any():
         raise TrackerError("photometric stage: no frame has a landmark fit to refine")
-    model = problem.model
-    device = model.faces.device
-    vertex_weights = region_vertex_weights(bundle.masks, term.regions, model.n_vertices, device)
-    face_weights = face_region_weights(vertex_weights, model.faces)
+    mesh = region_mesh(problem.model, bundle.masks, term.regions)
     keyframes = choose_keyframes(result.valid, stage.keyframes)
-    appearance = estimate_appearance(problem, result.params, obs, images, image_scale, bundle, cfg, face_weights,
+    appearance = estimate_appearance(mesh, problem.camera, result.params, images, image_scale, bundle, cfg,
                                      keyframes)
 
     # The neck turns the head like the global rotation: free it only when the neck itself is compared.
     free = FRAME_FIELDS if "neck" in term.regions else LANDMARK_FIELDS
     height, width = images.shape[1:3]
+    device = mesh.vertex_ids.device
     for level in reversed(range(stage.pyramid_levels)):  # coarse to fine
         factor = 2 ** level
         size = (height // factor, width // factor)
-        energy = PhotometricEnergy(term, appearance.blurred(factor), face_weights)
+        energy = PhotometricEnergy(term, appearance.blurred(factor), mesh)
         level_problem = problem.with_terms([*problem.terms, energy], make_rasterizer(stage.renderer, size))
 
         def frame_obs(t: int, factor: int = factor) -> Observations:
             return with_images(obs.frames(slice(t, t + 1)), frame_images(images, t, factor, device),
                                image_scale / factor)
 
-        result = refine_sequence(level_problem, result, frame_obs, free, stage.iters, cfg.fit.lr, progress)
+        result = refine_sequence(level_problem, result, frame_obs, free, level_iters(stage, level), cfg.fit.lr,
+                                 progress)
     return result, appearance
 
 
+def level_iters(stage: PhotometricStageConfig, level: int) -> int:
+    """Steps per frame at a pyramid level: photometric.iters split evenly, the remainder at full size."""
+    share, remainder = divmod(stage.iters, stage.pyramid_levels)
+    return share + (remainder if level == 0 else 0)
+
+
 @torch.no_grad()
-def render_frames(appearance: Appearance, model: FlameModel, camera: Camera, params: FlameParams,
-                  image_size: tuple[int, int], image_scale: float, face_weights: Tensor,
-                  backend: str = "torch") -> tuple[Tensor, Tensor]:
-    """Rendered images (B, H, W, 3) of the frames of `params` and their region masks (B, H, W) bool.
+def render_frames(appearance: Appearance, mesh: RegionMesh, camera: Camera, params: FlameParams,
+                  image_size: tuple[int, int], image_scale: float, backend: str = "torch") -> tuple[Tensor, Tensor]:
+    """Rendered images (B, H, W, 3) of the mesh in the frames of `params`, and its coverage (B, H, W) bool.
 
     image_scale: pixels of the rendered images per video pixel (1 for the video's own size).
     """
-    verts = model(params).vertices
-    pix, depth = camera.project(verts)
-    screen = torch.cat([pix * image_scale, depth.unsqueeze(-1)], dim=-1)
-    fragments = make_rasterizer(backend, image_size)(screen, model.faces)
-    out = render_appearance(appearance, fragments, screen, to_camera(verts), model.faces)
-    region = torch.where(fragments.mask, face_weights[fragments.triangle_id.clamp(min=0)], 0.0) > 0.5
-    return out.image.clamp(0.0, 1.0), region
+    verts_screen, verts_camera = screen_vertices(mesh, camera, params, image_scale)
+    fragments = make_rasterizer(backend, image_size)(verts_screen, mesh.model.faces)
+    out = render_appearance(appearance, mesh, fragments, verts_screen, verts_camera)
+    return out.image.clamp(0.0, 1.0), fragments.mask

@@ -100,7 +100,7 @@ class Fragments:
     faces: Tensor
     perspective_correct: bool
 
-    @property
+    @cached_property
     def mask(self) -> Tensor:
         """(B, H, W) bool, True where a triangle covers the pixel centre."""
         return self.triangle_id >= 0

@@ -12,6 +12,7 @@ are usable on their own: `backends.get_rasterizer`, `interpolate`, `shading.sh_s
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -81,8 +82,7 @@ class RenderOutput:
 def _image_slices(fragments: Fragments) -> list[slice]:
     """Covered pixels are sorted by image: the slice of them that belongs to each image."""
     counts = torch.bincount(fragments.covered.image, minlength=fragments.triangle_id.shape[0]).tolist()
-    ends = torch.tensor(counts).cumsum(0).tolist()
-    return [slice(end - count, end) for count, end in zip(counts, ends)]
+    return [slice(end - count, end) for count, end in zip(counts, itertools.accumulate(counts))]
 
 
 def shade_sh(

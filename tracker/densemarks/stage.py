@@ -1,0 +1,430 @@
+"""The DenseMarks stage: refine a landmark track with dense canonical-coordinate terms.
+
+    result, info = run_densemarks_stage(problem, result, obs, frame_indices, frames, bundle, cfg, out_dir)
+
+1. Predictor: the network when its weights are found (mode auto/on), or the evaluation-only oracle on synthetic
+   sequences (`densemarks.oracle`).
+2. Crops: square boxes around the tracked head, interpolated over frames without a fit.
+3. Predictions: uvw maps per frame, cached per video (float16 + crop affine), so re-runs skip the network.
+4. Canonical map: loaded (`densemarks.canonical_map`) or estimated from the well-fitted frames, then saved with a
+   PNG for inspection.
+5. Refinement, frame by frame in order: each sampled vertex is matched once to the pixel with the nearest uvw;
+   rounds of (visibility gates at the current pose, Levenberg-Marquardt on landmark + prior + temporal +
+   correspondence terms), then Adam with the render-and-compare term as well. Frames without landmarks are
+   fitted from their predecessor and kept when enough correspondences hold.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from tracker.camera import Camera
+from tracker.config import DenseMarksStageConfig, TrackerConfig
+from tracker.densemarks.canonical import (
+    CanonicalMap, CanonicalMapOptions, crop_affine, estimate_canonical_map, frame_fit_weights, load_canonical_map,
+    resize_uvw, save_canonical_map, vertex_visibility, write_canonical_png,
+)
+from tracker.densemarks.predict import CropBox, UvwCache, UvwPrediction
+from tracker.energy.base import EnergyTerm, Observations
+from tracker.energy.dense import (
+    CORR_TARGET, CORR_WEIGHT, CROP_PX, TO_CROP, UVW, VALID, DenseCorrespondenceConfig, DenseCorrespondenceEnergy,
+    DenseRenderConfig, DenseRenderEnergy, correspondence_vertices, correspondence_weights, match_uvw,
+    prediction_validity,
+)
+from tracker.errors import MissingAssetError
+from tracker.fit.sequence import TrackResult, landmark_error_px, predict_next
+from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, fit_adam, fit_lm
+from tracker.flame.assets import FlameBundle
+from tracker.flame.model import FlameModel, FlameParams
+from tracker.io.video import Frame
+
+HEAD_EXCLUDED_REGIONS = ("neck", "boundary")
+"""FLAME_masks regions left out of the crop box (the neck's lower edge is not part of the head)."""
+MATCH_EXCLUDED_REGIONS = ("left_eyeball", "right_eyeball")
+"""Regions without correspondences: eyeballs turn with the gaze, so their canonical position is ambiguous."""
+MAP_FILE = "densemarks_canonical_map.npz"
+MAP_PNG = "densemarks_canonical_map.png"
+
+
+@dataclass(frozen=True)
+class UvwSource:
+    """Where uvw maps come from (network or oracle), behind one call."""
+
+    kind: str
+    """'network' or 'oracle'."""
+    model_id: str
+    """Identifies the predictor (weights sha256, oracle settings) for the prediction cache."""
+    crop_size: int
+    """Side of the predicted maps, pixels."""
+    needs_frames: bool
+    """Whether predict reads the frame's pixels (the oracle does not)."""
+    predict: Callable[[int, np.ndarray | None, CropBox], UvwPrediction]
+    """predict(video frame index, RGB frame or None, crop box)."""
+    info: dict
+    """What to report about the predictor (licence, weights)."""
+
+
+def choose_source(cfg: DenseMarksStageConfig, model: FlameModel, device: torch.device) -> tuple[UvwSource | None, str]:
+    """The predictor the configuration asks for, or None and why the stage does not run.
+
+    mode off: None. oracle: the ground truth must be a synthetic sequence (TrackerError otherwise). auto: the
+    network when its weights are given or already in the Hugging Face cache (nothing is downloaded). on: the
+    network, downloading the weights if needed; missing weights are an error.
+    """
+    if cfg.mode == "off":
+        return None, "densemarks.mode is off"
+    if cfg.oracle:
+        from tracker.densemarks.oracle import OracleDenseMarks, load_oracle_ground_truth
+
+        oracle = OracleDenseMarks(model, load_oracle_ground_truth(cfg.oracle_ground_truth, device))
+        return UvwSource("oracle", oracle.model_id, oracle.crop_size, False,
+                         lambda index, _rgb, box: oracle.predict(index, box),
+                         {"oracle_ground_truth": str(cfg.oracle_ground_truth)}), ""
+    from tracker.densemarks.predict import DenseMarksPredictor
+    from tracker.densemarks.weights import LICENSE, resolve_weights_path
+
+    try:
+        path = resolve_weights_path(cfg.weights, offline=True if cfg.mode == "auto" and not cfg.weights else None)
+    except MissingAssetError as error:
+        if cfg.mode == "on" or cfg.weights:
+            raise
+        return None, f"DenseMarks weights not found ({error})"
+    predictor = DenseMarksPredictor.from_weights(path, device)
+    return UvwSource("network", predictor.model_id, predictor.crop_size, True,
+                     lambda _index, rgb, box: predictor.predict(rgb, box),
+                     {"weights": str(path), "weights_sha256": predictor.model_id, "license": LICENSE}), ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Crops and predictions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def head_vertex_ids(bundle: FlameBundle) -> torch.Tensor:
+    """(S,) vertices that define the head's box: all but the neck regions."""
+    excluded = np.concatenate([bundle.masks[r] for r in HEAD_EXCLUDED_REGIONS if r in bundle.masks] or [[]])
+    return torch.from_numpy(np.setdiff1d(np.arange(bundle.model.n_vertices), excluded.astype(np.int64)))
+
+
+@torch.no_grad()
+def head_boxes(model: FlameModel, camera: Camera, params: FlameParams, valid: np.ndarray, vertex_ids: torch.Tensor,
+               scale: float, smooth_frames: int = 5) -> list[CropBox]:
+    """Square crop per frame around the projected head of each valid frame, `scale` times its bounding box;
+    frames without a fit get boxes interpolated from their neighbours; centres and sizes are smoothed over
+    `smooth_frames` frames. Returns [] when no frame is valid."""
+    known = np.flatnonzero(valid)
+    if not len(known):
+        return []
+    sub = model.restricted(vertex_ids.to(model.v_template.device))
+    boxes = np.zeros((len(valid), 3))
+    for start in range(0, len(known), 64):
+        chunk = known[start:start + 64]
+        pixels, _ = camera.project(sub(params.frames(torch.as_tensor(chunk))).vertices)
+        low, high = pixels.amin(1), pixels.amax(1)
+        side = (high - low).amax(-1) * scale
+        boxes[chunk] = torch.cat([(low + high) / 2, side[:, None]], dim=1).cpu().numpy()
+    frames = np.arange(len(valid))
+    boxes = np.stack([np.interp(frames, known, boxes[known, k]) for k in range(3)], axis=1)
+    if smooth_frames > 1 and len(valid) > 1:
+        pad = smooth_frames // 2
+        kernel = np.ones(smooth_frames) / smooth_frames
+        boxes = np.stack([np.convolve(np.pad(boxes[:, k], pad, mode="edge"), kernel, "valid")
+                          for k in range(3)], axis=1)[:len(valid)]
+    return [CropBox(cx - side / 2, cy - side / 2, side) for cx, cy, side in boxes]
+
+
+def predict_into_cache(source: UvwSource, cache: UvwCache, frame_indices: np.ndarray, boxes: list[CropBox],
+                       frames: Callable[[], Iterable[Frame]], progress: Callable[[str], None] | None = None) -> int:
+    """Predict every frame missing from the cache (decoding the video only when the source needs pixels);
+    returns how many were predicted."""
+    wanted = {int(index): t for t, index in enumerate(frame_indices) if int(index) not in cache}
+    count = len(wanted)
+    if source.needs_frames and wanted:
+        for frame in frames():
+            t = wanted.pop(frame.index, None)
+            if t is not None:
+                cache.put(frame.index, source.predict(frame.index, frame.rgb, boxes[t]))
+                if progress:
+                    progress("predict")
+            if not wanted:
+                break
+    else:
+        for index, t in list(wanted.items()):
+            cache.put(index, source.predict(index, None, boxes[t]))
+            wanted.pop(index)
+            if progress:
+                progress("predict")
+    return count - len(wanted)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Canonical map
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def map_frames(result: TrackResult, count: int, max_error_factor: float = 2.0) -> np.ndarray:
+    """Up to `count` valid frames spread over the video, leaving out fits worse than max_error_factor x the
+    median landmark error."""
+    errors = result.lmk_error_px
+    good = np.flatnonzero(result.valid & np.isfinite(errors))
+    if len(good):
+        good = good[errors[good] <= max_error_factor * np.median(errors[good])]
+    if len(good) <= count:
+        return good
+    return good[np.round(np.linspace(0, len(good) - 1, count)).astype(int)]
+
+
+def obtain_canonical_map(cfg: DenseMarksStageConfig, model: FlameModel, camera: Camera, result: TrackResult,
+                         prediction: Callable[[int], UvwPrediction], out_dir: Path, model_id: str,
+                         ) -> tuple[CanonicalMap, dict]:
+    """The configured map, or one estimated from this video (written to out_dir with a PNG)."""
+    if cfg.canonical_map:
+        cmap = load_canonical_map(cfg.canonical_map, model.n_vertices)
+        return cmap, {"map_source": str(cfg.canonical_map)}
+    frames = map_frames(result, cfg.map_frames)
+    if not len(frames):
+        raise MissingAssetError("no well-fitted frame to estimate the DenseMarks canonical map from: pass "
+                                "densemarks.canonical_map")
+    cmap = estimate_canonical_map(model, camera, result.params.frames(torch.as_tensor(frames)),
+                                  [prediction(int(t)) for t in frames], frame_fit_weights(result.lmk_error_px[frames]),
+                                  metadata={"predictor": model_id})
+    path = save_canonical_map(out_dir / MAP_FILE, cmap)
+    png = write_canonical_png(out_dir / MAP_PNG, model, cmap, result.params.shape)
+    return cmap, {"map_source": "estimated", "map_path": str(path), "map_png": str(png), "map_frames": len(frames),
+                  "map_observed_fraction": round(float(cmap.observed.mean()), 4)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-frame observations
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DenseFrame:
+    """One frame's dense observations: the extras the terms read, and what refreshing the gates needs."""
+
+    extras: dict[str, torch.Tensor]
+    """Term inputs with a leading frame axis of 1 (keys in tracker.energy.dense)."""
+    match_distance: torch.Tensor
+    """(K,) cube distance of each sampled vertex's match."""
+
+
+def to_video_pixels(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Invert a (2, 3) video -> crop affine on (N, 2) crop points."""
+    return (points - affine[:, 2]) @ np.linalg.inv(affine[:, :2]).T
+
+
+def prepare_frame(prediction: UvwPrediction, canonical_tree: cKDTree, match_coords: np.ndarray,
+                  render_cfg: DenseRenderConfig, corr_cfg: DenseCorrespondenceConfig,
+                  device: torch.device) -> DenseFrame:
+    """Term inputs from one prediction: the map at the fitting resolution with its validity and affine, and each
+    sampled vertex's (K = len(match_coords)) nearest-uvw pixel in video pixels (gates still closed)."""
+    side = prediction.uvw.shape[-1]
+    uvw = resize_uvw(prediction.uvw, render_cfg.resolution)
+    search = resize_uvw(prediction.uvw, corr_cfg.search_resolution)
+    pixels, distance = match_uvw(search, prediction_validity(search, canonical_tree, render_cfg.valid_distance),
+                                 match_coords)
+    targets = to_video_pixels(crop_affine(prediction.frame_to_crop, corr_cfg.search_resolution / side), pixels)
+    as_tensor = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=device)  # noqa: E731
+    extras = {
+        UVW: as_tensor(uvw)[None],
+        VALID: as_tensor(prediction_validity(uvw, canonical_tree, render_cfg.valid_distance))[None],
+        TO_CROP: as_tensor(crop_affine(prediction.frame_to_crop, render_cfg.resolution / side))[None],
+        CROP_PX: as_tensor([side / prediction.frame_to_crop[0, 0]]),
+        CORR_TARGET: as_tensor(np.nan_to_num(targets))[None],
+        CORR_WEIGHT: torch.zeros(1, len(match_coords), device=device),
+    }
+    return DenseFrame(extras, as_tensor(distance))
+
+
+@torch.no_grad()
+def refresh_gates(frame: DenseFrame, model: FlameModel, camera: Camera, params: FlameParams, vertex_ids: torch.Tensor,
+                  corr_cfg: DenseCorrespondenceConfig, depth_tolerance_m: float) -> int:
+    """Re-open the correspondence gates for the current pose (visibility, facing, image distance); returns the
+    number kept."""
+    extras = frame.extras
+    vertices = model(params).vertices[0]
+    visible, facing, _, _ = vertex_visibility(vertices, model.faces, camera, extras[TO_CROP][0], extras[UVW].shape[1],
+                                              depth_tolerance_m)
+    projected, _ = camera.project(vertices[vertex_ids])
+    gate = correspondence_weights(extras[CORR_TARGET][0], frame.match_distance, projected, visible[vertex_ids],
+                                  facing[vertex_ids], float(extras[CROP_PX][0]), corr_cfg)
+    extras[CORR_WEIGHT] = gate[None]
+    return int(gate.sum())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Refinement
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DenseFitter:
+    """Fits single frames with the dense terms added to a landmark problem."""
+
+    lm_problem: Problem
+    """Landmark, prior, temporal and correspondence terms (residuals without rendering: LM can use them)."""
+    adam_problem: Problem
+    """All terms, render-and-compare included."""
+    vertex_ids: torch.Tensor
+    """(K,) vertices of the correspondence term."""
+    cfg: TrackerConfig
+    free: tuple[str, ...]
+
+    @property
+    def stage(self) -> DenseMarksStageConfig:
+        return self.cfg.densemarks
+
+    def gates(self, frame: DenseFrame, params: FlameParams) -> int:
+        return refresh_gates(frame, self.lm_problem.model, self.lm_problem.camera, params, self.vertex_ids,
+                             self.cfg.energy.dense_corr, CanonicalMapOptions().depth_tolerance_m)
+
+    def fit(self, start: FlameParams, obs: Observations, frame: DenseFrame,
+            reference: FlameParams | None) -> tuple[FlameParams, int]:
+        """Refined parameters of one frame and its number of kept correspondences."""
+        params = start
+        if self.cfg.energy.dense_corr.weight > 0:
+            for _ in range(self.stage.rounds):
+                self.gates(frame, params)
+                params = fit_lm(self.lm_problem, params, obs, self.free, self.stage.lm_iters, reference)[0]
+        inliers = self.gates(frame, params)
+        if self.stage.iters and self.cfg.energy.dense_render.weight > 0:
+            params = fit_adam(self.adam_problem, params, obs, self.free, self.stage.iters, self.cfg.fit.lr, reference)
+            inliers = self.gates(frame, params)
+        return params, inliers
+
+
+def build_fitter(problem: Problem, canonical: torch.Tensor, bundle: FlameBundle, cfg: TrackerConfig) -> DenseFitter:
+    """The dense terms (as configured) on top of `problem`'s terms."""
+    excluded = np.concatenate([bundle.masks[r] for r in MATCH_EXCLUDED_REGIONS if r in bundle.masks] or [[]])
+    ids = correspondence_vertices(problem.model.n_vertices, cfg.energy.dense_corr.vertices, excluded.astype(np.int64),
+                                  cfg.seed)
+    vertex_ids = torch.as_tensor(ids, device=canonical.device)
+    corr = [DenseCorrespondenceEnergy(cfg.energy.dense_corr, vertex_ids)] if cfg.energy.dense_corr.weight > 0 else []
+    render = [DenseRenderEnergy(cfg.energy.dense_render, canonical)] if cfg.energy.dense_render.weight > 0 else []
+    base: list[EnergyTerm] = list(problem.terms)
+    free = tuple(LANDMARK_FIELDS) + (("neck_pose",) if cfg.densemarks.free_neck else ())
+    return DenseFitter(problem.with_terms(base + corr), problem.with_terms(base + corr + render), vertex_ids, cfg,
+                       tuple(f for f in FRAME_FIELDS if f in free))
+
+
+def refine_sequence_dense(fitter: DenseFitter, result: TrackResult, obs: Observations,
+                          dense_frame: Callable[[int], DenseFrame | None],
+                          progress: Callable[[str], None] | None = None) -> tuple[TrackResult, dict]:
+    """Refine every frame that has dense observations, in order (temporal reference: the refined predecessors).
+
+    Valid frames start from their landmark fit; frames without landmarks (when densemarks.track_lost) start from
+    the constant-velocity prediction and become valid when at least min_inliers of the sampled vertices keep a
+    correspondence. Returns the new TrackResult (landmark errors recomputed, NaN without landmarks) and counts.
+    """
+    stage = fitter.stage
+    T = len(result.valid)
+    K = len(fitter.vertex_ids)
+    refined: list[FlameParams] = []
+    valid = result.valid.copy()
+    errors = result.lmk_error_px.copy()
+    inlier_fraction = np.full(T, np.nan, np.float32)
+    prev = prev2 = None
+    for t in range(T):
+        landmark_fit = result.params.frames(slice(t, t + 1))
+        frame = dense_frame(t) if (result.valid[t] or (stage.track_lost and prev is not None)) else None
+        if frame is None:
+            refined.append(landmark_fit)
+            prev = prev2 = None
+        else:
+            frame_obs = obs.frames(slice(t, t + 1))
+            frame_obs = replace(frame_obs, extras=frame.extras)  # the same dict: gate refreshes reach the terms
+            reference = predict_next(prev, prev2) if prev is not None else None
+            start = landmark_fit if result.valid[t] else reference
+            params, inliers = fitter.fit(start, frame_obs, frame, reference)
+            inlier_fraction[t] = inliers / max(K, 1)
+            if result.valid[t] or inlier_fraction[t] >= stage.min_inliers:
+                valid[t] = True
+                has_landmarks = bool((frame_obs.landmark_weights > 0).any())
+                errors[t] = float(landmark_error_px(fitter.lm_problem, params, frame_obs)[0]) if has_landmarks \
+                    else np.nan
+                refined.append(params)
+                prev2, prev = prev, params
+            else:
+                refined.append(landmark_fit)
+                prev = prev2 = None
+        if progress:
+            progress("refine")
+    stacked = FlameParams(shape=result.params.shape,
+                          **{n: torch.cat([getattr(p, n) for p in refined]) for n in FRAME_FIELDS})
+    counts = {"frames_refined": int(np.isfinite(inlier_fraction).sum()),
+              "frames_without_landmarks_tracked": int((valid & ~result.valid).sum()),
+              "inlier_fraction_mean": round(float(np.nanmean(inlier_fraction)), 4) if np.isfinite(inlier_fraction).any()
+              else None}
+    return replace(result, params=stacked, valid=valid, lmk_error_px=np.asarray(errors, np.float32)), counts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_densemarks_stage(problem: Problem, result: TrackResult, obs: Observations, frame_indices: np.ndarray,
+                         frames: Callable[[], Iterable[Frame]], bundle: FlameBundle, cfg: TrackerConfig,
+                         out_dir: str | Path, progress: Callable[[str], None] | None = None,
+                         ) -> tuple[TrackResult, dict]:
+    """Refine a landmark track with DenseMarks; returns the refined track (or `result` unchanged when the stage
+    does not run) and what to report (info["ran"], predictor, licence, map source, timings, ...).
+
+    problem: the landmark stage's problem (its model, camera and terms are reused); obs: the landmark
+    observations of all T frames; frame_indices: (T,) video index of each tracked frame; frames(): re-decodes
+    the selected frames at full resolution (called only when the network has frames to predict); progress(step)
+    is called once per predicted frame ("predict") and once per frame of the refinement ("refine").
+    """
+    device = problem.model.v_template.device
+    source, reason = choose_source(cfg.densemarks, problem.model, device)
+    if source is None:
+        return result, {"ran": False, "reason": reason}
+    info: dict = {"ran": False, "predictor": source.kind, "model_id": source.model_id, **source.info}
+    if cfg.energy.dense_corr.weight <= 0 and cfg.energy.dense_render.weight <= 0:
+        return result, {**info, "reason": "energy.dense_corr.weight and energy.dense_render.weight are both 0"}
+    out_dir = Path(out_dir)
+    seconds: dict[str, float] = {}
+
+    start = time.perf_counter()
+    boxes = head_boxes(problem.model, problem.camera, result.params, result.valid, head_vertex_ids(bundle),
+                       cfg.densemarks.crop_scale)
+    if not boxes:
+        return result, {**info, "reason": "no tracked frame to place a head crop on"}
+    cache = UvwCache(Path(cfg.densemarks.cache_dir) if cfg.densemarks.cache_dir else out_dir / "cache" / "densemarks",
+                     source.model_id, source.crop_size)
+    info["frames_predicted"] = predict_into_cache(source, cache, frame_indices, boxes, frames, progress)
+    seconds["predict"] = time.perf_counter() - start
+
+    def prediction(t: int) -> UvwPrediction:
+        stored = cache.get(int(frame_indices[t]))
+        if stored is None:  # the cache was emptied under us
+            raise MissingAssetError(f"DenseMarks prediction of frame {frame_indices[t]} vanished from {cache.directory}")
+        return stored
+
+    start = time.perf_counter()
+    cmap, map_info = obtain_canonical_map(cfg.densemarks, problem.model, problem.camera, result, prediction, out_dir,
+                                          source.model_id)
+    info.update(map_info)
+    seconds["canonical_map"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    canonical = cmap.tensor(device)
+    fitter = build_fitter(problem, canonical, bundle, cfg)
+    tree = cKDTree(cmap.coords)
+    match_coords = cmap.coords[fitter.vertex_ids.cpu().numpy()]
+
+    def dense_frame(t: int) -> DenseFrame:
+        return prepare_frame(prediction(t), tree, match_coords, cfg.energy.dense_render, cfg.energy.dense_corr, device)
+
+    refined, counts = refine_sequence_dense(fitter, result, obs, dense_frame, progress)
+    seconds["refine"] = time.perf_counter() - start
+    info.update(counts, ran=True, seconds={k: round(v, 2) for k, v in seconds.items()})
+    return refined, info
