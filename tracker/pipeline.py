@@ -6,8 +6,10 @@ from __future__ import annotations
 import platform
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ from tracker.flame.assets import FlameBundle, load_flame_bundle
 from tracker.flame.landmarks import LandmarkSet
 from tracker.flame.model import FlameParams
 from tracker.io.export import FrameTable, write_json, write_obj, write_params
+from tracker.io.overlay_video import write_overlay_video
 from tracker.io.video import FrameSelection, probe_video, read_frames
 
 SCHEME_OF_DETECTOR = {"mediapipe": SCHEME_MEDIAPIPE, "dlib": SCHEME_IBUG68, "fan": SCHEME_IBUG68}
@@ -114,6 +117,15 @@ class OutputWriter:
     def write_final(self, table: FrameTable) -> None:
         write_params(self.path, table, self.camera, self.fps, {**self.metadata, "complete": True})
 
+    @contextmanager
+    def keep_partial_on_failure(self) -> Iterator[None]:
+        """On any failure or interrupt inside the block, write the finished frames, then re-raise."""
+        try:
+            yield
+        except BaseException:
+            self.write_partial()
+            raise
+
 
 def build_metadata(cfg: TrackerConfig, bundle: FlameBundle, video: Path, detector_settings: dict) -> dict:
     return {
@@ -135,6 +147,7 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
     info = probe_video(video)
     out_dir = Path(cfg.output.dir) / video.stem
     out_dir.mkdir(parents=True, exist_ok=True)
+    selection = FrameSelection(cfg.video.start, cfg.video.max_frames, cfg.video.stride)
     timings: dict[str, float] = {}
 
     scheme = SCHEME_OF_DETECTOR[cfg.detect.landmarks]
@@ -143,20 +156,9 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
     model = bundle.model.to(device)
     landmarks = bundle.landmarks.to(device)
 
-    detector = make_detector(cfg.detect.landmarks, **_detector_options(cfg))
-    selection = FrameSelection(cfg.video.start, cfg.video.max_frames, cfg.video.stride)
-    start = time.perf_counter()
-    with tqdm(total=_expected_frames(info.n_frames, selection), desc="landmarks", unit="frame",
-              disable=not show_progress) as bar:
-        try:
-            track = detect_video(video, detector, selection, use_cache=cfg.detect.cache,
-                                 cache_dir=out_dir / "cache", on_frame=lambda *_: bar.update(1))
-        finally:
-            if hasattr(detector, "close"):  # MediaPipe's native graph must be closed before exit
-                detector.close()
-    timings["detection"] = time.perf_counter() - start
-    T = len(track)
-    if T == 0:
+    with _timed(timings, "detection"):
+        track, detector_settings = detect_landmarks(video, cfg, selection, info.n_frames, out_dir, show_progress)
+    if len(track) == 0:
         raise TrackerError(f"{video}: no frames selected (start {cfg.video.start} is past the end?)")
 
     camera = Camera.from_image(info.height, info.width, cfg.camera.fov_init_deg, cfg.camera.focal, device)
@@ -165,50 +167,70 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
     terms = [LandmarkEnergy(cfg.energy.landmarks), PriorEnergy(cfg.energy.priors, model),
              TemporalEnergy(cfg.energy.temporal)]
     problem = Problem(model, landmarks, camera, terms)
-    fitter = SequenceTracker(problem, cfg)
-    metadata = build_metadata(cfg, bundle, video, detector.settings())
+    metadata = build_metadata(cfg, bundle, video, detector_settings)
     writer = OutputWriter(out_dir, camera, info.fps, metadata, track)
 
-    start = time.perf_counter()
+    with writer.keep_partial_on_failure():
+        result = fit_landmarks(problem, obs, track, cfg, writer, timings, show_progress)
+    writer.write_final(FrameTable(result.params, track.frame_indices, track.timestamps, result.valid,
+                                  result.lmk_error_px))
+    outputs = {"params": str(writer.path)}
+
+    with _timed(timings, "outputs"):
+        if cfg.output.save_meshes:
+            outputs["meshes"] = str(_save_meshes(out_dir / "meshes", model, result, track))
+        if cfg.output.video:
+            outputs["overlay_video"] = str(write_overlay_video(
+                out_dir / "overlay.mp4", read_frames(video, selection), model, landmarks, camera, result, obs,
+                info.fps, show_progress))
+
+    summary = _summarise(video, out_dir, track, result, timings, camera, outputs)
+    write_json(out_dir / "summary.json", summary.__dict__)
+    return summary
+
+
+def detect_landmarks(video: Path, cfg: TrackerConfig, selection: FrameSelection, n_frames: int, out_dir: Path,
+                     show_progress: bool) -> tuple[LandmarkTrack, dict]:
+    """Landmarks of the selected frames (cached per video) and the detector's settings."""
+    detector = make_detector(cfg.detect.landmarks, **_detector_options(cfg))
     try:
-        shape = torch.zeros(1, model.n_shape, device=device)
+        with tqdm(total=_expected_frames(n_frames, selection), desc="landmarks", unit="frame",
+                  disable=not show_progress) as bar:
+            track = detect_video(video, detector, selection, use_cache=cfg.detect.cache,
+                                 on_frame=lambda *_: bar.update(1))
+        return track, detector.settings()
+    finally:
+        if hasattr(detector, "close"):  # MediaPipe's native graph must be closed before exit
+            detector.close()
+
+
+def fit_landmarks(problem: Problem, obs: Observations, track: LandmarkTrack, cfg: TrackerConfig,
+                  writer: "OutputWriter", timings: dict, show_progress: bool) -> TrackResult:
+    """Identity and focal on keyframes, frame-by-frame tracking, optional global refinement."""
+    fitter = SequenceTracker(problem, cfg)
+    device = obs.landmarks.device
+    with _timed(timings, "identity"):
+        shape = torch.zeros(1, problem.model.n_shape, device=device)
         if track.valid.any():
-            shape, camera.focal = fitter.estimate_identity(obs, track.valid)
-        timings["identity"] = time.perf_counter() - start
-        start = time.perf_counter()
-        with tqdm(total=T, desc="fitting", unit="frame", disable=not show_progress) as bar:
+            shape, problem.camera.focal = fitter.estimate_identity(obs, track.valid)
+    with _timed(timings, "fitting"):
+        with tqdm(total=len(track), desc="fitting", unit="frame", disable=not show_progress) as bar:
             result = fitter.track(obs, track.valid, shape, on_frame=writer.add, progress=lambda: bar.update(1))
         if cfg.fit.global_iters > 0:
             with tqdm(total=int(track.valid.sum()), desc="global refinement", unit="frame",
                       disable=not show_progress) as bar:
                 result = refine_globally(problem, result, obs, cfg.fit.global_iters, cfg.fit.global_window,
                                          cfg.fit.lr, progress=bar.update)
-    except KeyboardInterrupt:
-        writer.write_partial()
-        raise
-    except Exception:
-        writer.write_partial()  # keep finished frames, then let the error surface
-        raise
-    timings["fitting"] = time.perf_counter() - start
+    return result
 
-    table = FrameTable(result.params, track.frame_indices, track.timestamps, result.valid, result.lmk_error_px)
-    writer.write_final(table)
-    outputs = {"params": str(writer.path)}
 
+@contextmanager
+def _timed(timings: dict, name: str) -> Iterator[None]:
     start = time.perf_counter()
-    if cfg.output.save_meshes:
-        outputs["meshes"] = str(_save_meshes(out_dir / "meshes", model, result, track))
-    if cfg.output.video:
-        from tracker.io.overlay_video import write_overlay_video
-
-        outputs["overlay_video"] = str(write_overlay_video(
-            out_dir / "overlay.mp4", read_frames(video, selection), model, landmarks, camera, result, obs,
-            info.fps, show_progress))
-    timings["outputs"] = time.perf_counter() - start
-
-    summary = _summarise(video, out_dir, track, result, timings, camera, outputs)
-    write_json(out_dir / "summary.json", summary.__dict__)
-    return summary
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def _detector_options(cfg: TrackerConfig) -> dict:
