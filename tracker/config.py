@@ -130,6 +130,8 @@ class PhotometricStageConfig:
     """Weight of the texture's left-right symmetry prior (0 = off)."""
     pyramid_levels: int = 3
     """Coarse-to-fine levels of the per-frame refinement, each half the size of the next (1 = full size only)."""
+    lr: float = 0.004
+    """Adam learning rate of the per-frame refinement (small: frames start at their landmark fit)."""
 
 
 @dataclass

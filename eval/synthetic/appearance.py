@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import torch
 
-from eval.synthetic.uvmap import UvAtlas, UnwrapOptions, push_pull_fill, sample_image, unwrap_image
+from eval.synthetic.uvmap import UnwrapOptions, UvAtlas, push_pull_fill, sample_image, unwrap_image
 from tracker.camera import Camera
 from tracker.detect.base import SCHEME_IBUG68
 from tracker.energy.base import Observations
@@ -59,7 +59,8 @@ def load_ffhq(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rgb, landmarks, face_mask
 
 
-def fit_flame_to_photo(bundle: FlameBundle, landmarks: np.ndarray, height: int, width: int) -> tuple[FlameParams, Camera]:
+def fit_flame_to_photo(bundle: FlameBundle, landmarks: np.ndarray, height: int,
+                       width: int) -> tuple[FlameParams, Camera]:
     """FLAME parameters (shape, expression, pose) whose 68 landmarks project onto `landmarks` (68, 2).
 
     bundle: loaded with the 'ibug68' landmark scheme.
@@ -73,7 +74,8 @@ def fit_flame_to_photo(bundle: FlameBundle, landmarks: np.ndarray, height: int, 
     rotation, translation = rigid_from_landmarks(model, lmk_set, camera, points[0].numpy(), weights[0].numpy())
     init = FlameParams.zeros(1, model.n_shape, model.n_expr)
     init.rotation[0], init.translation[0] = torch.from_numpy(rotation), torch.from_numpy(translation)
-    problem = Problem(model, lmk_set, camera, [LandmarkEnergy(LandmarkEnergyConfig()), PriorEnergy(PriorConfig(), model)])
+    terms = [LandmarkEnergy(LandmarkEnergyConfig()), PriorEnergy(PriorConfig(), model)]
+    problem = Problem(model, lmk_set, camera, terms)
     with torch_threads(1):  # many tiny ops: extra threads only slow them down
         params, _ = fit_lm(problem, init, obs, LANDMARK_FIELDS, FIT_ITERS, free_shape=True)
     return params, camera

@@ -8,7 +8,8 @@ A sequence is written as two files side by side:
   jaw_pose, neck_pose, rotation, translation, eyes_pose, eyelids, K, R, t, image_size, fps, frame_index, ...;
   `read_params` loads it), plus what else the frames were made from: per-frame SH lighting `sh`, occluder
   ellipse `occluder_px` and colour `occluder_rgb`, `motion_blur_px`, `defocus_px`, `segment` (index into
-  the spec's segments), and metadata with the spec, seed and texture file.
+  the spec's segments), and metadata with the spec, seed and texture file, marked {"synthetic": true} (which
+  the tracker's evaluation-only DenseMarks oracle requires).
 
 `render_frames(ground_truth, assets)` turns a ground truth back into the frames; it is what the generator
 itself uses, so re-rendering a stored ground truth reproduces the video exactly.
@@ -35,18 +36,17 @@ from eval.synthetic.degrade import defocus, draw_occluder, motion_blur, sensor_n
 from eval.synthetic.render import TexturedHead, render_head, sh_from_light
 from eval.synthetic.scenario import Script, SequenceSpec, build_script
 from eval.synthetic.uvmap import UvAtlas, uv_atlas
+from eval.tracked import camera_from_arrays, head_yaw_deg, params_from_arrays
 from tracker.camera import Camera, focal_from_fov
 from tracker.config import FlameConfig
 from tracker.detect.base import SCHEME_IBUG68
 from tracker.errors import TrackerError
 from tracker.flame.assets import FlameBundle, load_flame_bundle
-from tracker.flame.landmarks import yaw_degrees
-from tracker.flame.lbs import batch_rodrigues
 from tracker.flame.model import FlameParams
 from tracker.io.export import FrameTable, flame_arrays, read_params
 from tracker.render.texture import load_obj
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump when the frames a spec produces change: cached sequences and textures are keyed by it."""
 TEXTURE_SIZE = 512
 SUPERSAMPLE = 2
@@ -79,7 +79,8 @@ class SyntheticAssets:
         return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB).astype(np.float32) / 255
 
 
-def load_assets(cache_dir: str | Path, flame_path: str | None = None, flame_assets: str | None = None) -> SyntheticAssets:
+def load_assets(cache_dir: str | Path, flame_path: str | None = None,
+                flame_assets: str | None = None) -> SyntheticAssets:
     """FLAME (with the tracker's default basis sizes), its UV atlas from head_template.obj, and a cache folder."""
     defaults = FlameConfig()
     bundle = load_flame_bundle(flame_path, flame_assets, defaults.n_shape, defaults.n_expr, SCHEME_IBUG68)
@@ -123,20 +124,9 @@ class GroundTruth:
         return [(int(bounds[i]), int(bounds[i + 1])) for i, s in enumerate(self.spec.segments) if s.kind == "static"]
 
     @property
-    def occluded(self) -> np.ndarray:
-        """(T,) bool: frames with the occluder in view."""
-        return self.occluder_px[:, 0] > 0.5
-
-    @property
     def yaw_deg(self) -> np.ndarray:
         """(T,) head yaw (global and neck rotation), the tracker's definition."""
         return head_yaw_deg(self.params)
-
-
-def head_yaw_deg(params: FlameParams) -> np.ndarray:
-    """(B,) yaw in degrees of the head (global rotation then neck), as tracker.flame.landmarks defines it."""
-    rot = batch_rodrigues(params.rotation.double()) @ batch_rodrigues(params.neck_pose.double())
-    return yaw_degrees(rot).numpy()
 
 
 def euler_to_axis_angle(yaw_pitch_roll_deg: np.ndarray) -> np.ndarray:
@@ -164,7 +154,7 @@ def light_sh(light: np.ndarray) -> np.ndarray:
     direction = np.stack([np.sin(azimuth) * np.cos(elevation), -np.sin(elevation),
                           -np.cos(azimuth) * np.cos(elevation)], axis=1)
     return np.stack([sh_from_light(float(a), float(s), torch.from_numpy(d), torch.from_numpy(tint)).numpy()
-                     for a, s, d, tint in zip(light[:, 0], light[:, 1], direction, light[:, 4:])])
+                     for a, s, d, tint in zip(light[:, 0], light[:, 1], direction, light[:, 4:], strict=True)])
 
 
 @torch.no_grad()
@@ -246,7 +236,7 @@ def save_ground_truth(path: Path, gt: GroundTruth, key: str) -> None:
     arrays = flame_arrays(table, gt.camera, gt.spec.fps)
     arrays.update(sh=gt.sh, occluder_px=gt.occluder_px, occluder_rgb=gt.occluder_rgb,
                   motion_blur_px=gt.motion_blur_px, defocus_px=gt.defocus_px, segment=gt.segment)
-    metadata = {"tool": "eval.synthetic", "generator_version": GENERATOR_VERSION, "key": key,
+    metadata = {"tool": "eval.synthetic", "synthetic": True, "generator_version": GENERATOR_VERSION, "key": key,
                 "spec": gt.spec.to_dict(), "texture": f"FFHQ {gt.spec.photo:05d}"}
     arrays["metadata"] = np.array(json.dumps(metadata))
     partial = path.with_name(path.name + ".partial.npz")
@@ -262,23 +252,12 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
     arrays, metadata = read_params(path)
     if metadata.get("tool") != "eval.synthetic":
         raise TrackerError(f"{path} is not a synthetic ground truth written by eval.synthetic")
-    to = lambda name: torch.from_numpy(arrays[name]).float()  # noqa: E731
-    params = FlameParams(shape=to("shape")[None], expr=to("expr"), rotation=to("rotation"),
-                         neck_pose=to("neck_pose"), jaw_pose=to("jaw_pose"), eyes_pose=to("eyes_pose"),
-                         eyelids=to("eyelids"), translation=to("translation"))
+    params = params_from_arrays(arrays, arrays["shape"].size, arrays["expr"].shape[1])
     return GroundTruth(
         spec=SequenceSpec.from_dict(metadata["spec"]), params=params, camera=camera_from_arrays(arrays),
         sh=arrays["sh"], occluder_px=arrays["occluder_px"], occluder_rgb=arrays["occluder_rgb"],
         motion_blur_px=arrays["motion_blur_px"], defocus_px=arrays["defocus_px"], segment=arrays["segment"],
     )
-
-
-def camera_from_arrays(arrays: dict[str, np.ndarray], frame: int = 0) -> Camera:
-    """The tracker's Camera from exported K (OpenCV: pixel centres at integers) and image_size."""
-    K = arrays["K"][frame].astype(np.float64)
-    height, width = (int(v) for v in arrays["image_size"])
-    return Camera(torch.tensor(float(K[0, 0])), torch.tensor([K[0, 2] + 0.5, K[1, 2] + 0.5], dtype=torch.float32),
-                  height, width)
 
 
 @dataclass(frozen=True)

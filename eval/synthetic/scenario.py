@@ -29,6 +29,8 @@ BLINK_EVERY_S = 2.5
 """Mean time between blinks."""
 FAST_KEY_FRAMES = 5
 """Frames between the random poses of a fast segment (up to ~10 degrees per frame)."""
+MAX_GAZE_DEG = 15.0
+"""Largest eyeball rotation away from straight ahead."""
 SYLLABLE_HZ = 4.0
 """Jaw opening rate while talking."""
 TALK_EXPRESSIONS = ("mouthSmile_L", "mouthSmile_R", "mouthFunnel", "mouthPucker", "mouthStretch_L",
@@ -206,12 +208,13 @@ def build_script(spec: SequenceSpec, expression_names: list[str], n_expr: int) -
             jaw, expr = talking(n, expression_names, n_expr, spec.fps, rng, 1.0 if kind == "talk" else 0.6)
         else:
             jaw, expr = np.zeros(n), np.zeros((n, n_expr))
-        gaze = 8 * smooth_noise(rng, n, 2, sigma_frames=4) if moving else np.zeros((n, 2))
+        gaze = np.clip(5 * smooth_noise(rng, n, 2, sigma_frames=4), -MAX_GAZE_DEG, MAX_GAZE_DEG) if moving \
+            else np.zeros((n, 2))
         eyelids = np.repeat(blinks(n, spec.fps, rng)[:, None], 2, 1) if moving else np.zeros((n, 2))
         light_seg = lighting_sweep(n, light, rng) if kind == "lighting" else np.repeat(light[None], n, 0)
         occluder = occluder_path(n, rng) if kind == "occlusion" else np.zeros((n, 4))
-        for key, value in zip(parts, (pose_seg, jaw, expr, gaze, eyelids, light_seg, occluder,
-                                      np.full(n, index))):
+        values = (pose_seg, jaw, expr, gaze, eyelids, light_seg, occluder, np.full(n, index))
+        for key, value in zip(parts, values, strict=True):
             parts[key].append(value)
         pose, light = pose_seg[-1], light_seg[-1]
     joined = {k: np.concatenate(v) for k, v in parts.items()}

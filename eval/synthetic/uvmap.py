@@ -36,16 +36,6 @@ class UvAtlas:
     corner_uvs: Tensor
     """(F, 3, 2) UV of each face corner, for rendering the texture."""
 
-    def to(self, device: torch.device | str) -> UvAtlas:
-        return UvAtlas(self.size, *(t.to(device) for t in (self.texel, self.face, self.bary, self.faces,
-                                                           self.corner_uvs)))
-
-    def coverage(self) -> np.ndarray:
-        """(S, S) bool: texels inside a UV island."""
-        covered = np.zeros(self.size * self.size, bool)
-        covered[self.texel.cpu().numpy()] = True
-        return covered.reshape(self.size, self.size)
-
     def texel_values(self, vertex_values: Tensor) -> Tensor:
         """Per-vertex values (V, C) -> (N, C) at the texels' surface points."""
         corners = vertex_values[self.faces[self.face]]  # (N, 3, C)
@@ -68,6 +58,12 @@ def uv_atlas(mesh: ObjMesh, size: int) -> UvAtlas:
     bary = fragments.bary.view(-1, 3)[covered.pixel]
     return UvAtlas(size, covered.pixel, covered.face, bary / bary.sum(-1, keepdim=True), mesh.faces.long(),
                    mesh.corner_uvs())
+
+
+def scaled_camera(camera: Camera, scale: float) -> Camera:
+    """The same camera seeing an image resized by `scale` (focal, principal point and size scale alike)."""
+    return Camera(camera.focal * scale, camera.center * scale, round(camera.height * scale),
+                  round(camera.width * scale))
 
 
 def depth_buffer(vertices: Tensor, faces: Tensor, camera: Camera) -> Tensor:

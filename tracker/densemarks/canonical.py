@@ -167,7 +167,7 @@ class CanonicalMapOptions:
     error_scale: float = 1.0
     """Frame weight 1 / (1 + (err / (error_scale * median err))^2): badly fitted frames count less."""
     map_resolution: int = 256
-    """Side at which predictions are sampled (predictions are area-downsampled to it)."""
+    """Side at which predictions are sampled (larger predictions are area-downsampled to it)."""
 
 
 def frame_fit_weights(lmk_error_px: np.ndarray, scale: float = 1.0) -> np.ndarray:
@@ -333,8 +333,10 @@ def estimate_canonical_map(model: FlameModel, camera: Camera, params: FlameParam
     weights = np.zeros((n_vertices, count), np.float32)
     neighbourhood = surface_neighbourhood(model.faces, n_vertices)
     for i, prediction in enumerate(predictions):
-        uvw = resize_uvw(prediction.uvw, options.map_resolution)
-        affine = crop_affine(prediction.frame_to_crop, options.map_resolution / prediction.uvw.shape[-1])
+        side = prediction.uvw.shape[-1]
+        size = min(options.map_resolution, side)  # upsampling would blend background into edge pixels
+        uvw = resize_uvw(prediction.uvw, size)
+        affine = crop_affine(prediction.frame_to_crop, size / side)
         with torch.no_grad():
             vertices = model(params.frames(slice(i, i + 1))).vertices[0]
         frame_samples, frame_weight = vertex_observations(

@@ -17,9 +17,9 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, fit_adam,
 from tracker.flame.assets import FlameBundle
 from tracker.flame.model import FlameModel, FlameParams
 from tracker.io.video import Frame
+
+if TYPE_CHECKING:
+    from tracker.densemarks.oracle import OracleDenseMarks
 
 HEAD_EXCLUDED_REGIONS = ("neck", "boundary")
 """FLAME_masks regions left out of the crop box (the neck's lower edge is not part of the head)."""
@@ -83,10 +86,7 @@ def choose_source(cfg: DenseMarksStageConfig, model: FlameModel, device: torch.d
     if cfg.oracle:
         from tracker.densemarks.oracle import OracleDenseMarks, load_oracle_ground_truth
 
-        oracle = OracleDenseMarks(model, load_oracle_ground_truth(cfg.oracle_ground_truth, device))
-        return UvwSource("oracle", oracle.model_id, oracle.crop_size, False,
-                         lambda index, _rgb, box: oracle.predict(index, box),
-                         {"oracle_ground_truth": str(cfg.oracle_ground_truth)}), ""
+        return oracle_source(OracleDenseMarks(model, load_oracle_ground_truth(cfg.oracle_ground_truth, device))), ""
     from tracker.densemarks.predict import DenseMarksPredictor
     from tracker.densemarks.weights import LICENSE, resolve_weights_path
 
@@ -100,6 +100,12 @@ def choose_source(cfg: DenseMarksStageConfig, model: FlameModel, device: torch.d
     return UvwSource("network", predictor.model_id, predictor.crop_size, True,
                      lambda _index, rgb, box: predictor.predict(rgb, box),
                      {"weights": str(path), "weights_sha256": predictor.model_id, "license": LICENSE}), ""
+
+
+def oracle_source(oracle: "OracleDenseMarks") -> UvwSource:
+    """The evaluation-only oracle as a uvw source (it renders from ground truth: no pixels needed)."""
+    return UvwSource("oracle", oracle.model_id, oracle.crop_size, False, lambda index, _rgb, box: oracle.predict(index, box),
+                     {"oracle_noise": asdict(oracle.noise)})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,10 +234,11 @@ def prepare_frame(prediction: UvwPrediction, canonical_tree: cKDTree, match_coor
     sampled vertex's (K = len(match_coords)) nearest-uvw pixel in video pixels (gates still closed)."""
     side = prediction.uvw.shape[-1]
     uvw = resize_uvw(prediction.uvw, render_cfg.resolution)
-    search = resize_uvw(prediction.uvw, corr_cfg.search_resolution)
+    search_size = min(corr_cfg.search_resolution, side)
+    search = resize_uvw(prediction.uvw, search_size)
     pixels, distance = match_uvw(search, prediction_validity(search, canonical_tree, render_cfg.valid_distance),
                                  match_coords)
-    targets = to_video_pixels(crop_affine(prediction.frame_to_crop, corr_cfg.search_resolution / side), pixels)
+    targets = to_video_pixels(crop_affine(prediction.frame_to_crop, search_size / side), pixels)
     as_tensor = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=device)  # noqa: E731
     extras = {
         UVW: as_tensor(uvw)[None],
@@ -307,7 +314,7 @@ def build_fitter(problem: Problem, canonical: torch.Tensor, bundle: FlameBundle,
     ids = correspondence_vertices(problem.model.n_vertices, cfg.energy.dense_corr.vertices, excluded.astype(np.int64),
                                   cfg.seed)
     vertex_ids = torch.as_tensor(ids, device=canonical.device)
-    corr = [DenseCorrespondenceEnergy(cfg.energy.dense_corr, vertex_ids)] if cfg.energy.dense_corr.weight > 0 else []
+    corr = [DenseCorrespondenceEnergy(cfg.energy.dense_corr, problem.model, vertex_ids)] if cfg.energy.dense_corr.weight > 0 else []
     render = [DenseRenderEnergy(cfg.energy.dense_render, canonical)] if cfg.energy.dense_render.weight > 0 else []
     base: list[EnergyTerm] = list(problem.terms)
     free = tuple(LANDMARK_FIELDS) + (("neck_pose",) if cfg.densemarks.free_neck else ())
@@ -374,17 +381,20 @@ def refine_sequence_dense(fitter: DenseFitter, result: TrackResult, obs: Observa
 def run_densemarks_stage(problem: Problem, result: TrackResult, obs: Observations, frame_indices: np.ndarray,
                          frames: Callable[[], Iterable[Frame]], bundle: FlameBundle, cfg: TrackerConfig,
                          out_dir: str | Path, progress: Callable[[str], None] | None = None,
-                         ) -> tuple[TrackResult, dict]:
+                         source: UvwSource | None = None) -> tuple[TrackResult, dict]:
     """Refine a landmark track with DenseMarks; returns the refined track (or `result` unchanged when the stage
     does not run) and what to report (info["ran"], predictor, licence, map source, timings, ...).
 
     problem: the landmark stage's problem (its model, camera and terms are reused); obs: the landmark
     observations of all T frames; frame_indices: (T,) video index of each tracked frame; frames(): re-decodes
     the selected frames at full resolution (called only when the network has frames to predict); progress(step)
-    is called once per predicted frame ("predict") and once per frame of the refinement ("refine").
+    is called once per predicted frame ("predict") and once per frame of the refinement ("refine"); source: a
+    uvw source to use instead of the configured one (evaluation: an oracle with chosen degradations).
     """
     device = problem.model.v_template.device
-    source, reason = choose_source(cfg.densemarks, problem.model, device)
+    reason = ""
+    if source is None:
+        source, reason = choose_source(cfg.densemarks, problem.model, device)
     if source is None:
         return result, {"ran": False, "reason": reason}
     info: dict = {"ran": False, "predictor": source.kind, "model_id": source.model_id, **source.info}

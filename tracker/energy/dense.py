@@ -27,6 +27,7 @@ from scipy.spatial import cKDTree
 
 from tracker.densemarks.canonical import apply_crop_affine, render_attributes
 from tracker.energy.base import Evaluation, robust_residuals
+from tracker.flame.model import FlameModel
 from tracker.render import rasterize
 
 UVW = "densemarks_uvw"
@@ -45,8 +46,8 @@ CORR_WEIGHT = "densemarks_corr_weight"
 
 @dataclass
 class DenseRenderConfig:
-    weight: float = 0.0
-    """Weight of the canonical-cube render-and-compare term."""
+    weight: float = 1.0
+    """Weight of the canonical-cube render-and-compare term (used by the DenseMarks stage; 0 = off)."""
     robust: str = "cauchy"
     """Robust loss on the per-pixel cube difference: l2 | l1 | huber | cauchy | gm."""
     scale: float = 0.02
@@ -59,8 +60,8 @@ class DenseRenderConfig:
 
 @dataclass
 class DenseCorrespondenceConfig:
-    weight: float = 0.0
-    """Weight of the nearest-canonical-coordinate correspondence term."""
+    weight: float = 1.0
+    """Weight of the nearest-canonical-coordinate correspondence term (used by the DenseMarks stage; 0 = off)."""
     robust: str = "cauchy"
     """Robust loss on the reprojection error: l2 | l1 | huber | cauchy | gm."""
     scale: float = 0.01
@@ -111,14 +112,16 @@ class DenseCorrespondenceEnergy:
 
     name = "dense_corr"
 
-    def __init__(self, cfg: DenseCorrespondenceConfig, vertex_ids: torch.Tensor):
+    def __init__(self, cfg: DenseCorrespondenceConfig, model: FlameModel, vertex_ids: torch.Tensor):
         self.cfg = cfg
         self.vertex_ids = vertex_ids
         """(K,) vertices whose matches are in CORR_TARGET, in that order."""
+        self.model = model.restricted(vertex_ids)
+        """FLAME evaluated on those vertices only (cheap Jacobians for Levenberg-Marquardt)."""
 
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         extras = ev.obs.extras
-        projected = ev.vertices_2d[0][:, self.vertex_ids]
+        projected, _ = ev.camera.project(self.model(ev.params).vertices)
         diff = (projected - extras[CORR_TARGET]) / extras[CROP_PX][:, None, None]
         gate = extras[CORR_WEIGHT]
         w = self.cfg.weight * gate / gate.sum(-1, keepdim=True).clamp(min=1.0)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tracker.camera import Camera, to_camera
-from tracker.energy.base import Evaluation, robust_residuals
+from tracker.energy.base import Evaluation, robust_ratio
 from tracker.errors import TrackerError
 from tracker.flame.model import FlameModel, FlameParams
 from tracker.render.interpolate import pixels_to_image
@@ -142,13 +142,13 @@ def screen_vertices(mesh: RegionMesh, camera: Camera, params: FlameParams,
 def inlier_mask(residual_norm: Tensor, image: Tensor, batch: int, k: float, floor: float) -> Tensor:
     """(P,) 1 for pixels whose residual is at most max(k x their frame's median residual, floor), else 0.
 
-    residual_norm: (P,) colour residual lengths; image: (P,) frame index of each pixel, in [0, batch).
+    residual_norm: (P,) colour residual lengths; image: (P,) frame index of each pixel in [0, batch),
+    grouped by frame in increasing order (as in `Fragments.covered`).
     """
-    limit = residual_norm.new_full((batch,), floor)
-    for b in range(batch):
-        frame = residual_norm[image == b]
-        if frame.numel():
-            limit[b] = torch.clamp(k * frame.median(), min=floor)
+    counts = torch.bincount(image, minlength=batch)
+    medians = [frame.median() if frame.numel() else residual_norm.new_zeros(())
+               for frame in residual_norm.split(counts.tolist())]
+    limit = torch.clamp(k * torch.stack(medians), min=floor)
     return (residual_norm <= limit[image]).to(residual_norm.dtype)
 
 
@@ -157,13 +157,16 @@ def masked_photometric_residuals(color: Tensor, target: Tensor, image: Tensor, b
     """Weighted residuals (3, P) at the covered pixels: robust, outliers dropped, mean-normalised per frame.
 
     color, target: (3, P) rendered and observed colours; image: (P,) frame index of each pixel. The sum of
-    squares over one frame's pixels is weight x the mean over its inlier pixels of rho(|r|^2 / robust_scale^2).
+    squares over one frame's pixels is weight x the mean over its inlier pixels of rho(|r|^2 / robust_scale^2),
+    as `robust_residuals` gives it (written channels-first here: reductions over a leading dim are slow).
     """
     residual = color - target
-    keep = inlier_mask(residual.detach().norm(dim=0), image, batch, cfg.outlier_k, cfg.outlier_floor)
+    red, green, blue = residual.detach()
+    squared = red * red + green * green + blue * blue
+    keep = inlier_mask(squared.sqrt(), image, batch, cfg.outlier_k, cfg.outlier_floor)
     count = torch.zeros(batch, device=keep.device).index_add_(0, image, keep).clamp(min=1.0)
-    scale = torch.sqrt(cfg.weight * keep / count[image])
-    return robust_residuals(residual.t(), cfg.robust_scale, cfg.robust).t() * scale
+    robust = torch.sqrt(robust_ratio(squared / cfg.robust_scale ** 2, cfg.robust)) / cfg.robust_scale
+    return residual * (robust * torch.sqrt(cfg.weight * keep / count[image]))
 
 
 def render_appearance(appearance: Appearance, mesh: RegionMesh, fragments: Fragments, verts_screen: Tensor,

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tracker.camera import Camera, to_camera
+from tracker.camera import Camera
 from tracker.config import PhotometricStageConfig, TrackerConfig
 from tracker.energy.base import Observations
 from tracker.energy.photometric import (
@@ -33,11 +33,11 @@ from tracker.energy.photometric import (
     screen_vertices,
 )
 from tracker.errors import TrackerError
-from tracker.fit.refine import refine_sequence
-from tracker.fit.sequence import TrackResult, choose_keyframes
-from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, adam_minimise
+from tracker.fit.sequence import TrackResult, choose_keyframes, landmark_error_px, predict_next
+from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, adam_minimise, leaf_params, torch_threads
 from tracker.flame.assets import FlameBundle
-from tracker.flame.model import FlameParams
+from tracker.flame.lbs import batch_rodrigues
+from tracker.flame.model import FlameModel, FlameParams
 from tracker.render.backends import get_rasterizer
 from tracker.render.barycentric import face_corner_values
 from tracker.render.interpolate import interpolate_covered
@@ -117,13 +117,17 @@ def pixel_geometry(mesh: RegionMesh, camera: Camera, params: FlameParams, images
     )
 
 
-def pixel_albedo(appearance: Appearance, faces: Tensor, face: Tensor, bary: Tensor) -> Tensor:
-    """Albedo (3, P) at pixels given by face (P,) and perspective-correct barycentric weights (3, P)."""
-    weights = bary.t().unsqueeze(-1)  # (P, 3 corners, 1)
+def pixel_albedo_sampler(appearance: Appearance, faces: Tensor, geometry: PixelGeometry) -> Callable[[Tensor], Tensor]:
+    """albedo(texture (3, Ht, Wt) or vertex colours (V, 3)) -> (3, P) albedo at the pixels of fixed geometry
+    (what does not depend on the albedo is computed once)."""
+    bary = geometry.bary.unsqueeze(-1)  # (3 corners, P, 1)
     if appearance.texture is not None:
-        uv = (appearance.corner_uvs.index_select(0, face) * weights).sum(dim=1)
-        return sample_texture_points(appearance.texture.unsqueeze(0), uv)
-    return (appearance.vertex_colors[faces[face]] * weights).sum(dim=1).t()
+        corners = appearance.corner_uvs.index_select(0, geometry.face).movedim(1, 0)  # (3 corners, P, 2)
+        uv = bary[0] * corners[0] + bary[1] * corners[1] + bary[2] * corners[2]
+        return lambda texture: sample_texture_points(texture.unsqueeze(0), uv)
+    corner_vertices = faces.index_select(0, geometry.face).t()  # (3 corners, P)
+    weights = geometry.bary.unsqueeze(1)  # (3 corners, 1, P)
+    return lambda colors: sum(colors.index_select(0, corner_vertices[k]).t() * weights[k] for k in range(3))
 
 
 def mesh_edges(faces: Tensor) -> Tensor:
@@ -142,34 +146,36 @@ def appearance_regulariser(appearance: Appearance, stage: PhotometricStageConfig
     if appearance.texture is None:
         return stage.albedo_smoothness * edge_smoothness(appearance.vertex_colors, edges)
     texture = appearance.texture.unsqueeze(0)
-    return stage.albedo_smoothness * total_variation(texture) + stage.albedo_symmetry * symmetry_loss(texture)
+    loss = stage.albedo_smoothness * total_variation(texture)
+    return loss + stage.albedo_symmetry * symmetry_loss(texture) if stage.albedo_symmetry > 0 else loss
 
 
 def fit_appearance(geometry: PixelGeometry, init: Appearance, faces: Tensor, term: PhotometricConfig,
-                   stage: PhotometricStageConfig, fit_lighting: bool = True) -> Appearance:
+                   stage: PhotometricStageConfig) -> Appearance:
     """Albedo (and SH lighting beyond its fixed DC term) that best explain the pixels of fixed geometry.
 
     The first half of the steps use the robust loss only, the second half also drops outlier pixels: with
     the uniform initial albedo every distinctive feature (brows, lips) would look like an outlier.
     """
     albedo = (init.texture if init.texture is not None else init.vertex_colors).detach().clone().requires_grad_(True)
-    sh_rest = init.sh[1:].detach().clone().requires_grad_(fit_lighting)
+    sh_rest = init.sh[1:].detach().clone().requires_grad_(True)
     edges = mesh_edges(faces) if init.texture is None else faces.new_zeros(0, 2)
 
     def current() -> Appearance:
         sh = torch.cat([init.sh[:1], sh_rest])
         return replace(init, sh=sh, **({"texture": albedo} if init.texture is not None else {"vertex_colors": albedo}))
 
+    albedo_at_pixels = pixel_albedo_sampler(init, faces, geometry)
+
     def loss_with(cfg: PhotometricConfig) -> Callable[[], Tensor]:
         def loss() -> Tensor:
             appearance = current()
-            color = pixel_albedo(appearance, faces, geometry.face, geometry.bary) * \
-                sh_irradiance(geometry.normals, appearance.sh)
+            color = albedo_at_pixels(albedo) * sh_irradiance(geometry.normals, appearance.sh)
             residual = masked_photometric_residuals(color, geometry.target, geometry.image, geometry.batch, cfg)
             return residual.pow(2).sum() / geometry.batch + appearance_regulariser(appearance, stage, edges)
         return loss
 
-    tensors = {"albedo": albedo, **({"sh": sh_rest} if fit_lighting else {})}
+    tensors = {"albedo": albedo, "sh": sh_rest}
     unit = replace(term, weight=1.0)  # the regulariser weights are relative to a unit data term
     warmup = stage.texture_keyframe_iters // 2
     adam_minimise(loss_with(replace(unit, outlier_k=float("inf"))), tensors, warmup, stage.appearance_lr)
@@ -177,16 +183,20 @@ def fit_appearance(geometry: PixelGeometry, init: Appearance, faces: Tensor, ter
     return current().detach()
 
 
-def frame_images(images: np.ndarray, t: int, factor: int, device: torch.device) -> Tensor:
-    """Frame t of (T, h, w, 3) uint8 images as (1, h // factor, w // factor, 3) floats in [0, 1].
+def frame_images(images: np.ndarray, t: int, device: torch.device) -> Tensor:
+    """Frame t of (T, h, w, 3) uint8 images as (1, h, w, 3) floats in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images[t])).to(device).unsqueeze(0).float() / 255
 
-    Box filtering by an integer factor (dropping the last rows/columns when they do not divide) keeps pixel
-    coordinates exactly proportional: pixel i of the result covers pixels [i f, (i + 1) f) of the input.
+
+def downsample(images: Tensor, factor: int) -> Tensor:
+    """(B, H, W, C) images box-filtered by an integer factor -> (B, H // factor, W // factor, C).
+
+    Dropping the last rows/columns when they do not divide keeps pixel coordinates exactly proportional:
+    pixel i of the result covers pixels [i f, (i + 1) f) of the input.
     """
-    image = torch.from_numpy(np.ascontiguousarray(images[t])).to(device).permute(2, 0, 1).unsqueeze(0).float() / 255
-    if factor > 1:
-        image = F.avg_pool2d(image, factor)
-    return image.permute(0, 2, 3, 1).contiguous()
+    if factor == 1:
+        return images
+    return F.avg_pool2d(images.permute(0, 3, 1, 2), factor).permute(0, 2, 3, 1).contiguous()
 
 
 def with_images(obs: Observations, images: Tensor, image_scale: float) -> Observations:
@@ -212,13 +222,110 @@ def estimate_appearance(mesh: RegionMesh, camera: Camera, params: FlameParams, i
                         keyframes: np.ndarray) -> Appearance:
     """Appearance from the keyframes' images with their poses held fixed (full stage resolution)."""
     device = mesh.vertex_ids.device
-    key_images = torch.cat([frame_images(images, int(t), 1, device) for t in keyframes])
+    key_images = torch.cat([frame_images(images, int(t), device) for t in keyframes])
     key_params = params.frames(torch.as_tensor(keyframes, device=device))
     geometry = pixel_geometry(mesh, camera, key_params, key_images, image_scale, cfg.photometric.renderer)
     if geometry.face.numel() == 0:
         raise TrackerError("photometric stage: the compared regions are not visible in any keyframe")
     init = initial_appearance(cfg.photometric, bundle, geometry.target.mean(dim=1))
     return fit_appearance(geometry, init, bundle.model.faces.to(device), cfg.energy.photometric, cfg.photometric)
+
+
+def rotate(rotation: Tensor, vectors: Tensor) -> Tensor:
+    """Rotate vectors (B, 3) by axis-angle rotations (B, 3)."""
+    return (batch_rodrigues(rotation) @ vectors.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def centre_offset(model: FlameModel, mesh: RegionMesh, params: FlameParams) -> Tensor:
+    """(B, 3) vector from FLAME's root joint to the region's centroid with the global rotation at rest.
+
+    World vertices are R (v - J) + J + t with R turning about the root joint J (at the neck); a point at
+    offset a from J sits at J + R a + t, so with c = t + R a as the free variable instead of t, the head
+    turns about the region's centre. This decouples rotation from translation, which Adam (a per-coordinate
+    method) otherwise crawls along as a narrow valley.
+    """
+    rest = replace(params, rotation=torch.zeros_like(params.rotation),
+                   translation=torch.zeros_like(params.translation))
+    out = model(rest)
+    return out.vertices[:, mesh.vertex_ids].mean(dim=1) - out.joints[:, 0]
+
+
+def pyramid_factors(levels: int) -> list[int]:
+    """Downsampling factor of each pyramid level, coarse to fine: 4, 2, 1 for three levels."""
+    return [2 ** level for level in reversed(range(levels))]
+
+
+def pyramid_problems(problem: Problem, term: PhotometricConfig, appearance: Appearance, mesh: RegionMesh,
+                     image_size: tuple[int, int], factors: Sequence[int], backend: str) -> list[Problem]:
+    """`problem` plus the photometric term, one per pyramid level (texture mip level and image size)."""
+    height, width = image_size
+    return [problem.with_terms([*problem.terms, PhotometricEnergy(term, appearance.blurred(factor), mesh)],
+                               make_rasterizer(backend, (height // factor, width // factor)))
+            for factor in factors]
+
+
+def pyramid_observations(obs: Observations, images: Tensor, image_scale: float,
+                         factors: Sequence[int]) -> list[Observations]:
+    """obs with full-size images (B, H, W, 3) at image_scale, downsampled to each pyramid level."""
+    return [with_images(obs, downsample(images, factor), image_scale / factor) for factor in factors]
+
+
+def fit_frame(level_problems: Sequence[Problem], level_obs: Sequence[Observations], init: FlameParams,
+              free: Sequence[str], level_steps: Sequence[int], lr: float, reference: FlameParams | None,
+              mesh: RegionMesh) -> FlameParams:
+    """Coarse-to-fine Adam over the `free` fields of frames, like `fit_adam` with two changes.
+
+    One Adam run spans the levels (level_steps[i] steps on level_problems[i] / level_obs[i]): restarting
+    it per level would kick a converged fit by ~lr again. The translation is replaced by the position of
+    the head centre (see `centre_offset`), so that rotations turn the head about itself.
+    Returns detached parameters.
+    """
+    offset = centre_offset(level_problems[-1].model, mesh, init)
+    params = leaf_params(init, [name for name in free if name != "translation"])
+    tensors = {name: getattr(params, name) for name in free if name != "translation"}
+    centre = (init.translation + rotate(init.rotation, offset)).detach().requires_grad_("translation" in free)
+    if "translation" in free:
+        tensors["translation"] = centre
+
+    def current() -> FlameParams:
+        return replace(params, translation=centre - rotate(params.rotation, offset))
+
+    schedule = iter([level for level, steps in enumerate(level_steps) for _ in range(steps)])
+
+    def loss() -> Tensor:
+        level = next(schedule)
+        return level_problems[level].energy(current(), level_obs[level], reference).sum()
+
+    adam_minimise(loss, tensors, sum(level_steps), lr)
+    return current().detach()
+
+
+def refine_track(level_problems: Sequence[Problem], result: TrackResult, frame_obs: Callable[[int], list[Observations]],
+                 free: Sequence[str], level_steps: Sequence[int], lr: float, mesh: RegionMesh,
+                 progress: Callable[[], None] | None = None) -> TrackResult:
+    """Refine every valid frame in order with `fit_frame`, starting from its landmark fit, the temporal term
+    referring to the refined previous frames (as `refine.refine_sequence`, plus the pyramid and the
+    head-centred rotation). frame_obs(t) gives frame t's observations at each level."""
+    refined: list[FlameParams] = []
+    errors = result.lmk_error_px.copy()
+    prev = prev2 = None
+    for t in range(len(result.valid)):
+        params = result.params.frames(slice(t, t + 1))
+        if result.valid[t]:
+            level_obs = frame_obs(t)
+            reference = predict_next(prev, prev2) if prev is not None else None
+            params = fit_frame(level_problems, level_obs, params, free, level_steps, lr, reference, mesh)
+            errors[t] = float(landmark_error_px(level_problems[-1], params, level_obs[-1])[0])
+            prev2, prev = prev, params
+        else:
+            prev = prev2 = None
+        refined.append(params)
+        if progress:
+            progress()
+    stacked = FlameParams(shape=result.params.shape,
+                          **{name: torch.cat([getattr(p, name) for p in refined]) for name in FRAME_FIELDS})
+    return replace(result, params=stacked, lmk_error_px=np.asarray(errors, np.float32))
 
 
 def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observations, images: np.ndarray,
@@ -231,41 +338,36 @@ def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observatio
     result: the landmark stage's TrackResult (T frames); obs: its landmark Observations (video pixels).
     images: (T, h, w, 3) uint8 RGB frames at stage resolution (see `stage_image_size`);
     image_scale: stage pixels per video pixel.
-    progress: called once per frame at each pyramid level (T x photometric.pyramid_levels calls).
+    progress: called once per frame.
     Returns the refined TrackResult (landmark errors recomputed) and the sequence's Appearance.
     """
     stage, term = cfg.photometric, cfg.energy.photometric
     check_stage_inputs(result, images, stage)
     if not result.valid.any():
         raise TrackerError("photometric stage: no frame has a landmark fit to refine")
-    mesh = region_mesh(problem.model, bundle.masks, term.regions)
-    keyframes = choose_keyframes(result.valid, stage.keyframes)
-    appearance = estimate_appearance(mesh, problem.camera, result.params, images, image_scale, bundle, cfg,
-                                     keyframes)
+    with torch_threads(1):  # small images: per-op overhead dominates, and extra threads only contend
+        mesh = region_mesh(problem.model, bundle.masks, term.regions)
+        keyframes = choose_keyframes(result.valid, stage.keyframes)
+        appearance = estimate_appearance(mesh, problem.camera, result.params, images, image_scale, bundle, cfg,
+                                         keyframes)
+        # The neck turns the head like the global rotation: free it only when the neck itself is compared.
+        free = FRAME_FIELDS if "neck" in term.regions else LANDMARK_FIELDS
+        factors = pyramid_factors(stage.pyramid_levels)
+        level_problems = pyramid_problems(problem, term, appearance, mesh, images.shape[1:3], factors,
+                                          stage.renderer)
 
-    # The neck turns the head like the global rotation: free it only when the neck itself is compared.
-    free = FRAME_FIELDS if "neck" in term.regions else LANDMARK_FIELDS
-    height, width = images.shape[1:3]
-    device = mesh.vertex_ids.device
-    for level in reversed(range(stage.pyramid_levels)):  # coarse to fine
-        factor = 2 ** level
-        size = (height // factor, width // factor)
-        energy = PhotometricEnergy(term, appearance.blurred(factor), mesh)
-        level_problem = problem.with_terms([*problem.terms, energy], make_rasterizer(stage.renderer, size))
+        def frame_obs(t: int) -> list[Observations]:
+            return pyramid_observations(obs.frames(slice(t, t + 1)), frame_images(images, t, mesh.vertex_ids.device),
+                                        image_scale, factors)
 
-        def frame_obs(t: int, factor: int = factor) -> Observations:
-            return with_images(obs.frames(slice(t, t + 1)), frame_images(images, t, factor, device),
-                               image_scale / factor)
-
-        result = refine_sequence(level_problem, result, frame_obs, free, level_iters(stage, level), cfg.fit.lr,
-                                 progress)
-    return result, appearance
+        steps = level_iters(stage.iters, len(factors))
+        return refine_track(level_problems, result, frame_obs, free, steps, stage.lr, mesh, progress), appearance
 
 
-def level_iters(stage: PhotometricStageConfig, level: int) -> int:
-    """Steps per frame at a pyramid level: photometric.iters split evenly, the remainder at full size."""
-    share, remainder = divmod(stage.iters, stage.pyramid_levels)
-    return share + (remainder if level == 0 else 0)
+def level_iters(iters: int, levels: int) -> list[int]:
+    """Steps per frame at each pyramid level, coarse to fine: `iters` split evenly, the remainder at full size."""
+    share, remainder = divmod(iters, levels)
+    return [share] * (levels - 1) + [share + remainder]
 
 
 @torch.no_grad()

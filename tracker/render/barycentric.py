@@ -41,8 +41,8 @@ def barycentric_planes(verts_screen: Tensor, faces: Tensor, perspective_correct:
       planes: (3, 3, B*F), planes[:, k] = (A, B, C) of corner k's plane t_k = A X + B Y + C where
         (X, Y) = pixel centre - origin and t_k = w_k / z_k (perspective_correct) or w_k.
       origin: (2, B*F) detached integer origin of each face (its floored first corner).
-    Differentiable w.r.t. verts_screen. Degenerate faces give non-finite planes; the rasteriser
-    never assigns pixels to them.
+    Differentiable w.r.t. verts_screen. Degenerate (zero-area) faces, to which the rasteriser never
+    assigns pixels, get zero planes: a non-finite 1/area would turn their zero gradients into NaN.
     """
     x, y, z = face_corner_values(verts_screen, faces).flatten(2).unbind(1)  # (3 corners, B*F) each
     origin = torch.floor(torch.stack([x[0], y[0]]).detach())
@@ -52,7 +52,9 @@ def barycentric_planes(verts_screen: Tensor, faces: Tensor, perspective_correct:
     y1, y2 = y.roll(-1, dims=0), y.roll(-2, dims=0)
     # w_k = twice the area of (point, corner k+1, corner k+2) over twice the face's area.
     a, b, c = y1 - y2, x2 - x1, x1 * y2 - x2 * y1
-    scale = 1.0 / c.sum(dim=0)
+    area2 = c.sum(dim=0)
+    degenerate = area2 == 0
+    scale = torch.where(degenerate, 0.0, 1.0 / area2.masked_fill(degenerate, 1.0))
     scale = scale / z if perspective_correct else scale.expand_as(c)
     return torch.stack([a * scale, b * scale, c * scale]), origin
 

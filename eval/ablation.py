@@ -1,0 +1,137 @@
+"""Tracker configurations compared side by side: a YAML list of named override sets, run on each video.
+
+The list (configs/ablation_default.yaml documents the format) is data: a new configuration needs a YAML entry,
+no code. A configuration is skipped, with its reason printed, when the tracker rejects its keys, fails with a
+user-facing error (e.g. missing weights), or did not run the stage the entry says it needs.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from eval.metrics import track_peak_memory
+from tracker.config import CONFIG_DIR, load_config
+from tracker.errors import TrackerError
+from tracker.pipeline import track_video
+
+DEFAULT_ABLATION = CONFIG_DIR / "ablation_default.yaml"
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """One row of the comparison (see configs/ablation_default.yaml)."""
+
+    name: str
+    overrides: dict = field(default_factory=dict)
+    description: str = ""
+    requires_stage: str | None = None
+    synthetic_only: bool = False
+    quick: bool = False
+
+
+@dataclass(frozen=True)
+class Ablation:
+    base: dict
+    configs: tuple[AblationConfig, ...]
+
+    def select(self, names: list[str] | None, quick: bool) -> tuple[AblationConfig, ...]:
+        """The named configs (in the given order), else the quick ones (quick runs) or all."""
+        if names:
+            by_name = {c.name: c for c in self.configs}
+            unknown = [n for n in names if n not in by_name]
+            if unknown:
+                raise TrackerError(f"unknown ablation config(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
+            return tuple(by_name[n] for n in names)
+        return tuple(c for c in self.configs if c.quick or not quick)
+
+
+def load_ablation(path: str | Path = DEFAULT_ABLATION) -> Ablation:
+    """Read an ablation YAML: {base: overrides, configs: [{name, overrides, ...}, ...]}."""
+    path = Path(path)
+    if not path.is_file() and (CONFIG_DIR / path).is_file():
+        path = CONFIG_DIR / path
+    if not path.is_file():
+        raise TrackerError(f"ablation file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise TrackerError(f"ablation file {path} is not valid YAML ({str(error).splitlines()[0]})") from None
+    entries = data.get("configs")
+    if not isinstance(entries, list) or not entries:
+        raise TrackerError(f"ablation file {path} needs a non-empty `configs:` list")
+    try:
+        configs = tuple(AblationConfig(**{**entry, "overrides": entry.get("overrides") or {}}) for entry in entries)
+    except TypeError as error:
+        raise TrackerError(f"ablation file {path}: bad config entry ({error})") from None
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise TrackerError(f"ablation file {path}: config names must be unique, got {names}")
+    return Ablation(data.get("base") or {}, configs)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Nested dict `base` with `update` applied on top (neither is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@dataclass
+class RunResult:
+    """One tracker run of one config on one video (or why it did not happen)."""
+
+    config: str
+    video: Path
+    out_dir: Path | None = None
+    summary: dict[str, Any] | None = None
+    skipped: str | None = None
+    wall_s: float = float("nan")
+    python_heap_mb: float = float("nan")
+    cuda_mb: float | None = None
+
+    @property
+    def params_path(self) -> Path:
+        assert self.out_dir is not None
+        return self.out_dir / "flame_params.npz"
+
+
+def substitute(values: Any, placeholders: dict[str, str], where: str) -> Any:
+    """`values` with "{name}" placeholders in its strings replaced (e.g. {ground_truth}: the synthetic
+    sequence's ground-truth file); an unknown or unavailable placeholder is a TrackerError."""
+    if isinstance(values, dict):
+        return {k: substitute(v, placeholders, where) for k, v in values.items()}
+    if isinstance(values, str) and "{" in values:
+        try:
+            return values.format(**placeholders)
+        except KeyError as error:
+            raise TrackerError(f"{where}: placeholder {error} is not available here (known: "
+                               f"{', '.join(placeholders) or 'none'}); mark configs that need ground truth "
+                               "synthetic_only") from None
+    return values
+
+
+def run_config(config: AblationConfig, base: dict, video: Path, out_root: Path, overrides: dict | None = None,
+               placeholders: dict[str, str] | None = None) -> RunResult:
+    """Track `video` with base + config + overrides, writing to <out_root>/<config>/<video stem>/.
+    placeholders: values for "{name}" strings in the config's overrides (see `substitute`)."""
+    try:
+        own = substitute(config.overrides, placeholders or {}, f"ablation config {config.name}")
+        values = merge(merge(merge(base, own), overrides or {}), {"output": {"dir": str(out_root / config.name)}})
+        cfg = load_config(None, values)
+        with track_peak_memory(cfg.device) as peak:
+            summary = track_video(video, cfg, show_progress=False)
+    except TrackerError as error:
+        return RunResult(config.name, video, skipped=str(error))
+    result = RunResult(config.name, video, Path(summary.out_dir), summary.__dict__, wall_s=peak.seconds,
+                       python_heap_mb=peak.python_heap_mb, cuda_mb=peak.cuda_mb)
+    if config.requires_stage and config.requires_stage not in summary.seconds:
+        result.skipped = (f"the tracker ran no '{config.requires_stage}' stage (stages: "
+                          f"{', '.join(summary.seconds)}): the switch is not implemented yet")
+    return result
+

@@ -1,0 +1,95 @@
+"""Scoring a track of a real video, which has no 3D truth.
+
+- Held-out landmark NME: a detector the tracker did not use (dlib-68 for a MediaPipe track, MediaPipe for a
+  dlib track) is run on the same frames, and the tracked mesh's landmarks of that detector's scheme (FLAME
+  embeddings) are projected and compared with it. The two detectors disagree a little by definition (jaw
+  contour, lip line), so the number has a floor above zero; it ranks configurations, it is not an absolute
+  accuracy.
+- Photometric PSNR / SSIM in the face region (eval.photometric).
+- Jitter: mean vertex acceleration of the tracked face over runs of valid frames. Real heads move, so this
+  mixes true motion with jitter; compare configurations on the same clip.
+- Valid-frame ratio and speed come from the run's summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval.metrics import landmark_nme, temporal_jitter_mm
+from eval.photometric import PhotometricOptions, frames_needed, photometric_scores
+from eval.synthetic.evaluate import landmark_box_size
+from eval.synthetic.uvmap import UvAtlas
+from eval.tracked import TrackedSequence
+from tracker.detect.base import SCHEME_IBUG68, SCHEME_MEDIAPIPE, LandmarkTrack, make_detector
+from tracker.detect.sequence import detect_video
+from tracker.flame.landmarks import LandmarkSet, load_landmark_set
+from tracker.flame.model import FlameModel
+from tracker.io.video import FrameSelection, read_frames
+
+HELD_OUT = {"mediapipe": ("dlib", SCHEME_IBUG68), "dlib": ("mediapipe", SCHEME_MEDIAPIPE),
+            "fan": ("mediapipe", SCHEME_MEDIAPIPE)}
+"""Tracking detector -> (held-out detector, its landmark scheme)."""
+
+
+@dataclass
+class VideoScores:
+    """Per-frame metrics (T values, NaN where not measured) and per-video ones."""
+
+    name: str
+    per_frame: dict[str, np.ndarray]
+    jitter_mm: float
+    valid_ratio: float
+    heldout_detector: str
+
+
+def held_out_landmarks(video: Path, detector_name: str, selection: FrameSelection, cache_dir: Path) -> LandmarkTrack:
+    """Landmarks of the held-out detector on the selected frames (cached per video and settings)."""
+    detector = make_detector(detector_name)
+    try:
+        return detect_video(video, detector, selection, cache_dir=cache_dir)
+    finally:
+        if hasattr(detector, "close"):  # MediaPipe's native graph must be closed
+            detector.close()
+
+
+def valid_runs(valid: np.ndarray, min_length: int = 3) -> list[tuple[int, int]]:
+    """Half-open [start, stop) ranges of consecutive True values, at least min_length long."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], valid.astype(int), [0]])))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True) if b - a >= min_length]
+
+
+@torch.no_grad()
+def score_video(video: Path, tracked: TrackedSequence, tracking_detector: str, model: FlameModel,
+                assets_dir: Path, face_ids: np.ndarray, atlas: UvAtlas, selection: FrameSelection,
+                cache_dir: Path, photometric: PhotometricOptions) -> VideoScores:
+    """All metrics of one tracked real video. selection: the frames that were tracked."""
+    heldout_name, scheme = HELD_OUT[tracking_detector]
+    heldout = held_out_landmarks(video, heldout_name, selection, cache_dir)
+    landmarks: LandmarkSet = load_landmark_set(scheme, assets_dir, model.faces.cpu().numpy())
+    vertices = tracked.vertices(model)
+    row_of = {int(f): t for t, f in enumerate(heldout.frame_indices)}
+    rows = np.array([row_of.get(int(f), -1) for f in tracked.frame_index])
+    has_reference = (rows >= 0) & heldout.valid[rows.clip(min=0)]
+    reference = heldout.points[rows.clip(min=0)][:, landmarks.detector_index.numpy()]
+    predicted = tracked.landmarks_2d(vertices, landmarks)
+    T = len(tracked.frame_index)
+    nme = np.full(T, np.nan)
+    scored = has_reference & tracked.valid
+    if scored.any():
+        nme[scored] = landmark_nme(predicted[scored], reference[scored],
+                                   normaliser=landmark_box_size(reference[scored]))
+    texture_rows, eval_rows = frames_needed(tracked.valid, photometric)
+    wanted = {int(tracked.frame_index[t]): t for t in set(texture_rows.tolist()) | set(eval_rows.tolist())}
+    frames = {wanted[f.index]: f.rgb for f in read_frames(video, selection) if f.index in wanted}
+    psnr_values, ssim_values = photometric_scores(atlas, vertices, tracked.camera, frames, tracked.valid,
+                                                  face_ids, photometric)
+    runs = valid_runs(tracked.valid)
+    face = torch.as_tensor(face_ids)
+    jitter = temporal_jitter_mm(vertices[:, face], runs) if runs else float("nan")
+    per_frame = {"valid": tracked.valid.astype(float), "heldout_found": has_reference.astype(float),
+                 "nme_heldout": nme, "psnr_db": psnr_values, "ssim": ssim_values}
+    return VideoScores(video.stem, per_frame, jitter, float(tracked.valid.mean()), heldout_name)

@@ -1,0 +1,300 @@
+"""Photometric stage: pose recovery from rendered images (clean and occluded), appearance recovery, the stage
+entry point on a synthetic sequence, export round trip.
+
+Targets are rendered with the tracker's own renderer from a known FLAME pose, a smooth random albedo texture in
+FLAME's UV layout and known SH lighting, 256 x 256 pixels.
+"""
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import FLAME_ASSETS, FLAME_STANDIN
+from tracker.camera import Camera
+from tracker.config import TrackerConfig
+from tracker.energy.base import Observations
+from tracker.energy.landmarks import LandmarkEnergy, LandmarkEnergyConfig
+from tracker.energy.photometric import (
+    SH_UNIT_DC,
+    Appearance,
+    PhotometricEnergy,
+    masked_photometric_residuals,
+    region_mesh,
+)
+from tracker.energy.priors import PriorConfig, PriorEnergy
+from tracker.errors import TrackerError
+from tracker.fit.photometric import (
+    fit_appearance,
+    fit_frame,
+    initial_appearance,
+    load_corner_uvs,
+    make_rasterizer,
+    pixel_albedo_sampler,
+    pixel_geometry,
+    pyramid_factors,
+    pyramid_observations,
+    pyramid_problems,
+    render_frames,
+    run_photometric_stage,
+)
+from tracker.fit.sequence import TrackResult, landmark_error_px
+from tracker.fit.solver import Problem, torch_threads
+from tracker.flame.assets import load_flame_bundle
+from tracker.flame.lbs import batch_rodrigues
+from tracker.flame.model import FlameParams
+from tracker.io.appearance import draw_appearance, read_appearance, write_appearance
+from tracker.render.shading import sh_irradiance
+
+SIZE = 256
+SMILE = 33  # mouthSmile_L on the stand-in
+BLINK = 10  # eyeBlink_L
+
+
+def rotation_error_deg(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest angle between the axis-angle rotations a and b (B, 3), degrees."""
+    rel = batch_rodrigues(a).transpose(1, 2) @ batch_rodrigues(b)
+    cos = ((rel.diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2).clamp(-1, 1)
+    return float(torch.rad2deg(torch.acos(cos)).max())
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_flame_bundle(str(FLAME_STANDIN), str(FLAME_ASSETS), 300, 100, "mediapipe478")
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return TrackerConfig()
+
+
+@pytest.fixture(scope="module")
+def camera():
+    return Camera.from_image(SIZE, SIZE, fov_deg=30.0)
+
+
+@pytest.fixture(scope="module")
+def mesh(bundle, cfg):
+    return region_mesh(bundle.model, bundle.masks, cfg.energy.photometric.regions)
+
+
+@pytest.fixture(scope="module")
+def appearance(bundle, cfg):
+    """Skin-coloured albedo with smooth random detail; light from the upper left, shading 0.6 to 1.3."""
+    g = torch.Generator().manual_seed(0)
+    detail = F.interpolate(torch.randn(1, 3, 24, 24, generator=g), size=256, mode="bicubic", align_corners=False)[0]
+    texture = (torch.tensor([0.6, 0.42, 0.33]).view(3, 1, 1) + 0.2 * detail).clamp(0.05, 0.8)
+    sh = torch.zeros(9, 3)
+    sh[0] = SH_UNIT_DC
+    sh[1:4] = torch.tensor([[0.25, 0.25, 0.2], [-0.2, -0.2, -0.15], [0.1, 0.1, 0.1]])
+    sh[4:] = 0.05 * torch.randn(5, 3, generator=g)
+    return Appearance(sh, texture=texture, corner_uvs=load_corner_uvs(cfg.photometric, bundle, torch.device("cpu")))
+
+
+def make_truth(model, rotations: list[list[float]]) -> FlameParams:
+    p = FlameParams.zeros(len(rotations), model.n_shape, model.n_expr)
+    p.rotation = torch.tensor(rotations)
+    p.translation[:] = torch.tensor([0.0, 0.0, -0.6])
+    p.expr[:, SMILE] = 0.4
+    return p
+
+
+def perturbed(truth: FlameParams, degrees: float, shift_mm: float) -> FlameParams:
+    """truth turned by `degrees` about a fixed oblique axis, moved by `shift_mm`, with another expression."""
+    axis = torch.tensor([[0.3, 1.0, 0.4]]) / math.sqrt(1.25)
+    angle = math.radians(degrees)
+    for _ in range(5):  # axis-angle vectors do not add exactly: scale until the angle is right
+        angle *= degrees / rotation_error_deg(truth.rotation, truth.rotation + angle * axis)
+    p = truth.detach()
+    p.rotation = truth.rotation + angle * axis
+    p.translation = truth.translation + shift_mm * 1e-3 * torch.tensor([[1.0, -1.0, 2.0]]) / math.sqrt(6.0)
+    p.expr[:, SMILE] = 0.0
+    p.expr[:, BLINK] = 0.3
+    return p
+
+
+def no_landmarks(batch: int) -> Observations:
+    return Observations(torch.zeros(batch, 0, 2), torch.zeros(batch, 0), torch.ones(batch))
+
+
+def occlude(image: torch.Tensor, mask: torch.Tensor, fraction: float) -> tuple[torch.Tensor, float]:
+    """A flat blue square (a hand) of `fraction` of the face's area over its left cheek and eye; returns the
+    image and the fraction of face pixels it covers."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    side = int(math.sqrt(fraction * len(ys)))
+    y0 = int(ys.float().mean()) - side // 2
+    x0 = int(xs.float().quantile(0.3)) - side // 2
+    out = image.clone()
+    out[y0:y0 + side, x0:x0 + side] = torch.tensor([0.1, 0.3, 0.9])
+    return out, float(mask[y0:y0 + side, x0:x0 + side].sum() / mask.sum())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """As the stage itself runs: the fits are many small operations, which extra threads only slow down."""
+    with torch_threads(1):
+        yield
+
+
+def test_residuals_have_fixed_length_and_vanish_at_the_truth(bundle, cfg, camera, mesh, appearance):
+    truth = make_truth(bundle.model, [[0.1, 0.3, 0.0]])
+    target, _ = render_frames(appearance, mesh, camera, truth, (SIZE, SIZE), 1.0)
+    term = PhotometricEnergy(cfg.energy.photometric, appearance, mesh)
+    problem = Problem(bundle.model, bundle.landmarks, camera, [term], make_rasterizer("torch", (SIZE, SIZE)))
+    obs = replace(no_landmarks(1), images=target)
+    at_truth = problem.residuals(truth, obs)
+    off = problem.residuals(perturbed(truth, 2.0, 2.0), obs)
+    assert at_truth.shape == off.shape == (1, SIZE * SIZE * 3)
+    assert float(at_truth.abs().max()) < 1e-4
+    assert float(off.pow(2).sum()) > 0.1
+
+
+def test_outliers_are_dropped_and_the_energy_is_a_mean_over_inliers(cfg):
+    # Frame 0: 99 pixels off by 0.05 and one by 0.9 (dropped); frame 1: 4 pixels off by 0.2.
+    target = torch.zeros(3, 104)
+    color = torch.zeros(3, 104)
+    color[0, :99] = 0.05
+    color[0, 99] = 0.9
+    color[0, 100:] = 0.2
+    image = torch.tensor([0] * 100 + [1] * 4)
+    term = cfg.energy.photometric  # huber, scale 0.1: rho(u) = u below 1, 2 sqrt(u) - 1 above
+    residual = masked_photometric_residuals(color, target, image, 2, term)
+    assert float(residual[:, 99].abs().max()) == 0.0
+    assert float(residual[:, :99].pow(2).sum()) == pytest.approx(term.weight * 0.25, rel=1e-4)
+    assert float(residual[:, 100:].pow(2).sum()) == pytest.approx(term.weight * 3.0, rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def pose_fits(bundle, cfg, camera, mesh, appearance):
+    """Photometric term alone, texture and lighting known, from a pose 5 degrees off: clean and with 20% of
+    the face occluded."""
+    truth = make_truth(bundle.model, [[0.1, 0.3, 0.0]])
+    target, mask = render_frames(appearance, mesh, camera, truth, (SIZE, SIZE), 1.0)
+    occluded, fraction = occlude(target[0], mask[0], 0.2)
+    factors = pyramid_factors(3)
+    problems = pyramid_problems(Problem(bundle.model, bundle.landmarks, camera, []), cfg.energy.photometric,
+                                appearance, mesh, (SIZE, SIZE), factors, "torch")
+    init = perturbed(truth, 5.0, 12.0)
+    fits = {}
+    for name, image in (("clean", target), ("occluded", occluded[None])):
+        level_obs = pyramid_observations(no_landmarks(1), image, 1.0, factors)
+        fits[name] = fit_frame(problems, level_obs, init, ["rotation", "translation", "expr"], [40, 40, 40], 0.01,
+                               None, mesh)
+    return truth, init, fits, fraction
+
+
+def test_photometric_term_recovers_the_pose(pose_fits):
+    truth, init, fits, _ = pose_fits
+    assert rotation_error_deg(init.rotation, truth.rotation) == pytest.approx(5.0, abs=1e-3)
+    fit = fits["clean"]
+    assert rotation_error_deg(fit.rotation, truth.rotation) < 0.5
+    assert float((fit.translation - truth.translation).norm()) < 2e-3  # from 12 mm
+    assert float((fit.expr[:, SMILE] - truth.expr[:, SMILE]).abs()) < 0.15  # from 0.4
+
+
+def test_occlusion_costs_at_most_twice_the_clean_error(pose_fits):
+    truth, _, fits, fraction = pose_fits
+    assert 0.17 < fraction <= 0.2
+    clean = rotation_error_deg(fits["clean"].rotation, truth.rotation)
+    occluded = rotation_error_deg(fits["occluded"].rotation, truth.rotation)
+    assert occluded < 0.5
+    assert occluded <= 2.0 * max(clean, 0.05)
+
+
+def test_appearance_fit_recovers_texture_and_lighting(bundle, cfg, camera, mesh, appearance):
+    # Three keyframes turning the head left, centre, right, so albedo and lighting separate.
+    truth = make_truth(bundle.model, [[0.1, -0.4, 0.0], [0.0, 0.0, 0.05], [-0.05, 0.4, 0.0]])
+    images, _ = render_frames(appearance, mesh, camera, truth, (SIZE, SIZE), 1.0)
+    geometry = pixel_geometry(mesh, camera, truth, images, 1.0, "torch")
+    init = initial_appearance(cfg.photometric, bundle, geometry.target.mean(dim=1))
+    fitted = fit_appearance(geometry, init, bundle.model.faces, cfg.energy.photometric, cfg.photometric)
+
+    # Texels seen with at least one pixel's worth of bilinear weight.
+    probe = torch.zeros_like(init.texture, requires_grad=True)
+    pixel_albedo_sampler(init, bundle.model.faces, geometry)(probe).sum().backward()
+    seen = probe.grad[0] > 1.0
+    assert int(seen.sum()) > 5000
+    texture_error = (fitted.texture - appearance.texture).abs()[:, seen]
+    assert float(texture_error.mean()) < 0.02
+    # Lighting: the first-order terms, and the shading of the normals the keyframes show (second-order terms
+    # trade off against low frequencies of the albedo, so their coefficients are only loosely determined).
+    assert float((fitted.sh[1:4] - appearance.sh[1:4]).abs().max()) < 0.03
+    shading_error = sh_irradiance(geometry.normals, fitted.sh) - sh_irradiance(geometry.normals, appearance.sh)
+    assert float(shading_error.abs().mean()) < 0.03
+    assert float(shading_error.abs().max()) < 0.1
+    assert torch.equal(fitted.sh[0], appearance.sh[0])  # the DC term is the fixed convention
+
+
+def test_stage_refines_a_synthetic_sequence(bundle, cfg, camera, mesh, appearance):
+    # Exact landmarks and images of a turning head. The track to refine is right on the two keyframes (first
+    # and last frame, which give the appearance) and off by 1 degree, 3 mm and in its expression in between.
+    truth = make_truth(bundle.model, [[0.1, 0.25 + 0.05 * t, 0.0] for t in range(4)])
+    frames, _ = render_frames(appearance, mesh, camera, truth, (SIZE, SIZE), 1.0)
+    images = (frames.numpy() * 255).round().astype(np.uint8)
+    problem = Problem(bundle.model, bundle.landmarks, camera,
+                      [LandmarkEnergy(LandmarkEnergyConfig()), PriorEnergy(PriorConfig(weight=1e-3), bundle.model)])
+    landmarks = problem.evaluation(truth, None).landmarks_2d.detach()
+    size = (landmarks.max(1).values - landmarks.min(1).values).norm(dim=-1)
+    obs = Observations(landmarks, torch.ones(landmarks.shape[:2]), size)
+    start = truth.detach()
+    off = perturbed(truth.frames(slice(1, 3)), 1.0, 3.0)
+    for name in ("rotation", "translation", "expr"):
+        getattr(start, name)[1:3] = getattr(off, name)
+    start_error = landmark_error_px(problem, start, obs).numpy()
+    result = TrackResult(start, float(camera.focal), np.ones(4, bool), start_error, np.zeros(4, bool))
+    stage_cfg = TrackerConfig()
+    stage_cfg.photometric.keyframes = 2
+    stage_cfg.photometric.texture_keyframe_iters = 60
+    calls = []
+    refined, fitted = run_photometric_stage(problem, result, obs, images, 1.0, bundle, stage_cfg,
+                                            progress=lambda: calls.append(1))
+    assert len(calls) == 4 and refined.valid.all()
+    assert fitted.texture.shape == (3, stage_cfg.photometric.texture_size, stage_cfg.photometric.texture_size)
+    assert torch.equal(refined.params.shape, start.shape)
+    # 20 steps per frame: the off frames come most of the way (the depth-like rotation direction is the
+    # slowest), the keyframes stay close.
+    moved = [rotation_error_deg(refined.params.rotation[t:t + 1], truth.rotation[t:t + 1]) for t in range(4)]
+    assert max(moved[1:3]) < 0.75 and max(moved[0], moved[3]) < 0.4
+    assert np.all(refined.lmk_error_px[1:3] < 0.3 * start_error[1:3])
+    assert np.all(refined.lmk_error_px[[0, 3]] < 0.5)
+    assert np.allclose(refined.lmk_error_px, landmark_error_px(problem, refined.params, obs).numpy(), atol=1e-4)
+
+
+def test_stage_rejects_bad_inputs(bundle, cfg, camera):
+    problem = Problem(bundle.model, bundle.landmarks, camera, [])
+    params = make_truth(bundle.model, [[0.0, 0.0, 0.0]])
+    result = TrackResult(params, float(camera.focal), np.ones(1, bool), np.zeros(1, np.float32), np.zeros(1, bool))
+    with pytest.raises(TrackerError, match="1 tracked frames"):
+        run_photometric_stage(problem, result, no_landmarks(1), np.zeros((2, 64, 64, 3), np.uint8), 1.0, bundle, cfg)
+    with pytest.raises(TrackerError, match="unknown photometric region"):
+        region_mesh(bundle.model, bundle.masks, ["face", "beard"])
+
+
+def test_appearance_export_round_trip(tmp_path, bundle, camera, mesh, appearance):
+    written = write_appearance(tmp_path / "texture", appearance)
+    assert set(written) == {"lighting", "texture"}
+    loaded = read_appearance(tmp_path / "texture", appearance.corner_uvs)
+    assert float((loaded.texture - appearance.texture).abs().max()) <= 0.5 / 255 + 1e-6
+    assert torch.equal(loaded.sh, appearance.sh)
+    document = json.loads(written["lighting"].read_text())
+    assert len(document["basis_constants"]) == 9 and "normal_frame" in document
+
+    colors = torch.rand(bundle.model.n_vertices, 3, generator=torch.Generator().manual_seed(1))
+    written = write_appearance(tmp_path / "vertex", Appearance(appearance.sh, vertex_colors=colors))
+    assert set(written) == {"lighting", "vertex_colors"}
+    assert torch.equal(read_appearance(tmp_path / "vertex").vertex_colors, colors)
+
+
+def test_overlay_blends_the_rendered_mesh_over_the_frame(bundle, camera, mesh, appearance):
+    params = make_truth(bundle.model, [[0.0, 0.2, 0.0]])
+    frame = np.full((SIZE, SIZE, 3), 40, np.uint8)
+    rendered, mask = render_frames(appearance, mesh, camera, params, (SIZE, SIZE), 1.0)
+    overlay = draw_appearance(frame, appearance, mesh, camera, params, alpha=1.0)
+    inside = mask[0].numpy()
+    assert np.array_equal(overlay[~inside], frame[~inside])
+    expected = np.rint(rendered[0].numpy()[inside] * 255)
+    assert np.abs(overlay[inside].astype(float) - expected).max() <= 1.0
