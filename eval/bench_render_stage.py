@@ -95,7 +95,7 @@ def bench(size: int, runs: int) -> None:
     print(f"  appearance fit step, 8 keyframes ({geometry.face.numel()} pixels): {wall / 10:6.1f} ms wall")
     cfg.photometric.texture_keyframe_iters = TrackerConfig().photometric.texture_keyframe_iters
     frames = (images.numpy() * 255).round().astype("uint8")
-    wall, cpu = median_ms(lambda: estimate_appearance(mesh, camera, params, frames, 1.0, bundle, cfg, list(range(8))), 1)
+    wall, cpu = median_ms(lambda: estimate_appearance(mesh, camera, params, frames, bundle, cfg, list(range(8))), 1)
     print(f"  appearance estimate ({cfg.photometric.texture_keyframe_iters} steps): {wall / 1e3:6.2f} s per sequence")
     steps = level_iters(cfg.photometric.iters, len(factors))
     wall, cpu = median_ms(lambda: fit_frame(levels, level_obs, frame, LANDMARK_FIELDS, steps, cfg.photometric.lr,

@@ -2,9 +2,9 @@
 compared face regions, mean landmark reprojection error.
 
 Runs the landmark pipeline (tracker.pipeline.track_video, no overlay video), rebuilds its problem and result
-from the written flame_params.npz and the cached detections, then runs the photometric stage on them. Both
-tracks are rendered with the same appearance (estimated by the stage on the landmark poses), so the PSNR
-difference measures the poses and expressions only.
+from the written flame_params.npz and the cached detections, then runs the photometric stage on them. Each
+track is rendered with the appearance (texture, lighting) estimated on its own keyframes, in the stage's crop.
+Writes the refined track's appearance and a few overlays (frame | textured mesh) under --out.
 
     python -m eval.photometric_compare ../shared/data/videos/dev/wojtek.mp4 [--max-frames 100] [--out DIR]
 """
@@ -24,21 +24,20 @@ from eval.bench_render import machine_description
 from eval.metrics import psnr
 from tracker.camera import Camera
 from tracker.config import TrackerConfig, load_config
-from tracker.detect.base import make_detector
-from tracker.detect.sequence import detect_video
+from tracker.energy.base import Observations
 from tracker.energy.landmarks import LandmarkEnergy, landmark_group_weights
 from tracker.energy.photometric import Appearance, RegionMesh, region_mesh
 from tracker.energy.priors import PriorEnergy
 from tracker.energy.temporal import TemporalEnergy
-from tracker.fit.photometric import render_frames, run_photometric_stage, stage_image_size
-from tracker.fit.sequence import TrackResult
-from tracker.fit.solver import FRAME_FIELDS, Problem
-from tracker.flame.assets import load_flame_bundle
+from tracker.fit.photometric import StageCrop, estimate_appearance, render_frames, run_photometric_stage, stage_crop
+from tracker.fit.sequence import TrackResult, choose_keyframes
+from tracker.fit.solver import FRAME_FIELDS, Problem, torch_threads
+from tracker.flame.assets import FlameBundle, load_flame_bundle
 from tracker.flame.model import FlameParams
 from tracker.io.appearance import draw_appearance, write_appearance
 from tracker.io.export import read_params
 from tracker.io.video import FrameSelection, read_frames
-from tracker.pipeline import SCHEME_OF_DETECTOR, _detector_options, observations_from_track, track_video
+from tracker.pipeline import SCHEME_OF_DETECTOR, detect_landmarks, observations_from_track, track_video
 
 SHARED = Path(os.environ.get("TRACKER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 ENVIRONMENT = {
@@ -48,8 +47,9 @@ ENVIRONMENT = {
 }
 
 
-def landmark_run(video: Path, cfg: TrackerConfig) -> tuple[Problem, TrackResult, object, float, dict]:
-    """track_video, then its Problem, TrackResult and Observations rebuilt from the outputs."""
+def landmark_run(video: Path, cfg: TrackerConfig) -> tuple[Problem, TrackResult, Observations, dict, FlameBundle]:
+    """track_video, then its Problem, TrackResult, Observations, timings (seconds) and FLAME bundle rebuilt
+    from its outputs."""
     summary = track_video(video, cfg, show_progress=False)
     arrays, _ = read_params(Path(summary.out_dir) / "flame_params.npz")
     device = torch.device(cfg.device)
@@ -59,13 +59,8 @@ def landmark_run(video: Path, cfg: TrackerConfig) -> tuple[Problem, TrackResult,
     model, landmarks = bundle.model.to(device), bundle.landmarks.to(device)
     height, width = (int(v) for v in arrays["image_size"])
     camera = Camera.from_image(height, width, focal=float(arrays["K"][0, 0, 0]), device=device)
-    detector = make_detector(cfg.detect.landmarks, **_detector_options(cfg))
-    try:
-        track = detect_video(video, detector, FrameSelection(cfg.video.start, cfg.video.max_frames, cfg.video.stride),
-                             cache_dir=Path(summary.out_dir) / "cache")
-    finally:
-        if hasattr(detector, "close"):
-            detector.close()
+    selection = FrameSelection(cfg.video.start, cfg.video.max_frames, cfg.video.stride)
+    track, _ = detect_landmarks(video, cfg, selection, len(arrays["valid"]), Path(summary.out_dir), False)
     weights = landmark_group_weights(scheme, bundle.landmarks.detector_index, cfg.energy.landmarks)
     obs = observations_from_track(track, landmarks, weights, device)
     problem = Problem(model, landmarks, camera,
@@ -75,59 +70,63 @@ def landmark_run(video: Path, cfg: TrackerConfig) -> tuple[Problem, TrackResult,
     params = FlameParams(shape=tensor("shape").view(1, -1), **{name: tensor(name) for name in FRAME_FIELDS})
     result = TrackResult(params, float(camera.focal), arrays["valid"].astype(bool),
                          arrays["lmk_error_px"].astype(np.float32), np.zeros(len(arrays["valid"]), bool))
-    landmark_seconds = sum(summary.seconds[k] for k in ("detection", "identity", "fitting"))
-    return problem, result, obs, landmark_seconds, {"bundle": bundle, "summary": summary}
+    return problem, result, obs, {k: summary.seconds[k] for k in ("detection", "identity", "fitting")}, bundle
 
 
-def stage_images(video: Path, cfg: TrackerConfig) -> tuple[np.ndarray, float]:
-    """(T, h, w, 3) uint8 frames at the stage resolution and the stage scale."""
+def stage_inputs(video: Path, cfg: TrackerConfig, obs, result: TrackResult) -> tuple[np.ndarray, StageCrop]:
+    """The stage's crop and its (T, size, size, 3) uint8 images."""
     selection = FrameSelection(cfg.video.start, cfg.video.max_frames, cfg.video.stride)
-    frames = []
-    for frame in read_frames(video, selection):
-        h, w, scale = stage_image_size(*frame.rgb.shape[:2], cfg.photometric.resolution)
-        frames.append(cv2.resize(frame.rgb, (w, h), interpolation=cv2.INTER_AREA))
-    return np.stack(frames), scale
+    frames = [frame.rgb for frame in read_frames(video, selection)]
+    crop = stage_crop(obs, result.valid, frames[0].shape[:2], cfg.photometric.resolution, cfg.photometric.crop_margin)
+    return np.stack([crop.image(rgb) for rgb in frames]), crop
 
 
-def region_psnr(appearance: Appearance, mesh: RegionMesh, camera: Camera, result: TrackResult, images: np.ndarray,
-                scale: float, backend: str) -> float:
-    """Mean over valid frames of the PSNR (dB) inside the rendered region mesh."""
+def region_psnr(appearance: Appearance, mesh: RegionMesh, camera: Camera, result: TrackResult,
+                images: np.ndarray) -> float:
+    """Mean over valid frames of the PSNR (dB) inside the rendered region mesh; camera: the stage images'."""
     values = []
     for t in np.flatnonzero(result.valid):
         image, mask = render_frames(appearance, mesh, camera, result.params.frames(slice(t, t + 1)),
-                                    images.shape[1:3], scale, backend)
+                                    images.shape[1:3], 1.0)
         if mask.any():
             values.append(psnr(image[0], images[t] / 255.0, mask[0]))
     return float(np.mean(values))
 
 
 def compare(video: Path, max_frames: int, out_dir: Path) -> None:
-    cfg = load_config(overrides={"video": {"max_frames": max_frames}, "output": {"dir": str(out_dir), "video": False}})
-    problem, result, obs, landmark_seconds, extra = landmark_run(video, cfg)
-    bundle = extra["bundle"]
-    images, scale = stage_images(video, cfg)
+    cfg = load_config(overrides={"video": {"max_frames": max_frames},
+                                 "output": {"dir": str(out_dir), "video": False}})
+    problem, result, obs, timings, bundle = landmark_run(video, cfg)
+    images, crop = stage_inputs(video, cfg, obs, result)
     T = len(result.valid)
     start = time.perf_counter()
-    refined, appearance = run_photometric_stage(problem, result, obs, images, scale, bundle, cfg)
+    refined, appearance = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg)
     stage_seconds = time.perf_counter() - start
 
+    # Each track rendered with the appearance estimated on its own keyframes.
+    camera = crop.camera(problem.camera)
     mesh = region_mesh(problem.model, bundle.masks, cfg.energy.photometric.regions)
-    backend = cfg.photometric.renderer
-    rows = {"landmarks only": (result, landmark_seconds), "landmarks + photometric": (refined, landmark_seconds + stage_seconds)}
-    print(f"{video.name}: {T} frames ({int(result.valid.sum())} valid), stage images {images.shape[2]}x{images.shape[1]}")
-    for name, (track, seconds) in rows.items():
-        print(f"  {name:24s} {seconds / T:6.3f} s/frame  PSNR {region_psnr(appearance, mesh, problem.camera, track, images, scale, backend):6.2f} dB"
-              f"  landmark error {np.nanmean(track.lmk_error_px[track.valid]):5.2f} px")
+    keyframes = choose_keyframes(refined.valid, cfg.photometric.keyframes)
+    with torch_threads(1):
+        refined_appearance = estimate_appearance(mesh, camera, refined.params, images, bundle, cfg, keyframes)
+    landmark_seconds = sum(timings.values())
+    print(f"{video.name}: {T} frames ({int(result.valid.sum())} valid), crop {crop.side} px -> {crop.size} px; "
+          f"landmark stage {', '.join(f'{k} {v / T:.3f}' for k, v in timings.items())} s/frame")
+    for name, track, track_appearance, seconds in (
+            ("landmarks only", result, appearance, landmark_seconds),
+            ("landmarks + photometric", refined, refined_appearance, landmark_seconds + stage_seconds)):
+        print(f"  {name:24s} {seconds / T:6.3f} s/frame  "
+              f"PSNR {region_psnr(track_appearance, mesh, camera, track, images):6.2f} dB  "
+              f"landmark error {np.nanmean(track.lmk_error_px[track.valid]):5.2f} px")
     print(f"  photometric stage alone  {stage_seconds / T:6.3f} s/frame")
 
     folder = out_dir / video.stem / "appearance"
-    write_appearance(folder, appearance)
+    write_appearance(folder, refined_appearance)
     full = region_mesh(problem.model, bundle.masks, ["all"])
     for t in np.flatnonzero(refined.valid)[:: max(1, T // 3)]:
-        frame = cv2.resize(images[t], None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
-        camera = Camera(problem.camera.focal * 2 * scale, problem.camera.center * 2 * scale, *frame.shape[:2])
-        overlay = draw_appearance(frame, appearance, full, camera, refined.params.frames(slice(t, t + 1)))
-        cv2.imwrite(str(folder / f"overlay_{t:04d}.png"), cv2.cvtColor(np.hstack([frame, overlay]), cv2.COLOR_RGB2BGR))
+        overlay = draw_appearance(images[t], refined_appearance, full, camera, refined.params.frames(slice(t, t + 1)))
+        cv2.imwrite(str(folder / f"overlay_{t:04d}.png"), cv2.cvtColor(np.hstack([images[t], overlay]),
+                                                                       cv2.COLOR_RGB2BGR))
     print(f"  appearance and overlays in {folder}")
 
 
@@ -136,7 +135,7 @@ def main() -> None:
     parser.add_argument("videos", nargs="+", type=Path)
     parser.add_argument("--max-frames", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("/tmp/photometric_compare"))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the stages set their own)")
     args = parser.parse_args()
     for key, value in ENVIRONMENT.items():
         os.environ.setdefault(key, str(value))

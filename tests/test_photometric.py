@@ -29,6 +29,7 @@ from tracker.energy.photometric import (
 from tracker.energy.priors import PriorConfig, PriorEnergy
 from tracker.errors import TrackerError
 from tracker.fit.photometric import (
+    StageCrop,
     fit_appearance,
     fit_frame,
     initial_appearance,
@@ -41,6 +42,7 @@ from tracker.fit.photometric import (
     pyramid_problems,
     render_frames,
     run_photometric_stage,
+    stage_crop,
 )
 from tracker.fit.sequence import TrackResult, landmark_error_px
 from tracker.fit.solver import Problem, torch_threads
@@ -234,7 +236,7 @@ def test_stage_refines_a_synthetic_sequence(bundle, cfg, camera, mesh, appearanc
     # and last frame, which give the appearance) and off by 1 degree, 3 mm and in its expression in between.
     truth = make_truth(bundle.model, [[0.1, 0.25 + 0.05 * t, 0.0] for t in range(4)])
     frames, _ = render_frames(appearance, mesh, camera, truth, (SIZE, SIZE), 1.0)
-    images = (frames.numpy() * 255).round().astype(np.uint8)
+    frames = (frames.numpy() * 255).round().astype(np.uint8)
     problem = Problem(bundle.model, bundle.landmarks, camera,
                       [LandmarkEnergy(LandmarkEnergyConfig()), PriorEnergy(PriorConfig(weight=1e-3), bundle.model)])
     landmarks = problem.evaluation(truth, None).landmarks_2d.detach()
@@ -249,9 +251,12 @@ def test_stage_refines_a_synthetic_sequence(bundle, cfg, camera, mesh, appearanc
     stage_cfg = TrackerConfig()
     stage_cfg.photometric.keyframes = 2
     stage_cfg.photometric.texture_keyframe_iters = 60
+    crop = stage_crop(obs, result.valid, (SIZE, SIZE), stage_cfg.photometric.resolution,
+                      stage_cfg.photometric.crop_margin)
+    assert 0 <= crop.x0 and crop.x0 + crop.side <= SIZE and 120 < crop.side < SIZE  # around the face
     calls = []
-    refined, fitted = run_photometric_stage(problem, result, obs, images, 1.0, bundle, stage_cfg,
-                                            progress=lambda: calls.append(1))
+    refined, fitted = run_photometric_stage(problem, result, obs, np.stack([crop.image(f) for f in frames]), crop,
+                                            bundle, stage_cfg, progress=lambda: calls.append(1))
     assert len(calls) == 4 and refined.valid.all()
     assert fitted.texture.shape == (3, stage_cfg.photometric.texture_size, stage_cfg.photometric.texture_size)
     assert torch.equal(refined.params.shape, start.shape)
@@ -264,12 +269,31 @@ def test_stage_refines_a_synthetic_sequence(bundle, cfg, camera, mesh, appearanc
     assert np.allclose(refined.lmk_error_px, landmark_error_px(problem, refined.params, obs).numpy(), atol=1e-4)
 
 
+@pytest.mark.parametrize("size", [64, 256])  # shrinking (area average) and enlarging (bilinear)
+def test_stage_crop_maps_video_pixels_to_stage_pixels(size):
+    columns = np.tile(np.arange(256, dtype=np.uint8), (200, 1))
+    frame = np.repeat(columns[..., None], 3, axis=2)  # every pixel holds its column index
+    crop = StageCrop(x0=40, y0=20, side=128, size=size)
+    stage = crop.image(frame)
+    assert stage.shape == (size, size, 3)
+    # A stage pixel centre u + 0.5 sits at video x = x0 + (u + 0.5) / scale, i.e. column index x - 0.5.
+    expected = crop.x0 + (np.arange(size) + 0.5) / crop.scale - 0.5
+    assert np.abs(stage[size // 2, :, 0] - expected).max() <= 0.51
+
+    camera = Camera.from_image(200, 256, fov_deg=40.0)
+    points = torch.tensor([[0.02, -0.01, -0.5], [-0.03, 0.02, -0.6]])
+    video, _ = camera.project(points)
+    cropped, _ = crop.camera(camera).project(points)
+    assert torch.allclose(cropped, (video - torch.tensor([40.0, 20.0])) * crop.scale, atol=1e-4)
+
+
 def test_stage_rejects_bad_inputs(bundle, cfg, camera):
     problem = Problem(bundle.model, bundle.landmarks, camera, [])
     params = make_truth(bundle.model, [[0.0, 0.0, 0.0]])
     result = TrackResult(params, float(camera.focal), np.ones(1, bool), np.zeros(1, np.float32), np.zeros(1, bool))
-    with pytest.raises(TrackerError, match="1 tracked frames"):
-        run_photometric_stage(problem, result, no_landmarks(1), np.zeros((2, 64, 64, 3), np.uint8), 1.0, bundle, cfg)
+    with pytest.raises(TrackerError, match="the crop of every tracked frame"):
+        run_photometric_stage(problem, result, no_landmarks(1), np.zeros((2, 64, 64, 3), np.uint8),
+                              StageCrop(0, 0, 64, 64), bundle, cfg)
     with pytest.raises(TrackerError, match="unknown photometric region"):
         region_mesh(bundle.model, bundle.masks, ["face", "beard"])
 

@@ -132,6 +132,8 @@ class PhotometricStageConfig:
     """Coarse-to-fine levels of the per-frame refinement, each half the size of the next (1 = full size only)."""
     lr: float = 0.004
     """Adam learning rate of the per-frame refinement (small: frames start at their landmark fit)."""
+    crop_margin: float = 0.3
+    """Margin of the compared square around the sequence's landmarks, as a fraction of their extent per side."""
 
 
 @dataclass
@@ -152,6 +154,8 @@ class DenseMarksStageConfig:
     """Side of the square head crop over the side of the tracked head's bounding box."""
     map_frames: int = 60
     """Most frames (spread over the video, weighted by fit quality) used to estimate the canonical map."""
+    identity: bool = True
+    """Re-estimate the shared identity on keyframes with the correspondence term before refining frames."""
     rounds: int = 3
     """Correspondence rounds per frame: visibility gates refreshed, then Levenberg-Marquardt steps."""
     lm_iters: int = 4

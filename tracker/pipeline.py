@@ -25,12 +25,15 @@ from tracker.energy.landmarks import LandmarkEnergy, landmark_group_weights
 from tracker.energy.priors import PriorEnergy
 from tracker.energy.temporal import TemporalEnergy
 from tracker.errors import TrackerError
+from tracker.densemarks.stage import run_densemarks_stage
 from tracker.fit.global_refine import refine_globally
+from tracker.fit.photometric import run_photometric_stage, stage_crop
 from tracker.fit.sequence import SequenceTracker, TrackResult
 from tracker.fit.solver import FRAME_FIELDS, Problem
 from tracker.flame.assets import FlameBundle, load_flame_bundle
 from tracker.flame.landmarks import LandmarkSet
 from tracker.flame.model import FlameParams
+from tracker.io.appearance import write_appearance
 from tracker.io.export import FrameTable, write_json, write_obj, write_params
 from tracker.io.overlay_video import write_overlay_video
 from tracker.io.video import FrameSelection, probe_video, read_frames
@@ -86,6 +89,9 @@ class RunSummary:
     lmk_error_px_p95: float = float("nan")
     focal_px: float = float("nan")
     outputs: dict[str, str] = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
+    """Which refinement stages ran: {"densemarks": info dict (ran, reason or predictor, licence, ...),
+    "photometric": bool}."""
     complete: bool = True
 
 
@@ -172,9 +178,24 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
 
     with writer.keep_partial_on_failure():
         result = fit_landmarks(problem, obs, track, cfg, writer, timings, show_progress)
+    # The landmark track is complete and safe on disk before the (slower) image stages refine it.
     writer.write_final(FrameTable(result.params, track.frame_indices, track.timestamps, result.valid,
                                   result.lmk_error_px))
     outputs = {"params": str(writer.path)}
+
+    frames = lambda: read_frames(video, selection)  # noqa: E731  (re-decodes the selected frames)
+    with _timed(timings, "densemarks"):
+        result, writer.metadata["densemarks"] = densemarks_stage(problem, result, obs, track, frames, bundle, cfg,
+                                                                 out_dir, show_progress)
+    if cfg.photometric.enabled:
+        with _timed(timings, "photometric"):
+            result, files = photometric_stage(problem, result, obs, frames, (info.height, info.width), bundle, cfg,
+                                              out_dir, show_progress)
+        outputs.update(files)
+    writer.metadata["stages"] = {"densemarks": bool(writer.metadata["densemarks"].get("ran")),
+                                 "photometric": cfg.photometric.enabled}
+    writer.write_final(FrameTable(result.params, track.frame_indices, track.timestamps, result.valid,
+                                  result.lmk_error_px))
 
     with _timed(timings, "outputs"):
         if cfg.output.save_meshes:
@@ -185,6 +206,7 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
                 info.fps, show_progress))
 
     summary = _summarise(video, out_dir, track, result, timings, camera, outputs)
+    summary.stages = {"densemarks": writer.metadata["densemarks"], "photometric": cfg.photometric.enabled}
     write_json(out_dir / "summary.json", summary.__dict__)
     return summary
 
@@ -222,6 +244,31 @@ def fit_landmarks(problem: Problem, obs: Observations, track: LandmarkTrack, cfg
                 result = refine_globally(problem, result, obs, cfg.fit.global_iters, cfg.fit.global_window,
                                          cfg.fit.lr, progress=bar.update)
     return result
+
+
+def densemarks_stage(problem: Problem, result: TrackResult, obs: Observations, track: LandmarkTrack, frames,
+                     bundle: FlameBundle, cfg: TrackerConfig, out_dir: Path,
+                     show_progress: bool) -> tuple[TrackResult, dict]:
+    """DenseMarks refinement when configured and its weights (or the evaluation oracle) are available."""
+    if cfg.densemarks.mode == "off":
+        return result, {"ran": False, "reason": "densemarks.mode is off"}
+    with tqdm(desc="densemarks", unit="step", disable=not show_progress) as bar:
+        return run_densemarks_stage(problem, result, obs, track.frame_indices, frames, bundle, cfg, out_dir,
+                                    progress=lambda _step: bar.update(1))
+
+
+def photometric_stage(problem: Problem, result: TrackResult, obs: Observations, frames, frame_size: tuple[int, int],
+                      bundle: FlameBundle, cfg: TrackerConfig, out_dir: Path,
+                      show_progress: bool) -> tuple[TrackResult, dict]:
+    """Photometric refinement on a face crop; writes the texture and lighting next to the parameters."""
+    if not result.valid.any():
+        return result, {}
+    crop = stage_crop(obs, result.valid, frame_size, cfg.photometric.resolution, cfg.photometric.crop_margin)
+    images = np.stack([crop.image(frame.rgb) for frame in frames()])
+    with tqdm(total=len(result.valid), desc="photometric", unit="frame", disable=not show_progress) as bar:
+        result, appearance = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg,
+                                                   progress=lambda: bar.update(1))
+    return result, {name: str(path) for name, path in write_appearance(out_dir, appearance).items()}
 
 
 @contextmanager

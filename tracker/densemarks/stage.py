@@ -39,8 +39,8 @@ from tracker.energy.dense import (
     prediction_validity,
 )
 from tracker.errors import MissingAssetError
-from tracker.fit.sequence import TrackResult, landmark_error_px, predict_next
-from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, fit_adam, fit_lm
+from tracker.fit.sequence import TrackResult, choose_keyframes, landmark_error_px, predict_next
+from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, fit_adam, fit_lm, torch_threads
 from tracker.flame.assets import FlameBundle
 from tracker.flame.model import FlameModel, FlameParams
 from tracker.io.video import Frame
@@ -322,6 +322,22 @@ def build_fitter(problem: Problem, canonical: torch.Tensor, bundle: FlameBundle,
                        tuple(f for f in FRAME_FIELDS if f in free))
 
 
+def refine_identity(fitter: DenseFitter, result: TrackResult, obs: Observations,
+                    dense_frame: Callable[[int], DenseFrame], keyframes: np.ndarray) -> torch.Tensor:
+    """The shared identity (1, n_shape) re-estimated on keyframes with the correspondence term: DenseMarks sees
+    the whole head (profile, ears, skull), which pins the shape far better than face landmarks do."""
+    frames = [dense_frame(int(t)) for t in keyframes]
+    index = torch.as_tensor(keyframes, device=obs.landmarks.device)
+    params = result.params.frames(index)
+    for _ in range(fitter.stage.rounds):
+        for i, frame in enumerate(frames):
+            fitter.gates(frame, params.frames(slice(i, i + 1)))
+        extras = {key: torch.cat([frame.extras[key] for frame in frames]) for key in frames[0].extras}
+        params, _ = fit_lm(fitter.lm_problem, params, replace(obs.frames(index), extras=extras), fitter.free,
+                           fitter.stage.lm_iters, free_shape=True)
+    return params.shape
+
+
 def refine_sequence_dense(fitter: DenseFitter, result: TrackResult, obs: Observations,
                           dense_frame: Callable[[int], DenseFrame | None],
                           progress: Callable[[str], None] | None = None) -> tuple[TrackResult, dict]:
@@ -419,22 +435,29 @@ def run_densemarks_stage(problem: Problem, result: TrackResult, obs: Observation
             raise MissingAssetError(f"DenseMarks prediction of frame {frame_indices[t]} vanished from {cache.directory}")
         return stored
 
-    start = time.perf_counter()
-    cmap, map_info = obtain_canonical_map(cfg.densemarks, problem.model, problem.camera, result, prediction, out_dir,
-                                          source.model_id)
-    info.update(map_info)
-    seconds["canonical_map"] = time.perf_counter() - start
+    # Mesh-sized tensors: one thread is fastest (extra threads only add synchronisation, worse on busy CPUs).
+    with torch_threads(1):
+        start = time.perf_counter()
+        cmap, map_info = obtain_canonical_map(cfg.densemarks, problem.model, problem.camera, result, prediction,
+                                              out_dir, source.model_id)
+        info.update(map_info)
+        seconds["canonical_map"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    canonical = cmap.tensor(device)
-    fitter = build_fitter(problem, canonical, bundle, cfg)
-    tree = cKDTree(cmap.coords)
-    match_coords = cmap.coords[fitter.vertex_ids.cpu().numpy()]
+        start = time.perf_counter()
+        canonical = cmap.tensor(device)
+        fitter = build_fitter(problem, canonical, bundle, cfg)
+        tree = cKDTree(cmap.coords)
+        match_coords = cmap.coords[fitter.vertex_ids.cpu().numpy()]
 
-    def dense_frame(t: int) -> DenseFrame:
-        return prepare_frame(prediction(t), tree, match_coords, cfg.energy.dense_render, cfg.energy.dense_corr, device)
+        def dense_frame(t: int) -> DenseFrame:
+            return prepare_frame(prediction(t), tree, match_coords, cfg.energy.dense_render, cfg.energy.dense_corr,
+                                 device)
 
-    refined, counts = refine_sequence_dense(fitter, result, obs, dense_frame, progress)
-    seconds["refine"] = time.perf_counter() - start
+        if cfg.densemarks.identity and cfg.energy.dense_corr.weight > 0:
+            keyframes = choose_keyframes(result.valid, cfg.fit.keyframes)
+            result = replace(result, params=replace(result.params, shape=refine_identity(
+                fitter, result, obs, dense_frame, keyframes)))
+        refined, counts = refine_sequence_dense(fitter, result, obs, dense_frame, progress)
+        seconds["refine"] = time.perf_counter() - start
     info.update(counts, ran=True, seconds={k: round(v, 2) for k, v in seconds.items()})
     return refined, info

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -49,10 +50,54 @@ UV_OBJ_NAME = "head_template.obj"
 """FLAME's UV layout ships as this mesh in the FLAME assets folder."""
 
 
-def stage_image_size(height: int, width: int, resolution: int) -> tuple[int, int, float]:
-    """(h, w, scale) of the stage images: the longer side at most `resolution`, scale = stage px per video px."""
-    scale = min(1.0, resolution / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale)), scale
+@dataclass(frozen=True)
+class StageCrop:
+    """The square of the video frames the stage compares: video pixels [x0, x0 + side) x [y0, y0 + side)
+    resampled to size x size stage pixels, so stage pixel = (video pixel - (x0, y0)) * size / side."""
+
+    x0: int
+    y0: int
+    side: int
+    size: int
+
+    @property
+    def scale(self) -> float:
+        """Stage pixels per video pixel."""
+        return self.size / self.side
+
+    def image(self, rgb: np.ndarray) -> np.ndarray:
+        """A video frame (H, W, 3) uint8 -> its (size, size, 3) stage image."""
+        box = rgb[self.y0:self.y0 + self.side, self.x0:self.x0 + self.side]
+        shrink = self.size < self.side
+        return cv2.resize(box, (self.size, self.size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+    def camera(self, camera: Camera) -> Camera:
+        """The camera whose pixels are the stage image's."""
+        origin = camera.center.new_tensor([self.x0, self.y0])
+        return Camera(camera.focal * self.scale, (camera.center - origin) * self.scale, self.size, self.size)
+
+    def observations(self, obs: Observations) -> Observations:
+        """Landmark observations in stage pixels."""
+        origin = obs.landmarks.new_tensor([self.x0, self.y0])
+        return replace(obs, landmarks=(obs.landmarks - origin) * self.scale, face_size=obs.face_size * self.scale)
+
+
+def stage_crop(obs: Observations, valid: np.ndarray, frame_size: tuple[int, int], resolution: int,
+               margin: float) -> StageCrop:
+    """The square around every valid frame's detected landmarks, grown by `margin` x its side on each side
+    (the landmarks stop at the brows; the forehead is compared too) and kept inside the frame."""
+    height, width = frame_size
+    points = obs.landmarks[torch.as_tensor(valid, device=obs.landmarks.device)]
+    seen = obs.landmark_weights[torch.as_tensor(valid, device=obs.landmarks.device)] > 0
+    if not bool(seen.any()):
+        raise TrackerError("photometric stage: no detected landmarks to place the face crop")
+    points = points[seen]
+    low, high = points.min(dim=0).values, points.max(dim=0).values
+    centre = (low + high) / 2
+    side = min(int(np.ceil(float((high - low).max()) * (1 + 2 * margin))), height, width)
+    x0 = int(np.clip(round(float(centre[0]) - side / 2), 0, width - side))
+    y0 = int(np.clip(round(float(centre[1]) - side / 2), 0, height - side))
+    return StageCrop(x0, y0, side, resolution)
 
 
 def make_rasterizer(backend: str, image_size: tuple[int, int]) -> Callable[[Tensor, Tensor], Fragments]:
@@ -203,28 +248,26 @@ def with_images(obs: Observations, images: Tensor, image_scale: float) -> Observ
     return replace(obs, images=images, image_scale=image_scale)
 
 
-def check_stage_inputs(result: TrackResult, images: np.ndarray, stage: PhotometricStageConfig) -> None:
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise TrackerError(f"photometric stage: images must be (T, h, w, 3) uint8, got {images.shape} {images.dtype}")
-    if len(images) != len(result.valid):
-        raise TrackerError(f"photometric stage: {len(images)} images for {len(result.valid)} tracked frames")
+def check_stage_inputs(result: TrackResult, images: np.ndarray, crop: StageCrop, stage: PhotometricStageConfig) -> None:
+    if images.shape != (len(result.valid), crop.size, crop.size, 3) or images.dtype != np.uint8:
+        raise TrackerError(f"photometric stage: images must be ({len(result.valid)}, {crop.size}, {crop.size}, 3) "
+                           f"uint8 (the crop of every tracked frame), got {images.shape} {images.dtype}")
     if stage.albedo not in ("texture", "vertex"):
         raise TrackerError(f"photometric.albedo must be texture or vertex, got {stage.albedo!r}")
-    if stage.pyramid_levels < 1 or stage.keyframes < 1 or stage.texture_size < 8:
-        raise TrackerError("photometric.pyramid_levels and keyframes must be >= 1, texture_size >= 8")
-    if min(images.shape[1:3]) < 2 ** (stage.pyramid_levels - 1) * 16:
-        raise TrackerError(f"photometric.pyramid_levels {stage.pyramid_levels} is too many for "
-                           f"{images.shape[2]}x{images.shape[1]} images: lower it or raise photometric.resolution")
+    if stage.pyramid_levels < 1 or stage.keyframes < 1 or stage.texture_size < 8 or stage.iters < 1:
+        raise TrackerError("photometric.pyramid_levels, keyframes and iters must be >= 1, texture_size >= 8")
+    if crop.size < 2 ** (stage.pyramid_levels - 1) * 16:
+        raise TrackerError(f"photometric.pyramid_levels {stage.pyramid_levels} is too many for {crop.size} pixel "
+                           "images: lower it or raise photometric.resolution")
 
 
 def estimate_appearance(mesh: RegionMesh, camera: Camera, params: FlameParams, images: np.ndarray,
-                        image_scale: float, bundle: FlameBundle, cfg: TrackerConfig,
-                        keyframes: np.ndarray) -> Appearance:
-    """Appearance from the keyframes' images with their poses held fixed (full stage resolution)."""
+                        bundle: FlameBundle, cfg: TrackerConfig, keyframes: np.ndarray) -> Appearance:
+    """Appearance from the keyframes' images (camera: theirs) with their poses held fixed."""
     device = mesh.vertex_ids.device
     key_images = torch.cat([frame_images(images, int(t), device) for t in keyframes])
     key_params = params.frames(torch.as_tensor(keyframes, device=device))
-    geometry = pixel_geometry(mesh, camera, key_params, key_images, image_scale, cfg.photometric.renderer)
+    geometry = pixel_geometry(mesh, camera, key_params, key_images, 1.0, cfg.photometric.renderer)
     if geometry.face.numel() == 0:
         raise TrackerError("photometric stage: the compared regions are not visible in any keyframe")
     init = initial_appearance(cfg.photometric, bundle, geometry.target.mean(dim=1))
@@ -329,27 +372,29 @@ def refine_track(level_problems: Sequence[Problem], result: TrackResult, frame_o
 
 
 def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observations, images: np.ndarray,
-                          image_scale: float, bundle: FlameBundle, cfg: TrackerConfig,
+                          crop: StageCrop, bundle: FlameBundle, cfg: TrackerConfig,
                           progress: Callable[[], None] | None = None) -> tuple[TrackResult, Appearance]:
     """Refine a landmark track photometrically.
 
     problem: the landmark stage's Problem (landmark, prior and temporal terms; its camera holds the
         estimated focal length); the photometric term is added to its terms.
     result: the landmark stage's TrackResult (T frames); obs: its landmark Observations (video pixels).
-    images: (T, h, w, 3) uint8 RGB frames at stage resolution (see `stage_image_size`);
-    image_scale: stage pixels per video pixel.
+    images: (T, size, size, 3) uint8 RGB stage images, crop.image(frame) of every tracked frame;
+    crop: from `stage_crop` (obs, result.valid, video size, photometric.resolution, photometric.crop_margin).
     progress: called once per frame.
-    Returns the refined TrackResult (landmark errors recomputed) and the sequence's Appearance.
+    Returns the refined TrackResult (landmark errors recomputed, video pixels) and the sequence's Appearance.
     """
     stage, term = cfg.photometric, cfg.energy.photometric
-    check_stage_inputs(result, images, stage)
+    check_stage_inputs(result, images, crop, stage)
     if not result.valid.any():
         raise TrackerError("photometric stage: no frame has a landmark fit to refine")
     with torch_threads(1):  # small images: per-op overhead dominates, and extra threads only contend
+        # Everything below works in stage pixels: a camera and landmarks for the crop.
+        problem = Problem(problem.model, problem.landmarks, crop.camera(problem.camera), problem.terms)
+        obs = crop.observations(obs)
         mesh = region_mesh(problem.model, bundle.masks, term.regions)
         keyframes = choose_keyframes(result.valid, stage.keyframes)
-        appearance = estimate_appearance(mesh, problem.camera, result.params, images, image_scale, bundle, cfg,
-                                         keyframes)
+        appearance = estimate_appearance(mesh, problem.camera, result.params, images, bundle, cfg, keyframes)
         # The neck turns the head like the global rotation: free it only when the neck itself is compared.
         free = FRAME_FIELDS if "neck" in term.regions else LANDMARK_FIELDS
         factors = pyramid_factors(stage.pyramid_levels)
@@ -358,10 +403,11 @@ def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observatio
 
         def frame_obs(t: int) -> list[Observations]:
             return pyramid_observations(obs.frames(slice(t, t + 1)), frame_images(images, t, mesh.vertex_ids.device),
-                                        image_scale, factors)
+                                        1.0, factors)
 
         steps = level_iters(stage.iters, len(factors))
-        return refine_track(level_problems, result, frame_obs, free, steps, stage.lr, mesh, progress), appearance
+        refined = refine_track(level_problems, result, frame_obs, free, steps, stage.lr, mesh, progress)
+    return replace(refined, lmk_error_px=refined.lmk_error_px / crop.scale), appearance
 
 
 def level_iters(iters: int, levels: int) -> list[int]:
