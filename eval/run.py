@@ -31,11 +31,12 @@ import torch
 from eval.ablation import DEFAULT_ABLATION, Ablation, AblationConfig, load_ablation, merge, run_config
 from eval.bench.stages import BenchOptions, machine_name, run_bench
 from eval.photometric import PhotometricOptions
-from eval.real.evaluate import score_video
+from eval.real.evaluate import VideoScores, score_video
 from eval.real.videos import DEFAULT_VIDEO_DIR, find_videos
 from eval.report import ConfigResults, mesh_overlay, save_panel, worst_and_median, write_report
 from eval.synthetic.evaluate import score_sequence
 from eval.synthetic.generate import (
+    GroundTruth,
     SyntheticAssets,
     SyntheticSequence,
     generate_sequence,
@@ -45,7 +46,7 @@ from eval.synthetic.generate import (
 from eval.synthetic.scenario import SequenceSpec
 from eval.synthetic.suite import suite
 from eval.synthetic.uvmap import UvAtlas, uv_atlas
-from eval.tracked import load_tracked
+from eval.tracked import TrackedSequence, load_tracked
 from tracker.config import load_config
 from tracker.errors import TrackerError
 from tracker.flame.model import FlameModel
@@ -180,7 +181,7 @@ def run_real(result: ConfigResults, config: AblationConfig, ablation: Ablation, 
         result.real[video.stem] = scores
         log(f"{config.name} / {video.name}: held-out ({scores.heldout_detector}) NME "
             f"{100 * np.nanmean(scores.per_frame['nme_heldout']):.2f} %, valid {100 * scores.valid_ratio:.0f} %")
-        _real_overlays(result, video, tracked, scores.per_frame["nme_heldout"], selection, ctx)
+        _real_overlays(result, video, tracked, scores, selection, ctx)
 
 
 def _detector_of(config: AblationConfig, ablation: Ablation) -> str:
@@ -207,8 +208,9 @@ def _frames_at(video: Path, indices: set[int]) -> dict[int, np.ndarray]:
     return {f.index: f.rgb for f in read_frames(video) if f.index in indices}
 
 
-def _synthetic_overlays(result: ConfigResults, sequence: SyntheticSequence, gt, tracked, errors: np.ndarray,
-                        ctx: Context) -> None:
+def _synthetic_overlays(result: ConfigResults, sequence: SyntheticSequence, gt: GroundTruth,
+                        tracked: TrackedSequence, errors: np.ndarray, ctx: Context) -> None:
+    """Worst and median frames by rigid vertex error: the frame, the truth and the track with their landmarks."""
     picks = worst_and_median(errors)
     frames = _frames_at(sequence.video, set(picks.values()))
     gt_verts = ctx.model(gt.params).vertices
@@ -228,19 +230,21 @@ def _synthetic_overlays(result: ConfigResults, sequence: SyntheticSequence, gt, 
         result.overlays.append((f"{sequence.name}, {kind} frame {t} (rigid error {errors[t]:.1f} mm)", str(path)))
 
 
-def _real_overlays(result: ConfigResults, video: Path, tracked, nme: np.ndarray, selection: FrameSelection,
-                   ctx: Context) -> None:
+def _real_overlays(result: ConfigResults, video: Path, tracked: TrackedSequence, scores: VideoScores,
+                   selection: FrameSelection, ctx: Context) -> None:
+    """Worst and median frames by held-out NME: the frame, and the tracked mesh with the held-out points."""
+    nme = scores.per_frame["nme_heldout"]
     picks = worst_and_median(nme)
     wanted = {int(tracked.frame_index[t]): t for t in picks.values()}
     frames = {wanted[f.index]: f.rgb for f in read_frames(video, selection) if f.index in wanted}
     vertices = tracked.vertices(ctx.model)
     for kind, t in picks.items():
-        panels = [frames[t], mesh_overlay(frames[t], vertices[t], ctx.model.faces, tracked.camera, None,
-                                          f"{result.name} NME {100 * nme[t]:.1f}%")]
+        panels = [frames[t], mesh_overlay(frames[t], vertices[t], ctx.model.faces, tracked.camera,
+                                          scores.heldout_points[t], f"{result.name} NME {100 * nme[t]:.1f}%")]
         path = Path("overlays") / f"{result.name}_{video.stem}_{kind}.png"
         save_panel(ctx.run_dir / path, panels)
         result.overlays.append((f"{video.stem}, {kind} frame {tracked.frame_index[t]} (held-out NME "
-                                f"{100 * nme[t]:.1f} %)", str(path)))
+                                f"{100 * nme[t]:.1f} %, green: {scores.heldout_detector} landmarks)", str(path)))
 
 
 def git_commit() -> str:
@@ -254,7 +258,7 @@ def git_commit() -> str:
 def results_json(results: list[ConfigResults], run_info: dict) -> dict:
     """Every per-frame value of the run, for later analysis."""
     def scores(items: dict) -> dict:
-        return {name: {**{k: v for k, v in asdict(s).items() if k != "per_frame"},
+        return {name: {**{k: v for k, v in asdict(s).items() if k not in ("per_frame", "heldout_points")},
                        "per_frame": {k: np.asarray(v).tolist() for k, v in s.per_frame.items()}}
                 for name, s in items.items()}
     return {"run": run_info, "configs": [

@@ -13,7 +13,7 @@ from tests.conftest import FLAME_ASSETS, FLAME_STANDIN
 from tracker.camera import Camera
 from tracker.config import load_config
 from tracker.densemarks.canonical import (
-    CanonicalMap, crop_affine, diffuse_unknown, estimate_canonical_map, load_canonical_map, save_canonical_map,
+    CanonicalMap, CanonicalMapOptions, crop_affine, diffuse_unknown, estimate_canonical_map, load_canonical_map, save_canonical_map,
     vertex_graph, weighted_median, write_canonical_png,
 )
 from tracker.densemarks.oracle import (
@@ -32,7 +32,7 @@ from tracker.energy.landmarks import LandmarkEnergy, LandmarkEnergyConfig
 from tracker.energy.priors import PriorConfig, PriorEnergy
 from tracker.errors import TrackerError
 from tracker.fit.sequence import TrackResult
-from tracker.fit.solver import Problem, fit_adam, fit_lm
+from tracker.fit.solver import Problem, fit_adam, fit_lm, torch_threads
 from tracker.flame.assets import load_flame_bundle
 from tracker.flame.lbs import batch_rodrigues
 from tracker.flame.model import FlameParams
@@ -42,6 +42,13 @@ SIZE = 160
 """Video side (pixels) of the synthetic frames."""
 CROP = 128
 """Side of the oracle's uvw maps."""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Mesh-sized tensor work, as in the stage: one thread (extra ones only wait on each other)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -129,23 +136,28 @@ def test_weighted_median_and_diffusion():
 
 
 def test_canonical_map_recovers_the_oracles_coordinates(bundle):
-    """From exact oracle maps carrying a systematic bias (what a real net's map would hold), the estimate matches
-    the coordinates the oracle painted on every vertex seen at least once with reliability >= 0.3. Maps of 256
-    pixels, the stage's sampling resolution (at 128 the ears' folds are under two pixels wide)."""
+    """Maps of 256 pixels (the stage's sampling resolution; at 128 the ears' folds are under two pixels wide).
+
+    Free map (no affine prior), oracle maps carrying a systematic bias (what a real net's map would hold): the
+    estimate matches the coordinates painted on every vertex seen at least once with reliability >= 0.3.
+    Default map (affine prior) on unbiased maps, whose truth is an affine image of the template: every vertex,
+    seen or not, is recovered."""
     yaws = np.array([-75, -50, -25, 0, 25, 50, 75, -10, 10], np.float64)
     pitches = np.array([10, -15, 20, -20, 15, -10, 20, 30, -30], np.float64)
     params = sweep_params(bundle.model, yaws, pitches)
     oracle, camera = oracle_for(bundle, params, OracleNoise(bias_amplitude=0.02, seed=3), crop_size=256)
-    predictions = [oracle.predict(t, box) for t, box in enumerate(boxes_for(bundle, camera, params))]
-    cmap = estimate_canonical_map(bundle.model, camera, params, predictions)
-    truth = oracle.vertex_uvw.numpy()
-    error = np.linalg.norm(cmap.coords - truth, axis=1)
+    boxes = boxes_for(bundle, camera, params)
+    cmap = estimate_canonical_map(bundle.model, camera, params, [oracle.predict(t, box) for t, box in enumerate(boxes)],
+                                  options=CanonicalMapOptions(affine_prior=0.0))
+    error = np.linalg.norm(cmap.coords - oracle.vertex_uvw.numpy(), axis=1)
     seen = cmap.support >= 0.3
     assert seen.mean() > 0.4  # face, scalp, ears and neck seen from both sides
     assert error[seen].max() < 0.01
     assert np.isfinite(cmap.coords).all() and (cmap.support[~cmap.observed] == 0).all()
-    # Diffused vertices (back of the head, mouth and eye interiors) are plausible, not exact.
-    assert np.median(error[~cmap.observed]) < 0.08
+
+    exact, _ = oracle_for(bundle, params, crop_size=256)
+    cmap = estimate_canonical_map(bundle.model, camera, params, [exact.predict(t, box) for t, box in enumerate(boxes)])
+    assert np.linalg.norm(cmap.coords - exact.exact_uvw.numpy(), axis=1).max() < 0.01
 
 
 def test_map_save_load_round_trip_and_png(bundle, tmp_path):
@@ -302,4 +314,4 @@ def test_stage_refines_a_perturbed_track(bundle, tmp_path):
     # The neck is free: the head's orientation (global then neck) is what the images determine.
     errors = [head_rotation_error_deg(refined.params.frames(slice(t, t + 1)), truth.frames(slice(t, t + 1)))
               for t in range(4)]
-    assert max(errors) < 0.6, errors
+    assert max(errors) < 1.0, errors

@@ -51,6 +51,7 @@ from tracker.flame.lbs import batch_rodrigues
 from tracker.flame.model import FlameParams
 from tracker.io.appearance import draw_appearance, read_appearance, write_appearance
 from tracker.render.shading import sh_irradiance
+from tracker.render.texture import sample_texture_points
 
 SIZE = 256
 SMILE = 33  # mouthSmile_L on the stand-in
@@ -229,6 +230,33 @@ def test_appearance_fit_recovers_texture_and_lighting(bundle, cfg, camera, mesh,
     assert float(shading_error.abs().mean()) < 0.03
     assert float(shading_error.abs().max()) < 0.1
     assert torch.equal(fitted.sh[0], appearance.sh[0])  # the DC term is the fixed convention
+
+
+def test_vertex_colour_albedo_is_rendered_and_recovered(bundle, cfg, camera, mesh, appearance):
+    # Vertex colours sampled from the known texture at each vertex's first UV, same lighting.
+    faces, uvs = bundle.model.faces, appearance.corner_uvs
+    vertex_uv = torch.zeros(bundle.model.n_vertices, 2).index_put_((faces.reshape(-1),), uvs.reshape(-1, 2))
+    colors = sample_texture_points(appearance.texture.unsqueeze(0), vertex_uv).t().contiguous()
+    truth_appearance = Appearance(appearance.sh, vertex_colors=colors)
+    truth = make_truth(bundle.model, [[0.1, -0.4, 0.0], [0.0, 0.0, 0.05], [-0.05, 0.4, 0.0]])
+    images, _ = render_frames(truth_appearance, mesh, camera, truth, (SIZE, SIZE), 1.0)
+
+    term = PhotometricEnergy(cfg.energy.photometric, truth_appearance, mesh)
+    problem = Problem(bundle.model, bundle.landmarks, camera, [term], make_rasterizer("torch", (SIZE, SIZE)))
+    assert float(problem.residuals(truth, replace(no_landmarks(3), images=images)).abs().max()) < 1e-4
+
+    vertex_cfg = replace(cfg.photometric, albedo="vertex", texture_keyframe_iters=100)
+    geometry = pixel_geometry(mesh, camera, truth, images, 1.0, "torch")
+    init = initial_appearance(vertex_cfg, bundle, geometry.target.mean(dim=1))
+    fitted = fit_appearance(geometry, init, faces, cfg.energy.photometric, vertex_cfg)
+    probe = torch.zeros_like(colors, requires_grad=True)
+    pixel_albedo_sampler(init, faces, geometry)(probe).sum().backward()
+    seen = probe.grad[:, 0] > 1.0  # vertices with at least one pixel's worth of weight
+    assert int(seen.sum()) > 1000
+    assert float((fitted.vertex_colors - colors)[seen].abs().mean()) < 0.03
+    # With a free colour per vertex, lighting that faces the camera trades with brightness: check the renders.
+    rendered, mask = render_frames(fitted, mesh, camera, truth, (SIZE, SIZE), 1.0)
+    assert float((rendered - images)[mask].abs().mean()) < 0.01
 
 
 def test_stage_refines_a_synthetic_sequence(bundle, cfg, camera, mesh, appearance):

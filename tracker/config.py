@@ -154,8 +154,12 @@ class DenseMarksStageConfig:
     """Side of the square head crop over the side of the tracked head's bounding box."""
     map_frames: int = 60
     """Most frames (spread over the video, weighted by fit quality) used to estimate the canonical map."""
+    map_affine_prior: float = 20.0
+    """Pull of an estimated map towards an affine image of the FLAME template (support units; 0 = free map)."""
     identity: bool = True
     """Re-estimate the shared identity on keyframes with the correspondence term before refining frames."""
+    map_rounds: int = 2
+    """Alternations of identity (keyframes) and canonical-map re-estimation (from those keyframe fits)."""
     rounds: int = 3
     """Correspondence rounds per frame: visibility gates refreshed, then Levenberg-Marquardt steps."""
     lm_iters: int = 4

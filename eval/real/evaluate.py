@@ -44,6 +44,8 @@ class VideoScores:
     jitter_mm: float
     valid_ratio: float
     heldout_detector: str
+    heldout_points: np.ndarray
+    """(T, L, 2) the held-out detector's landmarks compared against (NaN where it found no face)."""
 
 
 def held_out_landmarks(video: Path, detector_name: str, selection: FrameSelection, cache_dir: Path) -> LandmarkTrack:
@@ -92,4 +94,5 @@ def score_video(video: Path, tracked: TrackedSequence, tracking_detector: str, m
     jitter = temporal_jitter_mm(vertices[:, face], runs) if runs else float("nan")
     per_frame = {"valid": tracked.valid.astype(float), "heldout_found": has_reference.astype(float),
                  "nme_heldout": nme, "psnr_db": psnr_values, "ssim": ssim_values}
-    return VideoScores(video.stem, per_frame, jitter, float(tracked.valid.mean()), heldout_name)
+    return VideoScores(video.stem, per_frame, jitter, float(tracked.valid.mean()), heldout_name,
+                       np.where(has_reference[:, None, None], reference, np.nan))

@@ -168,6 +168,9 @@ class CanonicalMapOptions:
     """Frame weight 1 / (1 + (err / (error_scale * median err))^2): badly fitted frames count less."""
     map_resolution: int = 256
     """Side at which predictions are sampled (larger predictions are area-downsampled to it)."""
+    affine_prior: float = 20.0
+    """Pull towards an affine image of the FLAME template: a vertex keeps support / (support + affine_prior) of
+    its measured departure from it (0: free per-vertex map)."""
 
 
 def frame_fit_weights(lmk_error_px: np.ndarray, scale: float = 1.0) -> np.ndarray:
@@ -314,6 +317,36 @@ def diffuse_unknown(values: np.ndarray, known: np.ndarray, graph: sp.csr_matrix,
     return filled
 
 
+def fit_affine(points: np.ndarray, targets: np.ndarray, weights: np.ndarray, scale: float = 0.01,
+               iters: int = 10) -> np.ndarray:
+    """Robust weighted least squares targets (V, 3) ~ [points, 1] (V, 4) @ M (4, 3) with Cauchy reweighting of
+    residuals at `scale`; returns M."""
+    design = np.concatenate([points, np.ones((len(points), 1))], axis=1)
+    robust = weights.astype(np.float64)
+    for _ in range(iters):
+        root = np.sqrt(robust)[:, None]
+        matrix = np.linalg.lstsq(design * root, targets * root, rcond=None)[0]
+        residual = np.linalg.norm(design @ matrix - targets, axis=1)
+        robust = weights / (1.0 + (residual / scale) ** 2)
+    return matrix
+
+
+def regularise_to_template(coords: np.ndarray, support: np.ndarray, template: np.ndarray, prior: float,
+                           graph: sp.csr_matrix) -> np.ndarray:
+    """Measured coordinates (V, 3) with support (V,) -> a complete map: a robust affine image of the template
+    (V, 3) plus each measured vertex's departure from it, shrunk by support / (support + prior) and diffused
+    over the graph to the unmeasured vertices.
+
+    The canonical cube is the same for every head, so an affine image of the template explains most of it; the
+    prior keeps fit errors of single frames (which move samples over the surface) out of the map and gives the
+    unseen back of the head sensible values.
+    """
+    known = support > 0
+    affine = np.concatenate([template, np.ones((len(template), 1))], axis=1) @ fit_affine(template, coords, support)
+    residual = np.where(known[:, None], coords - affine, 0.0) * (support / (support + prior + 1e-12))[:, None]
+    return affine + diffuse_unknown(residual, known, graph)
+
+
 def estimate_canonical_map(model: FlameModel, camera: Camera, params: FlameParams,
                            predictions: Sequence[UvwPrediction], frame_weights: np.ndarray | None = None,
                            options: CanonicalMapOptions = CanonicalMapOptions(),
@@ -321,7 +354,7 @@ def estimate_canonical_map(model: FlameModel, camera: Camera, params: FlameParam
     """Canonical map from tracked frames and their predictions.
 
     params: N frames (stacked); predictions: their N uvw maps; frame_weights: (N,) fit reliability (see
-    `frame_fit_weights`), ones when None. Returns a complete map (unseen vertices diffused).
+    `frame_fit_weights`), ones when None. Returns a complete map (see `regularise_to_template`).
     """
     device = model.v_template.device
     count = params.batch_size
@@ -346,10 +379,11 @@ def estimate_canonical_map(model: FlameModel, camera: Camera, params: FlameParam
         weights[:, i] = frame_weight.cpu().numpy() * weights_per_frame[i]
     support = weights.sum(1)
     known = support > 0
-    coords = weighted_median(samples, weights)
     template = model.v_template.cpu().numpy()
-    coords = diffuse_unknown(coords, known, vertex_graph(template, model.faces.cpu().numpy()))
+    coords = regularise_to_template(weighted_median(samples, weights), support, template, options.affine_prior,
+                                    vertex_graph(template, model.faces.cpu().numpy()))
     info = {"source": "estimated", "frames_used": count, "observed_fraction": float(known.mean()),
+            "affine_prior": options.affine_prior,
             "flame_name": model.name, "flame_sha256": model.sha256, **(metadata or {})}
     return CanonicalMap(coords.astype(np.float32), support.astype(np.float32), info)
 

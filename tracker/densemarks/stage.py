@@ -187,24 +187,30 @@ def map_frames(result: TrackResult, count: int, max_error_factor: float = 2.0) -
     return good[np.round(np.linspace(0, len(good) - 1, count)).astype(int)]
 
 
-def obtain_canonical_map(cfg: DenseMarksStageConfig, model: FlameModel, camera: Camera, result: TrackResult,
-                         prediction: Callable[[int], UvwPrediction], out_dir: Path, model_id: str,
-                         ) -> tuple[CanonicalMap, dict]:
-    """The configured map, or one estimated from this video (written to out_dir with a PNG)."""
+def initial_canonical_map(cfg: DenseMarksStageConfig, model: FlameModel, camera: Camera, result: TrackResult,
+                          prediction: Callable[[int], UvwPrediction], model_id: str) -> tuple[CanonicalMap, dict]:
+    """The configured map, or one estimated from the landmark fits of this video's well-fitted frames."""
     if cfg.canonical_map:
-        cmap = load_canonical_map(cfg.canonical_map, model.n_vertices)
-        return cmap, {"map_source": str(cfg.canonical_map)}
+        return load_canonical_map(cfg.canonical_map, model.n_vertices), {"map_source": str(cfg.canonical_map)}
     frames = map_frames(result, cfg.map_frames)
     if not len(frames):
         raise MissingAssetError("no well-fitted frame to estimate the DenseMarks canonical map from: pass "
                                 "densemarks.canonical_map")
     cmap = estimate_canonical_map(model, camera, result.params.frames(torch.as_tensor(frames)),
                                   [prediction(int(t)) for t in frames], frame_fit_weights(result.lmk_error_px[frames]),
-                                  metadata={"predictor": model_id})
-    path = save_canonical_map(out_dir / MAP_FILE, cmap)
-    png = write_canonical_png(out_dir / MAP_PNG, model, cmap, result.params.shape)
-    return cmap, {"map_source": "estimated", "map_path": str(path), "map_png": str(png), "map_frames": len(frames),
-                  "map_observed_fraction": round(float(cmap.observed.mean()), 4)}
+                                  options=map_options(cfg), metadata={"predictor": model_id})
+    return cmap, {"map_source": "estimated", "map_frames": len(frames)}
+
+
+def map_options(cfg: DenseMarksStageConfig) -> CanonicalMapOptions:
+    return CanonicalMapOptions(affine_prior=cfg.map_affine_prior)
+
+
+def save_map_outputs(cmap: CanonicalMap, model: FlameModel, shape: torch.Tensor, out_dir: Path) -> dict:
+    """Write the map (.npz) and its picture (.png) to out_dir; returns their paths for the report."""
+    return {"map_path": str(save_canonical_map(out_dir / MAP_FILE, cmap)),
+            "map_png": str(write_canonical_png(out_dir / MAP_PNG, model, cmap, shape)),
+            "map_observed_fraction": round(float(cmap.observed.mean()), 4)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,9 +329,9 @@ def build_fitter(problem: Problem, canonical: torch.Tensor, bundle: FlameBundle,
 
 
 def refine_identity(fitter: DenseFitter, result: TrackResult, obs: Observations,
-                    dense_frame: Callable[[int], DenseFrame], keyframes: np.ndarray) -> torch.Tensor:
-    """The shared identity (1, n_shape) re-estimated on keyframes with the correspondence term: DenseMarks sees
-    the whole head (profile, ears, skull), which pins the shape far better than face landmarks do."""
+                    dense_frame: Callable[[int], DenseFrame], keyframes: np.ndarray) -> FlameParams:
+    """Keyframe parameters with the shared identity re-estimated by the correspondence term: DenseMarks sees the
+    whole head (profile, ears, skull), which pins the shape far better than face landmarks do."""
     frames = [dense_frame(int(t)) for t in keyframes]
     index = torch.as_tensor(keyframes, device=obs.landmarks.device)
     params = result.params.frames(index)
@@ -335,7 +341,7 @@ def refine_identity(fitter: DenseFitter, result: TrackResult, obs: Observations,
         extras = {key: torch.cat([frame.extras[key] for frame in frames]) for key in frames[0].extras}
         params, _ = fit_lm(fitter.lm_problem, params, replace(obs.frames(index), extras=extras), fitter.free,
                            fitter.stage.lm_iters, free_shape=True)
-    return params.shape
+    return params
 
 
 def refine_sequence_dense(fitter: DenseFitter, result: TrackResult, obs: Observations,
@@ -438,25 +444,36 @@ def run_densemarks_stage(problem: Problem, result: TrackResult, obs: Observation
     # Mesh-sized tensors: one thread is fastest (extra threads only add synchronisation, worse on busy CPUs).
     with torch_threads(1):
         start = time.perf_counter()
-        cmap, map_info = obtain_canonical_map(cfg.densemarks, problem.model, problem.camera, result, prediction,
-                                              out_dir, source.model_id)
+        cmap, map_info = initial_canonical_map(cfg.densemarks, problem.model, problem.camera, result, prediction,
+                                               source.model_id)
         info.update(map_info)
-        seconds["canonical_map"] = time.perf_counter() - start
+
+        def setup(cmap: CanonicalMap) -> tuple[DenseFitter, Callable[[int], DenseFrame]]:
+            fitter = build_fitter(problem, cmap.tensor(device), bundle, cfg)
+            tree = cKDTree(cmap.coords)
+            match_coords = cmap.coords[fitter.vertex_ids.cpu().numpy()]
+            return fitter, lambda t: prepare_frame(prediction(t), tree, match_coords, cfg.energy.dense_render,
+                                                   cfg.energy.dense_corr, device)
+
+        fitter, dense_frame = setup(cmap)
+        if cfg.densemarks.identity and cfg.energy.dense_corr.weight > 0:
+            # Alternate identity (keyframes, dense correspondences) and map (re-estimated from those fits): the
+            # map made from landmark fits carries their shape error, which the better identity then removes.
+            keyframes = choose_keyframes(result.valid, cfg.fit.keyframes)
+            for _ in range(cfg.densemarks.map_rounds):
+                key_params = refine_identity(fitter, result, obs, dense_frame, keyframes)
+                result = replace(result, params=replace(result.params, shape=key_params.shape))
+                if not cfg.densemarks.canonical_map:
+                    cmap = estimate_canonical_map(problem.model, problem.camera, key_params,
+                                                  [prediction(int(t)) for t in keyframes],
+                                                  options=map_options(cfg.densemarks),
+                                                  metadata={"predictor": source.model_id})
+                    fitter, dense_frame = setup(cmap)
+        if not cfg.densemarks.canonical_map:
+            info.update(save_map_outputs(cmap, problem.model, result.params.shape, out_dir))
+        seconds["identity_and_map"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        canonical = cmap.tensor(device)
-        fitter = build_fitter(problem, canonical, bundle, cfg)
-        tree = cKDTree(cmap.coords)
-        match_coords = cmap.coords[fitter.vertex_ids.cpu().numpy()]
-
-        def dense_frame(t: int) -> DenseFrame:
-            return prepare_frame(prediction(t), tree, match_coords, cfg.energy.dense_render, cfg.energy.dense_corr,
-                                 device)
-
-        if cfg.densemarks.identity and cfg.energy.dense_corr.weight > 0:
-            keyframes = choose_keyframes(result.valid, cfg.fit.keyframes)
-            result = replace(result, params=replace(result.params, shape=refine_identity(
-                fitter, result, obs, dense_frame, keyframes)))
         refined, counts = refine_sequence_dense(fitter, result, obs, dense_frame, progress)
         seconds["refine"] = time.perf_counter() - start
     info.update(counts, ran=True, seconds={k: round(v, 2) for k, v in seconds.items()})

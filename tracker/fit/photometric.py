@@ -1,10 +1,14 @@
-"""The photometric stage: after landmark tracking, estimate the sequence's appearance (albedo texture or vertex
-colours, and SH lighting) on keyframes, then refine every frame's pose and expression with the photometric
-term added to the landmark, prior and temporal terms (the landmarks keep anchoring the fit), coarse to fine.
+"""The photometric stage (entry point `run_photometric_stage`): after landmark tracking, refine every frame's
+pose and expression with the photometric term added to the landmark, prior and temporal terms (the landmarks
+keep anchoring the fit).
 
-Appearance fitting holds the keyframes' geometry fixed, so the visible pixels' faces, barycentric weights and
-normals are computed once and each optimiser step only samples the albedo and shades. Lighting is in camera
-coordinates and shared by all frames (a fixed light and camera, the head moving under it).
+The stage compares a square crop around the face (`StageCrop`), with a camera and landmarks in crop pixels.
+1. Appearance, an albedo (texture in FLAME's UV layout, or vertex colours) and SH lighting in camera
+   coordinates shared by all frames (a fixed camera and light, the head moving under them), is fitted on
+   keyframes with their landmark poses held fixed: the visible pixels' faces, barycentric weights and normals
+   are computed once, and each step only samples the albedo and shades.
+2. Every frame, in order, starts from its landmark fit and is refined by one Adam run over an image pyramid
+   (coarse to fine), the head turning about its own centre (`centre_offset`).
 """
 
 from __future__ import annotations
@@ -233,6 +237,19 @@ def frame_images(images: np.ndarray, t: int, device: torch.device) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(images[t])).to(device).unsqueeze(0).float() / 255
 
 
+def estimate_appearance(mesh: RegionMesh, camera: Camera, params: FlameParams, images: np.ndarray,
+                        bundle: FlameBundle, cfg: TrackerConfig, keyframes: np.ndarray) -> Appearance:
+    """Appearance from the keyframes' images (camera: theirs) with their poses held fixed."""
+    device = mesh.vertex_ids.device
+    key_images = torch.cat([frame_images(images, int(t), device) for t in keyframes])
+    key_params = params.frames(torch.as_tensor(keyframes, device=device))
+    geometry = pixel_geometry(mesh, camera, key_params, key_images, 1.0, cfg.photometric.renderer)
+    if geometry.face.numel() == 0:
+        raise TrackerError("photometric stage: the compared regions are not visible in any keyframe")
+    init = initial_appearance(cfg.photometric, bundle, geometry.target.mean(dim=1))
+    return fit_appearance(geometry, init, bundle.model.faces.to(device), cfg.energy.photometric, cfg.photometric)
+
+
 def downsample(images: Tensor, factor: int) -> Tensor:
     """(B, H, W, C) images box-filtered by an integer factor -> (B, H // factor, W // factor, C).
 
@@ -248,30 +265,30 @@ def with_images(obs: Observations, images: Tensor, image_scale: float) -> Observ
     return replace(obs, images=images, image_scale=image_scale)
 
 
-def check_stage_inputs(result: TrackResult, images: np.ndarray, crop: StageCrop, stage: PhotometricStageConfig) -> None:
-    if images.shape != (len(result.valid), crop.size, crop.size, 3) or images.dtype != np.uint8:
-        raise TrackerError(f"photometric stage: images must be ({len(result.valid)}, {crop.size}, {crop.size}, 3) "
-                           f"uint8 (the crop of every tracked frame), got {images.shape} {images.dtype}")
-    if stage.albedo not in ("texture", "vertex"):
-        raise TrackerError(f"photometric.albedo must be texture or vertex, got {stage.albedo!r}")
-    if stage.pyramid_levels < 1 or stage.keyframes < 1 or stage.texture_size < 8 or stage.iters < 1:
-        raise TrackerError("photometric.pyramid_levels, keyframes and iters must be >= 1, texture_size >= 8")
-    if crop.size < 2 ** (stage.pyramid_levels - 1) * 16:
-        raise TrackerError(f"photometric.pyramid_levels {stage.pyramid_levels} is too many for {crop.size} pixel "
-                           "images: lower it or raise photometric.resolution")
+def pyramid_factors(levels: int) -> list[int]:
+    """Downsampling factor of each pyramid level, coarse to fine: 4, 2, 1 for three levels."""
+    return [2 ** level for level in reversed(range(levels))]
 
 
-def estimate_appearance(mesh: RegionMesh, camera: Camera, params: FlameParams, images: np.ndarray,
-                        bundle: FlameBundle, cfg: TrackerConfig, keyframes: np.ndarray) -> Appearance:
-    """Appearance from the keyframes' images (camera: theirs) with their poses held fixed."""
-    device = mesh.vertex_ids.device
-    key_images = torch.cat([frame_images(images, int(t), device) for t in keyframes])
-    key_params = params.frames(torch.as_tensor(keyframes, device=device))
-    geometry = pixel_geometry(mesh, camera, key_params, key_images, 1.0, cfg.photometric.renderer)
-    if geometry.face.numel() == 0:
-        raise TrackerError("photometric stage: the compared regions are not visible in any keyframe")
-    init = initial_appearance(cfg.photometric, bundle, geometry.target.mean(dim=1))
-    return fit_appearance(geometry, init, bundle.model.faces.to(device), cfg.energy.photometric, cfg.photometric)
+def level_iters(iters: int, levels: int) -> list[int]:
+    """Steps per frame at each pyramid level, coarse to fine: `iters` split evenly, the remainder at full size."""
+    share, remainder = divmod(iters, levels)
+    return [share] * (levels - 1) + [share + remainder]
+
+
+def pyramid_problems(problem: Problem, term: PhotometricConfig, appearance: Appearance, mesh: RegionMesh,
+                     image_size: tuple[int, int], factors: Sequence[int], backend: str) -> list[Problem]:
+    """`problem` plus the photometric term, one per pyramid level (texture mip level and image size)."""
+    height, width = image_size
+    return [problem.with_terms([*problem.terms, PhotometricEnergy(term, appearance.blurred(factor), mesh)],
+                               make_rasterizer(backend, (height // factor, width // factor)))
+            for factor in factors]
+
+
+def pyramid_observations(obs: Observations, images: Tensor, image_scale: float,
+                         factors: Sequence[int]) -> list[Observations]:
+    """obs with full-size images (B, H, W, 3) at image_scale, downsampled to each pyramid level."""
+    return [with_images(obs, downsample(images, factor), image_scale / factor) for factor in factors]
 
 
 def rotate(rotation: Tensor, vectors: Tensor) -> Tensor:
@@ -292,26 +309,6 @@ def centre_offset(model: FlameModel, mesh: RegionMesh, params: FlameParams) -> T
                    translation=torch.zeros_like(params.translation))
     out = model(rest)
     return out.vertices[:, mesh.vertex_ids].mean(dim=1) - out.joints[:, 0]
-
-
-def pyramid_factors(levels: int) -> list[int]:
-    """Downsampling factor of each pyramid level, coarse to fine: 4, 2, 1 for three levels."""
-    return [2 ** level for level in reversed(range(levels))]
-
-
-def pyramid_problems(problem: Problem, term: PhotometricConfig, appearance: Appearance, mesh: RegionMesh,
-                     image_size: tuple[int, int], factors: Sequence[int], backend: str) -> list[Problem]:
-    """`problem` plus the photometric term, one per pyramid level (texture mip level and image size)."""
-    height, width = image_size
-    return [problem.with_terms([*problem.terms, PhotometricEnergy(term, appearance.blurred(factor), mesh)],
-                               make_rasterizer(backend, (height // factor, width // factor)))
-            for factor in factors]
-
-
-def pyramid_observations(obs: Observations, images: Tensor, image_scale: float,
-                         factors: Sequence[int]) -> list[Observations]:
-    """obs with full-size images (B, H, W, 3) at image_scale, downsampled to each pyramid level."""
-    return [with_images(obs, downsample(images, factor), image_scale / factor) for factor in factors]
 
 
 def fit_frame(level_problems: Sequence[Problem], level_obs: Sequence[Observations], init: FlameParams,
@@ -371,6 +368,19 @@ def refine_track(level_problems: Sequence[Problem], result: TrackResult, frame_o
     return replace(result, params=stacked, lmk_error_px=np.asarray(errors, np.float32))
 
 
+def check_stage_inputs(result: TrackResult, images: np.ndarray, crop: StageCrop, stage: PhotometricStageConfig) -> None:
+    if images.shape != (len(result.valid), crop.size, crop.size, 3) or images.dtype != np.uint8:
+        raise TrackerError(f"photometric stage: images must be ({len(result.valid)}, {crop.size}, {crop.size}, 3) "
+                           f"uint8 (the crop of every tracked frame), got {images.shape} {images.dtype}")
+    if stage.albedo not in ("texture", "vertex"):
+        raise TrackerError(f"photometric.albedo must be texture or vertex, got {stage.albedo!r}")
+    if stage.pyramid_levels < 1 or stage.keyframes < 1 or stage.texture_size < 8 or stage.iters < 1:
+        raise TrackerError("photometric.pyramid_levels, keyframes and iters must be >= 1, texture_size >= 8")
+    if crop.size < 2 ** (stage.pyramid_levels - 1) * 16:
+        raise TrackerError(f"photometric.pyramid_levels {stage.pyramid_levels} is too many for {crop.size} pixel "
+                           "images: lower it or raise photometric.resolution")
+
+
 def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observations, images: np.ndarray,
                           crop: StageCrop, bundle: FlameBundle, cfg: TrackerConfig,
                           progress: Callable[[], None] | None = None) -> tuple[TrackResult, Appearance]:
@@ -408,12 +418,6 @@ def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observatio
         steps = level_iters(stage.iters, len(factors))
         refined = refine_track(level_problems, result, frame_obs, free, steps, stage.lr, mesh, progress)
     return replace(refined, lmk_error_px=refined.lmk_error_px / crop.scale), appearance
-
-
-def level_iters(iters: int, levels: int) -> list[int]:
-    """Steps per frame at each pyramid level, coarse to fine: `iters` split evenly, the remainder at full size."""
-    share, remainder = divmod(iters, levels)
-    return [share] * (levels - 1) + [share + remainder]
 
 
 @torch.no_grad()
