@@ -15,6 +15,7 @@ alignment and after rigid alignment; every frame counts (frames without a fit ho
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from dataclasses import asdict
@@ -60,7 +61,10 @@ def sweep_params(model: FlameModel, frames: int, seed: int) -> FlameParams:
     yaw = 80.0 * np.sin(2 * np.pi * phase)
     pitch = 30.0 * np.sin(2 * np.pi * 1.5 * phase + 0.7)
     jaw, expr = talking(frames, model.expression_names, model.n_expr, FPS, rng)
-    to = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+
+    def to(values) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(values), dtype=torch.float32)
+
     return FlameParams(
         shape=to(rng.normal(0.0, 0.7, (1, model.n_shape))), expr=to(expr),
         rotation=to(euler_to_axis_angle(np.stack([yaw, pitch, np.zeros(frames)], 1))),
@@ -126,7 +130,7 @@ def face_errors(model: FlameModel, face: np.ndarray, result: TrackResult, truth:
 def yaw_table(errors: dict[str, dict[str, np.ndarray]], yaw: np.ndarray, landmarks_found: np.ndarray) -> list[dict]:
     """Rows per |yaw| bin: frames, frames with landmarks, mean error of each variant and alignment."""
     rows = []
-    for i, (lower, upper) in enumerate(zip(YAW_EDGES[:-1], YAW_EDGES[1:])):
+    for i, (lower, upper) in enumerate(itertools.pairwise(YAW_EDGES)):
         row: dict = {"abs_yaw": f"{lower:.0f}-{upper:.0f}"}
         for variant, by_alignment in errors.items():
             for alignment, values in by_alignment.items():

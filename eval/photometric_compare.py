@@ -48,9 +48,11 @@ ENVIRONMENT = {
 
 
 def landmark_run(video: Path, cfg: TrackerConfig) -> tuple[Problem, TrackResult, Observations, dict, FlameBundle]:
-    """track_video, then its Problem, TrackResult, Observations, timings (seconds) and FLAME bundle rebuilt
-    from its outputs."""
+    """track_video, then its Problem, TrackResult, Observations, timings (wall seconds per step and process
+    CPU seconds in all) and FLAME bundle rebuilt from its outputs."""
+    cpu_start = time.process_time()
     summary = track_video(video, cfg, show_progress=False)
+    cpu_seconds = time.process_time() - cpu_start
     arrays, _ = read_params(Path(summary.out_dir) / "flame_params.npz")
     device = torch.device(cfg.device)
     scheme = SCHEME_OF_DETECTOR[cfg.detect.landmarks]
@@ -70,7 +72,8 @@ def landmark_run(video: Path, cfg: TrackerConfig) -> tuple[Problem, TrackResult,
     params = FlameParams(shape=tensor("shape").view(1, -1), **{name: tensor(name) for name in FRAME_FIELDS})
     result = TrackResult(params, float(camera.focal), arrays["valid"].astype(bool),
                          arrays["lmk_error_px"].astype(np.float32), np.zeros(len(arrays["valid"]), bool))
-    return problem, result, obs, {k: summary.seconds[k] for k in ("detection", "identity", "fitting")}, bundle
+    timings = {k: summary.seconds[k] for k in ("detection", "identity", "fitting")}
+    return problem, result, obs, {**timings, "process CPU": cpu_seconds}, bundle
 
 
 def stage_inputs(video: Path, cfg: TrackerConfig, obs, result: TrackResult) -> tuple[np.ndarray, StageCrop]:
@@ -99,9 +102,9 @@ def compare(video: Path, max_frames: int, out_dir: Path) -> None:
     problem, result, obs, timings, bundle = landmark_run(video, cfg)
     images, crop = stage_inputs(video, cfg, obs, result)
     T = len(result.valid)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     refined, appearance = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg)
-    stage_seconds = time.perf_counter() - start
+    stage_seconds, stage_cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
     # Each track rendered with the appearance estimated on its own keyframes.
     camera = crop.camera(problem.camera)
@@ -109,16 +112,18 @@ def compare(video: Path, max_frames: int, out_dir: Path) -> None:
     keyframes = choose_keyframes(refined.valid, cfg.photometric.keyframes)
     with torch_threads(1):
         refined_appearance = estimate_appearance(mesh, camera, refined.params, images, bundle, cfg, keyframes)
+    landmark_cpu = timings.pop("process CPU")
     landmark_seconds = sum(timings.values())
     print(f"{video.name}: {T} frames ({int(result.valid.sum())} valid), crop {crop.side} px -> {crop.size} px; "
           f"landmark stage {', '.join(f'{k} {v / T:.3f}' for k, v in timings.items())} s/frame")
-    for name, track, track_appearance, seconds in (
-            ("landmarks only", result, appearance, landmark_seconds),
-            ("landmarks + photometric", refined, refined_appearance, landmark_seconds + stage_seconds)):
-        print(f"  {name:24s} {seconds / T:6.3f} s/frame  "
+    for name, track, track_appearance, seconds, cpu in (
+            ("landmarks only", result, appearance, landmark_seconds, landmark_cpu),
+            ("landmarks + photometric", refined, refined_appearance, landmark_seconds + stage_seconds,
+             landmark_cpu + stage_cpu)):
+        print(f"  {name:24s} {seconds / T:6.3f} s/frame wall ({cpu / T:.3f} CPU)  "
               f"PSNR {region_psnr(track_appearance, mesh, camera, track, images):6.2f} dB  "
               f"landmark error {np.nanmean(track.lmk_error_px[track.valid]):5.2f} px")
-    print(f"  photometric stage alone  {stage_seconds / T:6.3f} s/frame")
+    print(f"  photometric stage alone  {stage_seconds / T:6.3f} s/frame wall ({stage_cpu / T:.3f} CPU)")
 
     folder = out_dir / video.stem / "appearance"
     write_appearance(folder, refined_appearance)

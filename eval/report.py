@@ -46,7 +46,10 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("syn_ssim", "synthetic photometric SSIM in the face"),
     ("syn_valid_pct", "synthetic frames tracked (%)"),
     ("syn_focal_err_pct", "synthetic |focal length error| (%)"),
-    ("real_nme_heldout_pct", "real held-out-detector NME (% of box size)"),
+    ("real_nme_heldout_pct", "real NME against the detector the config did not track with (% of box size; "
+                             "rows tracked with different detectors have different references)"),
+    ("real_nme_vs_mediapipe_pct", "real NME against MediaPipe's landmarks (% of box size)"),
+    ("real_nme_vs_dlib_pct", "real NME against dlib's 68 landmarks (% of box size)"),
     ("real_psnr_db", "real photometric PSNR in the face (dB)"),
     ("real_ssim", "real photometric SSIM in the face"),
     ("real_jitter_mm", "real vertex acceleration (mm/frame^2)"),
@@ -117,6 +120,8 @@ def summary_row(result: ConfigResults) -> dict[str, float | str]:
         "syn_valid_pct": 100 * joined(syn, "valid").sum() / frames_syn if frames_syn else float("nan"),
         "syn_focal_err_pct": nanmean(np.abs([s.focal_error_pct for s in syn.values()])),
         "real_nme_heldout_pct": 100 * nanmean(joined(real, "nme_heldout")),
+        "real_nme_vs_mediapipe_pct": 100 * nanmean(joined(real, "nme_vs_mediapipe")),
+        "real_nme_vs_dlib_pct": 100 * nanmean(joined(real, "nme_vs_dlib")),
         "real_psnr_db": nanmean(joined(real, "psnr_db")),
         "real_ssim": nanmean(joined(real, "ssim")),
         "real_jitter_mm": nanmean(np.array([s.jitter_mm for s in real.values()])),
@@ -348,7 +353,8 @@ class Report:
         return "\n".join(parts) + "\n"
 
 
-def write_report(results: list[ConfigResults], out_dir: Path, run_info: dict, bench: dict | None = None) -> Path:
+def write_report(results: list[ConfigResults], out_dir: Path, run_info: dict, bench: dict | None = None,
+                 dense: dict | None = None) -> Path:
     """All tables, plots and report.md / report.html of a run; returns the markdown report's path."""
     measured = [r for r in results if r.skipped is None]
     rows = [summary_row(r) for r in measured]
@@ -376,6 +382,7 @@ def write_report(results: list[ConfigResults], out_dir: Path, run_info: dict, be
         doc.text("\n".join(f"- {c} on {v}: {why}" for c, v, why in failures))
     _synthetic_sections(doc, measured)
     _real_sections(doc, measured)
+    _dense_section(doc, dense)
     _speed_sections(doc, measured, bench)
     overlays = [(r.name, caption, path) for r in measured for caption, path in r.overlays]
     if overlays:
@@ -429,11 +436,29 @@ def _real_sections(doc: Report, results: list[ConfigResults]) -> None:
     for result in results:
         for name, s in result.real.items():
             summary = result.summaries.get(name, {})
-            rows.append([result.name, name, s.heldout_detector, 100 * nanmean(s.per_frame["nme_heldout"]),
+            nme = s.per_frame["nme_heldout"]
+            median = float(np.nanmedian(nme)) if np.isfinite(nme).any() else float("nan")
+            rows.append([result.name, name, s.heldout_detector, 100 * nanmean(nme), 100 * median,
+                         100 * nanmean(s.per_frame["nme_vs_mediapipe"]), 100 * nanmean(s.per_frame["nme_vs_dlib"]),
                          nanmean(s.per_frame["psnr_db"]), nanmean(s.per_frame["ssim"]), s.jitter_mm,
                          100 * s.valid_ratio, summary.get("seconds_per_frame", {}).get("total", float("nan"))])
-    doc.table(["config", "video", "held-out detector", "nme_heldout_pct", "psnr_db", "ssim", "jitter_mm",
-               "valid_pct", "s_per_frame"], rows)
+    doc.table(["config", "video", "held-out detector", "nme_heldout_pct", "median_nme_heldout_pct",
+               "nme_vs_mediapipe_pct", "nme_vs_dlib_pct", "psnr_db", "ssim", "jitter_mm", "valid_pct",
+               "s_per_frame"], rows)
+
+
+def _dense_section(doc: Report, dense: dict | None) -> None:
+    if not dense:
+        return
+    doc.heading("Dense correspondence of uvw predictors (synthetic)")
+    doc.text("Geodesic error between the vertex a predictor's uvw matches and the vertex the pixel shows; ratio of "
+             "points within 5/10/20 mm and GPS (kappa 10 mm). oracle_exact is the ceiling of the measure (pixels "
+             "snap to vertices), oracle_degraded a calibration with known errors.")
+    scores = dense["scores"]
+    keys = list(next(iter(scores.values()))) if scores else []
+    doc.table(["predictor", *keys], [[name, *[s[k] for k in keys]] for name, s in scores.items()])
+    if dense["skipped"]:
+        doc.text("\n".join(f"- {name} not scored: {why}" for name, why in dense["skipped"].items()))
 
 
 def _speed_sections(doc: Report, results: list[ConfigResults], bench: dict | None) -> None:

@@ -6,7 +6,9 @@
 1. Synthetic sequences with exact ground truth (eval.synthetic; generated once, cached, seeded) are tracked by
    every configuration of the ablation file (configs/ablation_default.yaml) and scored against the truth.
 2. Real videos (default: the shared dev clips) are tracked and scored without 3D truth (eval.real).
-3. Optionally the speed benchmark (eval.bench) times each stage, median of several runs.
+3. uvw predictors (the DenseMarks network when its weights and a canonical map are given; the tracker's oracle
+   as calibration) are scored for dense correspondence on the synthetic frames (eval.synthetic.dense).
+4. Optionally the speed benchmark (eval.bench) times each stage, median of several runs.
 Outputs go to eval/results/<name>/: table.md/.csv/.json (one row per configuration), plots/, overlays/,
 report.md and report.html, results.json (every per-frame value), bench.md/.json. `--quick` is the CI subset:
 one 36-frame synthetic sequence and the first frames of one real clip.
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -30,10 +31,19 @@ import torch
 
 from eval.ablation import DEFAULT_ABLATION, Ablation, AblationConfig, load_ablation, merge, run_config
 from eval.bench.stages import BenchOptions, machine_name, run_bench
-from eval.photometric import PhotometricOptions
+from eval.photometric import PhotometricOptions, evenly_spaced
 from eval.real.evaluate import VideoScores, score_video
-from eval.real.videos import DEFAULT_VIDEO_DIR, find_videos
+from eval.real.videos import DEFAULT_VIDEO_DIR, REFERENCE_VIDEO, find_videos
 from eval.report import ConfigResults, mesh_overlay, save_panel, worst_and_median, write_report
+from eval.synthetic.dense import (
+    ORACLES,
+    DenseOptions,
+    GeodesicTable,
+    dense_scores,
+    network_predictor,
+    oracle_predictor,
+    summarise,
+)
 from eval.synthetic.evaluate import score_sequence
 from eval.synthetic.generate import (
     GroundTruth,
@@ -55,8 +65,6 @@ from tracker.render.texture import load_obj
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "eval" / "results"
-QUICK_VIDEO = DEFAULT_VIDEO_DIR / "wojtek.mp4"
-"""The real clip of --quick runs: frontal, 512 x 512, both detectors find the face."""
 PROBE_FRAMES = 3
 """Frames tracked to check that a configuration's stage runs at all."""
 METRIC_ATLAS_SIZE = 256
@@ -65,7 +73,10 @@ METRIC_ATLAS_SIZE = 256
 
 @dataclass
 class EvalOptions:
+    """What one evaluation run does; `preset` gives the full benchmark and the --quick subset."""
+
     name: str
+    """Run folder under `out`."""
     quick: bool = False
     configs: list[str] | None = None
     ablation: str = str(DEFAULT_ABLATION)
@@ -80,6 +91,11 @@ class EvalOptions:
     out: Path = RESULTS
     cache_dir: Path = RESULTS / "cache"
     photometric: PhotometricOptions = field(default_factory=PhotometricOptions)
+    dense: DenseOptions | None = field(default_factory=DenseOptions)
+    """Dense-correspondence scoring of uvw predictors on the synthetic frames (None: off)."""
+    densemarks_weights: str | None = None
+    canonical_map: str | None = None
+    """Canonical map for the DenseMarks network's dense-correspondence score."""
     sequences: tuple[SequenceSpec, ...] | None = None
     """Synthetic sequences to use instead of the suite's."""
     tracker_overrides: dict = field(default_factory=dict)
@@ -89,8 +105,9 @@ class EvalOptions:
     def preset(quick: bool, **overrides) -> EvalOptions:
         """The full benchmark, or the CI subset (one synthetic sequence, 8 frames of one clip, no bench)."""
         if quick:
-            values = dict(name="quick", quick=True, videos=[str(QUICK_VIDEO)], real_frames=8, bench_runs=0,
-                          photometric=PhotometricOptions(texture_frames=8, eval_frames=12))
+            values = dict(name="quick", quick=True, videos=[str(REFERENCE_VIDEO)], real_frames=8, bench_runs=0,
+                          photometric=PhotometricOptions(texture_frames=8, eval_frames=12),
+                          dense=DenseOptions(frames=2, pixels=1000))
         else:
             values = dict(name="full", bench_runs=3)
         return EvalOptions(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
@@ -247,6 +264,33 @@ def _real_overlays(result: ConfigResults, video: Path, tracked: TrackedSequence,
                                 f"{100 * nme[t]:.1f} %, green: {scores.heldout_detector} landmarks)", str(path)))
 
 
+def run_dense(sequences: list[SyntheticSequence], ctx: Context) -> dict:
+    """Dense-correspondence scores of each uvw predictor over the synthetic sequences, and why some did not run."""
+    options, model, masks = ctx.options.dense, ctx.model, ctx.assets.bundle.masks
+    eyeballs = np.concatenate([masks["left_eyeball"], masks["right_eyeball"]])
+    candidates = np.setdiff1d(np.arange(model.n_vertices), eyeballs)  # eyeballs turn with the gaze
+    geodesics = GeodesicTable(model, ctx.face_ids)
+    errors: dict[str, list[np.ndarray]] = {}
+    skipped: dict[str, str] = {}
+    try:
+        network = network_predictor(ctx.options.densemarks_weights, ctx.options.canonical_map, model.n_vertices,
+                                    ctx.options.device)
+    except TrackerError as error:
+        network, skipped["densemarks"] = None, str(error)
+    for sequence in sequences:
+        gt = load_ground_truth(sequence.ground_truth)
+        rows = set(evenly_spaced(np.arange(gt.n_frames), options.frames).tolist())
+        frames = _frames_at(sequence.video, rows)
+        predictors = [oracle_predictor(name, model, sequence.ground_truth, noise) for name, noise in ORACLES.items()]
+        for predictor in predictors + ([network] if network else []):
+            errors.setdefault(predictor.name, []).append(
+                dense_scores(predictor, gt, frames, model, ctx.face_ids, candidates, geodesics, options))
+    scores = {name: summarise(np.concatenate(parts), options) for name, parts in errors.items()}
+    for name, summary in scores.items():
+        log(f"dense correspondence / {name}: PCK@10mm {summary['pck_10mm']:.3f}, GPS {summary['gps']:.3f}")
+    return {"scores": scores, "skipped": skipped}
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -296,11 +340,13 @@ def run_evaluation(options: EvalOptions) -> Path:
             run_real(result, config, ablation, videos, ctx)
         if result.skipped is None and not (result.synthetic or result.real) and result.failures:
             result.skipped = "no run produced output: " + next(iter(result.failures.values()))
+    dense = run_dense(sequences, ctx) if sequences and options.dense else None
     bench = None
     measured = [c for c, r in zip(configs, results, strict=True) if r.skipped is None]
     if options.bench_runs > 0 and measured and videos:
         log(f"speed benchmark: {options.bench_runs} runs x {len(measured)} configs")
-        bench = run_bench([c for c in measured if not c.synthetic_only], ablation.base, videos[0],
+        bench_video = REFERENCE_VIDEO if REFERENCE_VIDEO in videos else videos[0]
+        bench = run_bench([c for c in measured if not c.synthetic_only], ablation.base, bench_video,
                           BenchOptions(options.bench_frames, options.bench_runs, options.device), run_dir / "bench")
     run_info = {
         "name": options.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -311,8 +357,9 @@ def run_evaluation(options: EvalOptions) -> Path:
         "real videos": f"{len(videos)} (first {options.real_frames} frames each)",
         "flame": str(assets.bundle.flame_file), "wall time (min)": round((time.perf_counter() - started) / 60, 1),
     }
-    (run_dir / "results.json").write_text(json.dumps(results_json(results, run_info), default=float))
-    report = write_report(results, run_dir, run_info, bench)
+    (run_dir / "results.json").write_text(json.dumps({**results_json(results, run_info), "dense": dense,
+                                                      "bench": bench}, default=float))
+    report = write_report(results, run_dir, run_info, bench, dense)
     log(f"done in {run_info['wall time (min)']} min: {report}")
     return run_dir
 
@@ -330,12 +377,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-synthetic", action="store_true")
     parser.add_argument("--no-real", action="store_true")
     parser.add_argument("--device", help="torch device for the tracker (cpu, cuda)")
+    parser.add_argument("--densemarks-weights", help="DenseMarks model.safetensors for the dense-correspondence "
+                                                     "score (default: the Hugging Face cache, offline)")
+    parser.add_argument("--canonical-map", help="canonical map (.npz/.npy) of the DenseMarks network for that score")
     args = parser.parse_args(argv)
     options = EvalOptions.preset(
         args.quick, name=args.name, configs=args.configs.split(",") if args.configs else None,
         ablation=args.ablation, videos=args.videos, real_frames=args.real_frames, bench_runs=args.bench_runs,
-        synthetic=False if args.no_synthetic else None, real=False if args.no_real else None, device=args.device)
-    os.environ.setdefault("GLOG_minloglevel", "2")
+        synthetic=False if args.no_synthetic else None, real=False if args.no_real else None, device=args.device,
+        densemarks_weights=args.densemarks_weights, canonical_map=args.canonical_map)
     try:
         run_evaluation(options)
     except TrackerError as error:

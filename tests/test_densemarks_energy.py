@@ -13,19 +13,39 @@ from tests.conftest import FLAME_ASSETS, FLAME_STANDIN
 from tracker.camera import Camera
 from tracker.config import load_config
 from tracker.densemarks.canonical import (
-    CanonicalMap, CanonicalMapOptions, crop_affine, diffuse_unknown, estimate_canonical_map, load_canonical_map, save_canonical_map,
-    vertex_graph, weighted_median, write_canonical_png,
+    CanonicalMap,
+    CanonicalMapOptions,
+    crop_affine,
+    diffuse_unknown,
+    estimate_canonical_map,
+    load_canonical_map,
+    save_canonical_map,
+    vertex_graph,
+    weighted_median,
+    write_canonical_png,
 )
 from tracker.densemarks.oracle import (
-    OracleDenseMarks, OracleGroundTruth, OracleNoise, check_oracle_allowed, template_cube_coordinates,
+    OracleDenseMarks,
+    OracleGroundTruth,
+    OracleNoise,
+    check_oracle_allowed,
+    template_cube_coordinates,
 )
 from tracker.densemarks.predict import CropBox, frame_to_crop_affine
 from tracker.densemarks.stage import (
-    choose_source, head_boxes, head_vertex_ids, prepare_frame, refresh_gates, run_densemarks_stage,
+    choose_source,
+    head_boxes,
+    head_vertex_ids,
+    prepare_frame,
+    refresh_gates,
+    run_densemarks_stage,
 )
 from tracker.energy.base import Observations
 from tracker.energy.dense import (
-    DenseCorrespondenceConfig, DenseCorrespondenceEnergy, DenseRenderConfig, DenseRenderEnergy,
+    DenseCorrespondenceConfig,
+    DenseCorrespondenceEnergy,
+    DenseRenderConfig,
+    DenseRenderEnergy,
     correspondence_vertices,
 )
 from tracker.energy.landmarks import LandmarkEnergy, LandmarkEnergyConfig
@@ -69,10 +89,10 @@ def sweep_params(model, yaws_deg, pitches_deg, seed: int = 0) -> FlameParams:
     return params
 
 
-def oracle_for(bundle, params, noise=OracleNoise(), crop_size=CROP):
+def oracle_for(bundle, params, noise: OracleNoise | None = None, crop_size: int = CROP):
     camera = Camera.from_image(SIZE, SIZE, fov_deg=30)
     truth = OracleGroundTruth(params, camera, np.arange(params.batch_size), {"synthetic": True})
-    return OracleDenseMarks(bundle.model, truth, noise, crop_size=crop_size), camera
+    return OracleDenseMarks(bundle.model, truth, noise or OracleNoise(), crop_size=crop_size), camera
 
 
 def boxes_for(bundle, camera, params):
@@ -308,7 +328,8 @@ def test_stage_refines_a_perturbed_track(bundle, tmp_path):
     refined, info = run_densemarks_stage(problem, result, obs, np.arange(4), lambda: iter(()), bundle, cfg, tmp_path)
     assert info["ran"] and info["predictor"] == "oracle" and info["map_source"] == "estimated"
     assert info["map_frames"] == 2
-    assert (tmp_path / "densemarks_canonical_map.npz").is_file() and (tmp_path / "densemarks_canonical_map.png").is_file()
+    assert (tmp_path / "densemarks_canonical_map.npz").is_file()
+    assert (tmp_path / "densemarks_canonical_map.png").is_file()
     assert refined.valid.all() and info["frames_without_landmarks_tracked"] == 1
     assert np.isnan(refined.lmk_error_px[3]) and refined.lmk_error_px[1] < 1.0
     # The neck is free: the head's orientation (global then neck) is what the images determine.

@@ -13,6 +13,7 @@ from eval.ablation import load_ablation, merge
 from eval.photometric import PhotometricOptions
 from eval.real.evaluate import valid_runs
 from eval.run import EvalOptions, run_evaluation
+from eval.synthetic.dense import DenseOptions
 from eval.synthetic.evaluate import score_sequence
 from eval.synthetic.generate import (
     build_ground_truth,
@@ -180,13 +181,14 @@ def test_quick_run_end_to_end(tmp_path, cache_dir):
         True, name="e2e", out=tmp_path / "results", cache_dir=cache_dir, ablation=str(ablation),
         videos=[str(VIDEOS / "wojtek.mp4")], real_frames=4, bench_runs=1, bench_frames=3, sequences=(spec,),
         tracker_overrides={"fit": {"keyframes": 3, "shape_iters": 6, "first_frame_iters": 10}},
-        photometric=PhotometricOptions(texture_frames=4, eval_frames=4))
+        photometric=PhotometricOptions(texture_frames=4, eval_frames=4), dense=DenseOptions(frames=1, pixels=500))
     run_dir = run_evaluation(options)
     rows = json.loads((run_dir / "table.json").read_text())
     assert [r["config"] for r in rows] == ["landmarks"]
     row = rows[0]
     assert 0 < row["syn_v2v_rigid_mm"] < 15 and 0 < row["syn_nme68_pct"] < 15
     assert 0 < row["real_nme_heldout_pct"] < 15 and row["real_valid_pct"] == 100
+    assert 0 < row["real_nme_vs_mediapipe_pct"] < row["real_nme_vs_dlib_pct"]  # it follows its own detector best
     assert row["s_per_frame"] > 0
     assert (run_dir / "table.md").read_text().count("| landmarks |") == 1
     assert (run_dir / "table.csv").read_text().splitlines()[0].startswith("config,")
@@ -195,5 +197,11 @@ def test_quick_run_end_to_end(tmp_path, cache_dir):
     report = (run_dir / "report.md").read_text()
     assert "future_stage" in report and "unknown config key" in report
     assert len(list((run_dir / "overlays").glob("*.png"))) == 4  # worst + median, synthetic + real
+    dense = json.loads((run_dir / "results.json").read_text())["dense"]
+    exact, degraded = dense["scores"]["oracle_exact"], dense["scores"]["oracle_degraded"]
+    # An exact predictor finds the pixel's own vertex for most pixels (the rest snap to a neighbour).
+    assert exact["median_mm"] == 0.0 and exact["pck_20mm"] > 0.97
+    assert degraded["pck_5mm"] < exact["pck_5mm"] - 0.2
+    assert "densemarks" in dense["skipped"]
     bench = json.loads((run_dir / "bench" / "bench.json").read_text())
     assert {"decode", "detection", "fitting", "render"} <= set(bench["configs"]["landmarks"]["median_s_per_frame"])

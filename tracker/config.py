@@ -219,6 +219,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return None
         raise TrackerError(f"config key {key} must not be empty")
     for option in options:
+        if typing.get_origin(option) is list and isinstance(value, list):
+            (item,) = typing.get_args(option)
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if option in (int, str, bool) and type(value) is option:

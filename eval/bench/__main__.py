@@ -14,7 +14,7 @@ from pathlib import Path
 
 from eval.ablation import DEFAULT_ABLATION, load_ablation
 from eval.bench.stages import BenchOptions, run_bench
-from eval.real.videos import DEFAULT_VIDEO_DIR, find_videos
+from eval.real.videos import REFERENCE_VIDEO, find_videos
 from tracker.errors import TrackerError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--video", type=Path, help=f"clip to time (default: the first in {DEFAULT_VIDEO_DIR})")
+    parser.add_argument("--video", type=Path, default=REFERENCE_VIDEO, help="clip to time (default: %(default)s)")
     parser.add_argument("--frames", type=int, default=20, help="frames tracked per run")
     parser.add_argument("--runs", type=int, default=3, help="runs per configuration (median reported)")
     parser.add_argument("--configs", help="comma-separated config names (default: all in the ablation file)")
@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ablation = load_ablation(args.ablation)
         configs = ablation.select(args.configs.split(",") if args.configs else None, quick=False)
-        video = args.video or find_videos([DEFAULT_VIDEO_DIR])[0]
-        data = run_bench(list(configs), ablation.base, video,
+        data = run_bench(list(configs), ablation.base, find_videos([args.video])[0],
                          BenchOptions(args.frames, args.runs, args.device), args.out)
     except TrackerError as error:
         print(f"error: {error}", file=sys.stderr)

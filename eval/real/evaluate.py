@@ -1,10 +1,12 @@
 """Scoring a track of a real video, which has no 3D truth.
 
-- Held-out landmark NME: a detector the tracker did not use (dlib-68 for a MediaPipe track, MediaPipe for a
-  dlib track) is run on the same frames, and the tracked mesh's landmarks of that detector's scheme (FLAME
-  embeddings) are projected and compared with it. The two detectors disagree a little by definition (jaw
-  contour, lip line), so the number has a floor above zero; it ranks configurations, it is not an absolute
-  accuracy.
+- Landmark NME against reference detectors: MediaPipe and dlib-68 are run on the same frames, and the tracked
+  mesh's landmarks of each detector's scheme (FLAME embeddings) are projected and compared with them. The
+  held-out NME is the one against the detector the tracker did not use (dlib for a MediaPipe track,
+  MediaPipe for a dlib track); the other shows how closely the fit follows its own input. The detectors
+  disagree a little by definition (jaw contour, lip line), so the numbers have a floor above zero; they rank
+  configurations, they are not absolute accuracies. Compare held-out NMEs only between tracks made with the
+  same detector (they are scored against the same reference).
 - Photometric PSNR / SSIM in the face region (eval.photometric).
 - Jitter: mean vertex acceleration of the tracked face over runs of valid frames. Real heads move, so this
   mixes true motion with jitter; compare configurations on the same clip.
@@ -30,9 +32,10 @@ from tracker.flame.landmarks import LandmarkSet, load_landmark_set
 from tracker.flame.model import FlameModel
 from tracker.io.video import FrameSelection, read_frames
 
-HELD_OUT = {"mediapipe": ("dlib", SCHEME_IBUG68), "dlib": ("mediapipe", SCHEME_MEDIAPIPE),
-            "fan": ("mediapipe", SCHEME_MEDIAPIPE)}
-"""Tracking detector -> (held-out detector, its landmark scheme)."""
+REFERENCE_DETECTORS = {"mediapipe": SCHEME_MEDIAPIPE, "dlib": SCHEME_IBUG68}
+"""Detectors the tracked landmarks are scored against, with their landmark schemes."""
+HELD_OUT = {"mediapipe": "dlib", "dlib": "mediapipe", "fan": "mediapipe"}
+"""Tracking detector -> the reference detector it never saw."""
 
 
 @dataclass
@@ -48,14 +51,31 @@ class VideoScores:
     """(T, L, 2) the held-out detector's landmarks compared against (NaN where it found no face)."""
 
 
-def held_out_landmarks(video: Path, detector_name: str, selection: FrameSelection, cache_dir: Path) -> LandmarkTrack:
-    """Landmarks of the held-out detector on the selected frames (cached per video and settings)."""
+def detector_landmarks(video: Path, detector_name: str, selection: FrameSelection, cache_dir: Path) -> LandmarkTrack:
+    """A reference detector's landmarks on the selected frames (cached per video and settings)."""
     detector = make_detector(detector_name)
     try:
         return detect_video(video, detector, selection, cache_dir=cache_dir)
     finally:
         if hasattr(detector, "close"):  # MediaPipe's native graph must be closed
             detector.close()
+
+
+def landmark_agreement(reference: LandmarkTrack, tracked: TrackedSequence, vertices: torch.Tensor,
+                       landmarks: LandmarkSet) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame NME (box-normalised) between the tracked mesh's landmarks of the reference's scheme and the
+    reference detections, and those detections (T, L, 2); NaN where either side has no face."""
+    row_of = {int(f): t for t, f in enumerate(reference.frame_indices)}
+    rows = np.array([row_of.get(int(f), -1) for f in tracked.frame_index])
+    found = (rows >= 0) & reference.valid[rows.clip(min=0)]
+    points = np.where(found[:, None, None], reference.points[rows.clip(min=0)][:, landmarks.detector_index.numpy()],
+                      np.nan)
+    nme = np.full(len(rows), np.nan)
+    scored = found & tracked.valid
+    if scored.any():
+        predicted = tracked.landmarks_2d(vertices, landmarks)
+        nme[scored] = landmark_nme(predicted[scored], points[scored], normaliser=landmark_box_size(points[scored]))
+    return nme, points
 
 
 def valid_runs(valid: np.ndarray, min_length: int = 3) -> list[tuple[int, int]]:
@@ -69,21 +89,15 @@ def score_video(video: Path, tracked: TrackedSequence, tracking_detector: str, m
                 assets_dir: Path, face_ids: np.ndarray, atlas: UvAtlas, selection: FrameSelection,
                 cache_dir: Path, photometric: PhotometricOptions) -> VideoScores:
     """All metrics of one tracked real video. selection: the frames that were tracked."""
-    heldout_name, scheme = HELD_OUT[tracking_detector]
-    heldout = held_out_landmarks(video, heldout_name, selection, cache_dir)
-    landmarks: LandmarkSet = load_landmark_set(scheme, assets_dir, model.faces.cpu().numpy())
     vertices = tracked.vertices(model)
-    row_of = {int(f): t for t, f in enumerate(heldout.frame_indices)}
-    rows = np.array([row_of.get(int(f), -1) for f in tracked.frame_index])
-    has_reference = (rows >= 0) & heldout.valid[rows.clip(min=0)]
-    reference = heldout.points[rows.clip(min=0)][:, landmarks.detector_index.numpy()]
-    predicted = tracked.landmarks_2d(vertices, landmarks)
-    T = len(tracked.frame_index)
-    nme = np.full(T, np.nan)
-    scored = has_reference & tracked.valid
-    if scored.any():
-        nme[scored] = landmark_nme(predicted[scored], reference[scored],
-                                   normaliser=landmark_box_size(reference[scored]))
+    per_frame: dict[str, np.ndarray] = {"valid": tracked.valid.astype(float)}
+    points = {}
+    for name, scheme in REFERENCE_DETECTORS.items():
+        landmarks = load_landmark_set(scheme, assets_dir, model.faces.cpu().numpy())
+        reference = detector_landmarks(video, name, selection, cache_dir)
+        per_frame[f"nme_vs_{name}"], points[name] = landmark_agreement(reference, tracked, vertices, landmarks)
+    heldout = HELD_OUT[tracking_detector]
+    per_frame["nme_heldout"] = per_frame[f"nme_vs_{heldout}"]
     texture_rows, eval_rows = frames_needed(tracked.valid, photometric)
     wanted = {int(tracked.frame_index[t]): t for t in set(texture_rows.tolist()) | set(eval_rows.tolist())}
     frames = {wanted[f.index]: f.rgb for f in read_frames(video, selection) if f.index in wanted}
@@ -92,7 +106,5 @@ def score_video(video: Path, tracked: TrackedSequence, tracking_detector: str, m
     runs = valid_runs(tracked.valid)
     face = torch.as_tensor(face_ids)
     jitter = temporal_jitter_mm(vertices[:, face], runs) if runs else float("nan")
-    per_frame = {"valid": tracked.valid.astype(float), "heldout_found": has_reference.astype(float),
-                 "nme_heldout": nme, "psnr_db": psnr_values, "ssim": ssim_values}
-    return VideoScores(video.stem, per_frame, jitter, float(tracked.valid.mean()), heldout_name,
-                       np.where(has_reference[:, None, None], reference, np.nan))
+    per_frame.update(psnr_db=psnr_values, ssim=ssim_values)
+    return VideoScores(video.stem, per_frame, jitter, float(tracked.valid.mean()), heldout, points[heldout])

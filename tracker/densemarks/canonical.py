@@ -16,9 +16,10 @@ to the resolution a map is used at.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -116,7 +117,7 @@ def save_canonical_map(path: str | Path, cmap: CanonicalMap) -> Path:
     """Write the map as .npz (coords, support, metadata as JSON); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": MAP_FORMAT, "version": MAP_VERSION, "n_vertices": int(len(cmap.coords)), **cmap.metadata}
+    metadata = {"format": MAP_FORMAT, "version": MAP_VERSION, "n_vertices": len(cmap.coords), **cmap.metadata}
     partial = path.with_name(path.stem + ".partial.npz")
     np.savez(partial, coords=cmap.coords.astype(np.float32), support=cmap.support.astype(np.float32),
              metadata=np.array(json.dumps(metadata, default=str)))
@@ -203,7 +204,8 @@ def surface_neighbourhood(faces: torch.Tensor, n_vertices: int) -> torch.Tensor:
     return torch.from_numpy(keys).to(faces.device)
 
 
-def shows_neighbourhood(neighbourhood: torch.Tensor, vertex: torch.Tensor, face: torch.Tensor, n_faces: int) -> torch.Tensor:
+def shows_neighbourhood(neighbourhood: torch.Tensor, vertex: torch.Tensor, face: torch.Tensor,
+                        n_faces: int) -> torch.Tensor:
     """(N,) bool: face[i] (-1 = background) is in the surface neighbourhood of vertex[i]."""
     keys = vertex * n_faces + face
     position = torch.searchsorted(neighbourhood, keys).clamp(max=len(neighbourhood) - 1)
@@ -218,9 +220,9 @@ def vertex_visibility(vertices: torch.Tensor, faces: torch.Tensor, camera: Camer
 
     vertices: (V, 3) world; affine: (2, 3) frame -> crop pixels; depth_tolerance_m: allowed depth mismatch on
     top of the surface's own slope; neighbourhood: `surface_neighbourhood` keys, to also require that the pixels
-    around a vertex show faces next to it (stricter, for sampling). Returns visible (V,) bool (the pixels around the vertex show its surface),
-    facing (V,) cosine between normal and the ray to the camera, crop positions
-    (V, 2) and the coverage (size, size) bool.
+    around a vertex show faces next to it (stricter, for sampling). Returns visible (V,) bool (the four pixels
+    around the vertex show its surface), facing (V,) cosine between normal and the ray to the camera, crop
+    positions (V, 2) and the coverage (size, size) bool.
     """
     screen = crop_screen_vertices(vertices[None], camera, affine[None])[0]
     fragments = rasterize(screen[None], faces, RasterSettings((size, size)))

@@ -97,15 +97,18 @@ def check_oracle_allowed(ground_truth: str | Path | None) -> Path:
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
         raise TrackerError(f"oracle ground truth {path} is not a readable parameter npz ({error})") from None
     if metadata.get(SYNTHETIC_KEY) is not True:
-        raise TrackerError(f"oracle ground truth {path} is not marked synthetic (metadata {{\"{SYNTHETIC_KEY}\": true}}):"
-                           " the DenseMarks oracle is for evaluation on synthetic sequences only")
+        raise TrackerError(f"oracle ground truth {path} is not marked synthetic (metadata "
+                           f"{{\"{SYNTHETIC_KEY}\": true}}): the DenseMarks oracle is for evaluation on synthetic "
+                           "sequences only")
     return path
 
 
 def load_oracle_ground_truth(path: str | Path, device: torch.device | str = "cpu") -> OracleGroundTruth:
     """Read a synthetic sequence's ground truth (export format, see tracker.io.export); checks it first."""
     arrays, metadata = read_params(check_oracle_allowed(path))
-    to = lambda name: torch.as_tensor(arrays[name], dtype=torch.float32, device=device)  # noqa: E731
+    def to(name: str) -> torch.Tensor:
+        return torch.as_tensor(arrays[name], dtype=torch.float32, device=device)
+
     params = FlameParams(shape=to("shape").reshape(1, -1), **{name: to(name) for name in FRAME_FIELDS})
     K = arrays["K"][0]
     height, width = (int(v) for v in arrays["image_size"])

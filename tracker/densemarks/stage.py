@@ -17,9 +17,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,14 +29,33 @@ from scipy.spatial import cKDTree
 from tracker.camera import Camera
 from tracker.config import DenseMarksStageConfig, TrackerConfig
 from tracker.densemarks.canonical import (
-    CanonicalMap, CanonicalMapOptions, crop_affine, estimate_canonical_map, frame_fit_weights, load_canonical_map,
-    resize_uvw, save_canonical_map, vertex_visibility, write_canonical_png,
+    CanonicalMap,
+    CanonicalMapOptions,
+    crop_affine,
+    estimate_canonical_map,
+    frame_fit_weights,
+    load_canonical_map,
+    resize_uvw,
+    save_canonical_map,
+    vertex_visibility,
+    write_canonical_png,
 )
 from tracker.densemarks.predict import CropBox, UvwCache, UvwPrediction
-from tracker.energy.base import EnergyTerm, Observations
+from tracker.energy.base import EnergyTerm, Evaluation, Observations
 from tracker.energy.dense import (
-    CORR_TARGET, CORR_WEIGHT, CROP_PX, TO_CROP, UVW, VALID, DenseCorrespondenceConfig, DenseCorrespondenceEnergy,
-    DenseRenderConfig, DenseRenderEnergy, correspondence_vertices, correspondence_weights, match_uvw,
+    CORR_TARGET,
+    CORR_WEIGHT,
+    CROP_PX,
+    TO_CROP,
+    UVW,
+    VALID,
+    DenseCorrespondenceConfig,
+    DenseCorrespondenceEnergy,
+    DenseRenderConfig,
+    DenseRenderEnergy,
+    correspondence_vertices,
+    correspondence_weights,
+    match_uvw,
     prediction_validity,
 )
 from tracker.errors import MissingAssetError
@@ -102,10 +122,10 @@ def choose_source(cfg: DenseMarksStageConfig, model: FlameModel, device: torch.d
                      {"weights": str(path), "weights_sha256": predictor.model_id, "license": LICENSE}), ""
 
 
-def oracle_source(oracle: "OracleDenseMarks") -> UvwSource:
+def oracle_source(oracle: OracleDenseMarks) -> UvwSource:
     """The evaluation-only oracle as a uvw source (it renders from ground truth: no pixels needed)."""
-    return UvwSource("oracle", oracle.model_id, oracle.crop_size, False, lambda index, _rgb, box: oracle.predict(index, box),
-                     {"oracle_noise": asdict(oracle.noise)})
+    return UvwSource("oracle", oracle.model_id, oracle.crop_size, False,
+                     lambda index, _rgb, box: oracle.predict(index, box), {"oracle_noise": asdict(oracle.noise)})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,7 +265,10 @@ def prepare_frame(prediction: UvwPrediction, canonical_tree: cKDTree, match_coor
     pixels, distance = match_uvw(search, prediction_validity(search, canonical_tree, render_cfg.valid_distance),
                                  match_coords)
     targets = to_video_pixels(crop_affine(prediction.frame_to_crop, search_size / side), pixels)
-    as_tensor = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=device)  # noqa: E731
+
+    def as_tensor(values) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(values, np.float32), device=device)
+
     extras = {
         UVW: as_tensor(uvw)[None],
         VALID: as_tensor(prediction_validity(uvw, canonical_tree, render_cfg.valid_distance))[None],
@@ -320,26 +343,57 @@ def build_fitter(problem: Problem, canonical: torch.Tensor, bundle: FlameBundle,
     ids = correspondence_vertices(problem.model.n_vertices, cfg.energy.dense_corr.vertices, excluded.astype(np.int64),
                                   cfg.seed)
     vertex_ids = torch.as_tensor(ids, device=canonical.device)
-    corr = [DenseCorrespondenceEnergy(cfg.energy.dense_corr, problem.model, vertex_ids)] if cfg.energy.dense_corr.weight > 0 else []
-    render = [DenseRenderEnergy(cfg.energy.dense_render, canonical)] if cfg.energy.dense_render.weight > 0 else []
+    energy = cfg.energy
+    corr = [DenseCorrespondenceEnergy(energy.dense_corr, problem.model, vertex_ids)] if energy.dense_corr.weight else []
+    render = [DenseRenderEnergy(energy.dense_render, canonical)] if energy.dense_render.weight else []
     base: list[EnergyTerm] = list(problem.terms)
     free = tuple(LANDMARK_FIELDS) + (("neck_pose",) if cfg.densemarks.free_neck else ())
     return DenseFitter(problem.with_terms(base + corr), problem.with_terms(base + corr + render), vertex_ids, cfg,
                        tuple(f for f in FRAME_FIELDS if f in free))
 
 
+def head_size(model: FlameModel, shape: torch.Tensor) -> torch.Tensor:
+    """() RMS distance of the neutral head's vertices from their centroid for identity shape (1, n_shape)."""
+    vertices = model.v_template + model.dirs[:, :, :model.n_shape] @ shape[0]
+    return (vertices - vertices.mean(0)).square().sum(-1).mean().sqrt()
+
+
+class HeadSizeEnergy:
+    """Holds the neutral head's size at that of a reference identity while the identity is re-estimated.
+
+    A single camera sees size and distance only together, and an estimated canonical map is itself only known up
+    to an affine transform, so dense terms can trade head size against depth; the landmark stage's size (set by
+    the shape prior) is kept. Residual (B, 1): the relative size change, shared out over the frames.
+    """
+
+    name = "head_size"
+
+    def __init__(self, model: FlameModel, reference_shape: torch.Tensor, weight: float = 1e4):
+        self.model = model
+        self.reference = head_size(model, reference_shape).detach()
+        self.weight = weight
+
+    def __call__(self, ev: Evaluation) -> torch.Tensor:
+        batch = ev.params.batch_size
+        change = head_size(self.model, ev.params.shape) / self.reference - 1
+        return (self.weight / batch) ** 0.5 * change.expand(batch, 1)
+
+
 def refine_identity(fitter: DenseFitter, result: TrackResult, obs: Observations,
                     dense_frame: Callable[[int], DenseFrame], keyframes: np.ndarray) -> FlameParams:
     """Keyframe parameters with the shared identity re-estimated by the correspondence term: DenseMarks sees the
-    whole head (profile, ears, skull), which pins the shape far better than face landmarks do."""
+    whole head (profile, ears, skull), which pins the shape far better than face landmarks do; the head's size
+    stays that of the landmark identity (`HeadSizeEnergy`)."""
     frames = [dense_frame(int(t)) for t in keyframes]
     index = torch.as_tensor(keyframes, device=obs.landmarks.device)
     params = result.params.frames(index)
+    problem = fitter.lm_problem
+    problem = problem.with_terms([*problem.terms, HeadSizeEnergy(problem.model, result.params.shape)])
     for _ in range(fitter.stage.rounds):
         for i, frame in enumerate(frames):
             fitter.gates(frame, params.frames(slice(i, i + 1)))
         extras = {key: torch.cat([frame.extras[key] for frame in frames]) for key in frames[0].extras}
-        params, _ = fit_lm(fitter.lm_problem, params, replace(obs.frames(index), extras=extras), fitter.free,
+        params, _ = fit_lm(problem, params, replace(obs.frames(index), extras=extras), fitter.free,
                            fitter.stage.lm_iters, free_shape=True)
     return params
 
@@ -438,7 +492,8 @@ def run_densemarks_stage(problem: Problem, result: TrackResult, obs: Observation
     def prediction(t: int) -> UvwPrediction:
         stored = cache.get(int(frame_indices[t]))
         if stored is None:  # the cache was emptied under us
-            raise MissingAssetError(f"DenseMarks prediction of frame {frame_indices[t]} vanished from {cache.directory}")
+            raise MissingAssetError(f"DenseMarks prediction of frame {frame_indices[t]} vanished from "
+                                    f"{cache.directory}: run again")
         return stored
 
     # Mesh-sized tensors: one thread is fastest (extra threads only add synchronisation, worse on busy CPUs).

@@ -108,8 +108,9 @@ class Evaluation:
         """Visibility of the full mesh in obs.images' pixels (not differentiable; interpolation is)."""
         if self.rasterizer is None:
             raise RuntimeError("an image term needs a rasterizer: build the Problem with one")
+        screen = self.screen_vertices  # computed (and cached) with gradients, outside no_grad
         with torch.no_grad():
-            return self.rasterizer(self.screen_vertices.detach(), self.model.faces)
+            return self.rasterizer(screen.detach(), self.model.faces)
 
     def interpolate(self, attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-vertex attributes (B or 1, V, C) -> image (B, H, W, C) and coverage mask (B, H, W, 1),

@@ -18,8 +18,8 @@ not depend on the video's resolution.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -139,7 +139,8 @@ def prediction_validity(uvw: np.ndarray, canonical_tree: cKDTree, max_distance: 
     return np.isfinite(distance).reshape(uvw.shape[:2]).astype(np.float32)
 
 
-def correspondence_vertices(n_vertices: int, count: int, exclude: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+def correspondence_vertices(n_vertices: int, count: int, exclude: np.ndarray | None = None,
+                            seed: int = 0) -> np.ndarray:
     """(K,) sorted vertex ids drawn without replacement (deterministic), leaving out `exclude`."""
     candidates = np.setdiff1d(np.arange(n_vertices), np.asarray(exclude if exclude is not None else [], np.int64))
     if count >= len(candidates):

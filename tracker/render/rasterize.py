@@ -157,7 +157,9 @@ def _expand(counts: Tensor) -> tuple[Tensor, Tensor]:
 def _drawable_triangles(tri: Tensor, settings: RasterSettings) -> Tensor:
     """(B, F) bool: triangles in front of the camera, finite, non-degenerate, facing if culling."""
     area2 = signed_area2(tri[..., :2])
-    keep = (area2 != 0) & (tri[..., 2].amin(dim=-1) > settings.z_near) & torch.isfinite(area2)
+    # A NaN corner makes every comparison False, but NaN x 0 can still reach the row counts: test all corners.
+    finite = torch.isfinite(tri).flatten(-2).all(dim=-1)
+    keep = (area2 != 0) & (tri[..., 2].amin(dim=-1) > settings.z_near) & finite
     if settings.cull_backfaces:
         keep &= area2 < 0
     return keep
@@ -196,7 +198,8 @@ def rasterize(verts_screen: Tensor, faces: Tensor, settings: RasterSettings) -> 
         y_all = tri_all[..., 1]
         row_first = torch.ceil(y_all.amin(dim=-1) - 0.5).clamp_(min=0)
         row_last = torch.floor(y_all.amax(dim=-1) - 0.5).clamp_(max=height - 1)
-        num_rows = ((row_last - row_first + 1).clamp_(min=0) * drawable).long().reshape(-1)
+        rows = (row_last - row_first + 1).clamp_(min=0)
+        num_rows = torch.where(drawable, rows, torch.zeros_like(rows)).long().reshape(-1)  # NaN * 0 is NaN
         kept = torch.nonzero(num_rows).squeeze(1)  # flat index b * F + f
         num_rows = num_rows.index_select(0, kept)
         x, y, z = _sort_by_y(tri_all.reshape(-1, 3, 3).index_select(0, kept))
