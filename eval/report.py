@@ -54,7 +54,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("real_ssim", "real photometric SSIM in the face"),
     ("real_jitter_mm", "real vertex acceleration (mm/frame^2)"),
     ("real_valid_pct", "real frames tracked (%)"),
-    ("s_per_frame", "seconds per frame, all stages (incl. one-off identity)"),
+    ("s_per_frame", "seconds per frame, all stages (incl. one-off identity; measured with memory tracing on, see "
+                    "the speed benchmark for clean timings)"),
     ("fit_s_per_frame", "seconds per frame, per-frame fitting"),
     ("peak_heap_mb", "peak Python heap during a run (MB)"),
 )

@@ -70,7 +70,7 @@ def bench_config(config: AblationConfig, base: dict, video: Path, options: Bench
     runs = []
     for index in range(options.runs):
         decode = decode_seconds_per_frame(video, selection)
-        result = run_config(config, base, video, out_root / f"run{index}", overrides)
+        result = run_config(config, base, video, out_root / f"run{index}", overrides, trace_memory=False)
         if result.skipped is not None:
             return {"skipped": result.skipped}
         stages = {k: v for k, v in result.summary["seconds_per_frame"].items() if k not in ("total", "outputs")}

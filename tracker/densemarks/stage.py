@@ -403,9 +403,9 @@ def refine_sequence_dense(fitter: DenseFitter, result: TrackResult, obs: Observa
                           progress: Callable[[str], None] | None = None) -> tuple[TrackResult, dict]:
     """Refine every frame that has dense observations, in order (temporal reference: the refined predecessors).
 
-    Valid frames start from their landmark fit; frames without landmarks (when densemarks.track_lost) start from
-    the constant-velocity prediction and become valid when at least min_inliers of the sampled vertices keep a
-    correspondence. Returns the new TrackResult (landmark errors recomputed, NaN without landmarks) and counts.
+    Each frame starts from its landmark fit or the constant-velocity prediction from its refined predecessors,
+    whichever more correspondences agree with; frames without landmarks (fitted when densemarks.track_lost)
+    become valid when at least min_inliers of the sampled vertices keep a correspondence. Returns the new TrackResult (landmark errors recomputed, NaN without landmarks) and counts.
     """
     stage = fitter.stage
     T = len(result.valid)
@@ -425,7 +425,10 @@ def refine_sequence_dense(fitter: DenseFitter, result: TrackResult, obs: Observa
             frame_obs = obs.frames(slice(t, t + 1))
             frame_obs = replace(frame_obs, extras=frame.extras)  # the same dict: gate refreshes reach the terms
             reference = predict_next(prev, prev2) if prev is not None else None
-            start = landmark_fit if result.valid[t] else reference
+            # Landmark fits fail at steep yaw: start from whichever of it and the motion prediction more
+            # correspondences agree with (the landmark fit on ties).
+            starts = [s for s in (landmark_fit if result.valid[t] else None, reference) if s is not None]
+            start = max(starts, key=lambda s: fitter.gates(frame, s))
             params, inliers = fitter.fit(start, frame_obs, frame, reference)
             inlier_fraction[t] = inliers / max(K, 1)
             if result.valid[t] or inlier_fraction[t] >= stage.min_inliers:
