@@ -136,8 +136,20 @@ def run_config(config: AblationConfig, base: dict, video: Path, out_root: Path, 
     result = RunResult(config.name, video, Path(summary.out_dir), summary.__dict__)
     if trace_memory:
         result.python_heap_mb, result.cuda_mb = peak.python_heap_mb, peak.cuda_mb
-    if config.requires_stage and config.requires_stage not in summary.seconds:
-        result.skipped = (f"the tracker ran no '{config.requires_stage}' stage (stages: "
-                          f"{', '.join(summary.seconds)}): the switch is not implemented yet")
+    if config.requires_stage:
+        ran, reason = stage_ran(summary.__dict__, config.requires_stage)
+        if not ran:
+            result.skipped = f"the tracker did not run its '{config.requires_stage}' stage ({reason})"
     return result
+
+
+def stage_ran(summary: dict[str, Any], stage: str) -> tuple[bool, str]:
+    """Whether a run's refinement stage ran, from the summary's `stages` status ({name: bool or {ran, reason}})
+    or, for trackers without it, from the stage's timing; and why not."""
+    status = (summary.get("stages") or {}).get(stage)
+    if isinstance(status, dict):
+        return bool(status.get("ran")), str(status.get("reason") or "no reason given")
+    if status is not None:
+        return bool(status), "switched off"
+    return stage in summary["seconds"], f"no such stage among {', '.join(summary['seconds'])}"
 

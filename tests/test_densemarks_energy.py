@@ -301,15 +301,16 @@ def test_render_term_alone_recovers_pose(bundle, single_frame):
 
 
 def test_stage_refines_a_perturbed_track(bundle, tmp_path):
-    """Oracle predictions, map estimated from the two well-fitted frames of the track, landmarks + dense terms:
-    a badly fitted frame (turned by 8 degrees) comes back, good frames stay, and a frame without landmarks is
-    tracked from its predecessors."""
+    """Oracle predictions; map first estimated from the two well-fitted frames, then re-estimated with the
+    identity on the keyframes; landmarks + dense terms: a badly fitted frame (turned by 8 degrees) comes back,
+    good frames stay, and a frame without landmarks is tracked from its predecessors."""
     yaws = np.array([-20.0, -10.0, 0.0, 10.0])
     truth = sweep_params(bundle.model, yaws, np.zeros(4), seed=2)
     camera = Camera.from_image(SIZE, SIZE, fov_deg=30)
     gt_path = write_ground_truth(tmp_path / "gt.npz", truth, camera, {"synthetic": True})
     cfg = load_config(overrides={
-        "densemarks": {"oracle": True, "oracle_ground_truth": str(gt_path), "rounds": 2, "lm_iters": 4, "iters": 0},
+        "densemarks": {"oracle": True, "oracle_ground_truth": str(gt_path), "rounds": 2, "lm_iters": 4, "iters": 0,
+                       "map_rounds": 1},
         "energy": {"dense_corr": {"weight": 1.0, "vertices": 600, "search_resolution": 128},
                    "dense_render": {"weight": 0.0, "resolution": 96}},
     })

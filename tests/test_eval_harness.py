@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.ablation import load_ablation, merge
+from eval.ablation import load_ablation, merge, stage_ran
 from eval.photometric import PhotometricOptions
 from eval.real.evaluate import valid_runs
 from eval.run import EvalOptions, run_evaluation
@@ -160,6 +160,14 @@ def test_ablation_file_and_merge():
     assert [c.name for c in ablation.select(None, quick=True)] == ["landmarks", "landmarks_dlib"]
     assert [c.name for c in ablation.select(["landmarks_dlib"], quick=True)] == ["landmarks_dlib"]
     assert merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}, "d": 4}) == {"a": {"b": 1, "c": 3}, "d": 4}
+
+
+def test_stage_ran_reads_the_run_summary():
+    summary = {"seconds": {"fitting": 1.0, "densemarks": 0.01},
+               "stages": {"densemarks": {"ran": False, "reason": "weights not found"}, "photometric": True}}
+    assert stage_ran(summary, "densemarks") == (False, "weights not found")  # timed, but it did not run
+    assert stage_ran(summary, "photometric")[0]
+    assert not stage_ran({"seconds": {"fitting": 1.0}}, "photometric")[0]
 
 
 def test_valid_runs():

@@ -6,12 +6,14 @@
    sequences (`densemarks.oracle`).
 2. Crops: square boxes around the tracked head, interpolated over frames without a fit.
 3. Predictions: uvw maps per frame, cached per video (float16 + crop affine), so re-runs skip the network.
-4. Canonical map: loaded (`densemarks.canonical_map`) or estimated from the well-fitted frames, then saved with a
-   PNG for inspection.
+4. Canonical map and identity: the map is loaded (`densemarks.canonical_map`) or estimated from the landmark fits
+   of the well-fitted frames; then the shared identity is re-estimated on keyframes with the correspondence term,
+   alternating with re-estimating the map from those keyframe fits. An estimated map is saved with a PNG.
 5. Refinement, frame by frame in order: each sampled vertex is matched once to the pixel with the nearest uvw;
    rounds of (visibility gates at the current pose, Levenberg-Marquardt on landmark + prior + temporal +
    correspondence terms), then Adam with the render-and-compare term as well. Frames without landmarks are
-   fitted from their predecessor and kept when enough correspondences hold.
+   fitted from their predecessor and kept when enough correspondences hold; landmarks that contradict the dense
+   evidence (detector failures near profile) are dropped for their frame.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from tracker.densemarks.canonical import (
     vertex_visibility,
     write_canonical_png,
 )
-from tracker.densemarks.predict import CropBox, UvwCache, UvwPrediction
+from tracker.densemarks.predict import CropBox, DenseMarksPredictor, UvwCache, UvwPrediction
+from tracker.densemarks.weights import LICENSE, resolve_weights_path
 from tracker.energy.base import EnergyTerm, Evaluation, Observations
 from tracker.energy.dense import (
     CORR_TARGET,
@@ -72,6 +75,9 @@ HEAD_EXCLUDED_REGIONS = ("neck", "boundary")
 """FLAME_masks regions left out of the crop box (the neck's lower edge is not part of the head)."""
 MATCH_EXCLUDED_REGIONS = ("left_eyeball", "right_eyeball")
 """Regions without correspondences: eyeballs turn with the gaze, so their canonical position is ambiguous."""
+LANDMARK_AGREEMENT = 0.5
+"""A frame's landmarks are ignored when fewer correspondences agree with their fit than this fraction of those
+agreeing with the motion prediction (MediaPipe returns confident garbage near profile views)."""
 MAP_FILE = "densemarks_canonical_map.npz"
 MAP_PNG = "densemarks_canonical_map.png"
 
@@ -107,9 +113,6 @@ def choose_source(cfg: DenseMarksStageConfig, model: FlameModel, device: torch.d
         from tracker.densemarks.oracle import OracleDenseMarks, load_oracle_ground_truth
 
         return oracle_source(OracleDenseMarks(model, load_oracle_ground_truth(cfg.oracle_ground_truth, device))), ""
-    from tracker.densemarks.predict import DenseMarksPredictor
-    from tracker.densemarks.weights import LICENSE, resolve_weights_path
-
     try:
         path = resolve_weights_path(cfg.weights, offline=True if cfg.mode == "auto" and not cfg.weights else None)
     except MissingAssetError as error:
@@ -223,6 +226,7 @@ def initial_canonical_map(cfg: DenseMarksStageConfig, model: FlameModel, camera:
 
 
 def map_options(cfg: DenseMarksStageConfig) -> CanonicalMapOptions:
+    """Map estimation options from the stage configuration."""
     return CanonicalMapOptions(affine_prior=cfg.map_affine_prior)
 
 
@@ -405,7 +409,7 @@ def refine_sequence_dense(fitter: DenseFitter, result: TrackResult, obs: Observa
 
     Each frame starts from its landmark fit or the constant-velocity prediction from its refined predecessors,
     whichever more correspondences agree with; frames without landmarks (fitted when densemarks.track_lost)
-    become valid when at least min_inliers of the sampled vertices keep a correspondence. Returns the new TrackResult (landmark errors recomputed, NaN without landmarks) and counts.
+    become valid when at least min_inliers of the sampled vertices keep a correspondence.
     """
     stage = fitter.stage
     T = len(result.valid)
@@ -414,6 +418,7 @@ def refine_sequence_dense(fitter: DenseFitter, result: TrackResult, obs: Observa
     valid = result.valid.copy()
     errors = result.lmk_error_px.copy()
     inlier_fraction = np.full(T, np.nan, np.float32)
+    rejected = np.zeros(T, bool)
     prev = prev2 = None
     for t in range(T):
         landmark_fit = result.params.frames(slice(t, t + 1))
@@ -426,9 +431,14 @@ def refine_sequence_dense(fitter: DenseFitter, result: TrackResult, obs: Observa
             frame_obs = replace(frame_obs, extras=frame.extras)  # the same dict: gate refreshes reach the terms
             reference = predict_next(prev, prev2) if prev is not None else None
             # Landmark fits fail at steep yaw: start from whichever of it and the motion prediction more
-            # correspondences agree with (the landmark fit on ties).
-            starts = [s for s in (landmark_fit if result.valid[t] else None, reference) if s is not None]
-            start = max(starts, key=lambda s: fitter.gates(frame, s))
+            # correspondences agree with (the landmark fit on ties). Landmarks whose own fit far fewer
+            # correspondences agree with are detector failures: the frame is fitted without them.
+            agree = [fitter.gates(frame, landmark_fit) if result.valid[t] else -1,
+                     fitter.gates(frame, reference) if reference is not None else -1]
+            start = landmark_fit if agree[0] >= agree[1] else reference
+            if 0 <= agree[0] < LANDMARK_AGREEMENT * agree[1]:
+                frame_obs = replace(frame_obs, landmark_weights=torch.zeros_like(frame_obs.landmark_weights))
+                rejected[t] = True
             params, inliers = fitter.fit(start, frame_obs, frame, reference)
             inlier_fraction[t] = inliers / max(K, 1)
             if result.valid[t] or inlier_fraction[t] >= stage.min_inliers:
@@ -447,6 +457,7 @@ def refine_sequence_dense(fitter: DenseFitter, result: TrackResult, obs: Observa
                           **{n: torch.cat([getattr(p, n) for p in refined]) for n in FRAME_FIELDS})
     counts = {"frames_refined": int(np.isfinite(inlier_fraction).sum()),
               "frames_without_landmarks_tracked": int((valid & ~result.valid).sum()),
+              "landmark_detections_rejected": int(rejected.sum()),
               "inlier_fraction_mean": round(float(np.nanmean(inlier_fraction)), 4) if np.isfinite(inlier_fraction).any()
               else None}
     return replace(result, params=stacked, valid=valid, lmk_error_px=np.asarray(errors, np.float32)), counts
