@@ -62,6 +62,30 @@ def test_overlay_video_has_every_frame(tracked):
     assert len(frames) == 20 and (frames[0].height, frames[0].width) == (512, 512)
 
 
+def test_photometric_run_exports_appearance(tmp_path):
+    """--photometric on (few, cheap steps): texture and lighting next to the parameters, the stage recorded,
+    a textured overlay for every frame."""
+    cfg = tmp_path / "quick.yaml"
+    cfg.write_text("photometric:\n  texture_keyframe_iters: 30\n  iters: 3\n  appearance_refine_iters: 10\n"
+                   "  keyframes: 2\n  appearance_refine_frames: 3\n")
+    code = main([str(WOJTEK), "--max-frames", "6", "--photometric", "on", "--config", str(cfg), "--densemarks", "off",
+                 "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    out = tmp_path / "wojtek"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"]["photometric"] is True and "photometric" in summary["seconds"]
+    lighting = json.loads((out / "lighting.json").read_text())
+    assert np.array(lighting["sh_coefficients"]).shape == (9, 3)
+    texture = av.open(str(out / "texture.png"))
+    assert (texture.streams.video[0].width, texture.streams.video[0].height) == (256, 256)
+    texture.close()
+    arrays, meta = read_params(out / "flame_params.npz")
+    assert arrays["valid"].all() and arrays["lmk_error_px"].mean() < 3.0  # identity from 6 frames only
+    assert meta["config"]["photometric"]["enabled"] is True
+    with av.open(str(out / "overlay.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 6
+
+
 def test_head_pose_is_plausible(tracked):
     """The fitted head sits in front of the camera, upright, facing it (wojtek looks into the camera)."""
     arrays, _ = read_params(tracked / "flame_params.npz")

@@ -40,6 +40,7 @@ from tracker.fit.photometric import (
     pyramid_factors,
     pyramid_observations,
     pyramid_problems,
+    refine_appearance,
     render_frames,
     run_photometric_stage,
     stage_crop,
@@ -50,6 +51,7 @@ from tracker.flame.assets import load_flame_bundle
 from tracker.flame.lbs import batch_rodrigues
 from tracker.flame.model import FlameParams
 from tracker.io.appearance import draw_appearance, read_appearance, write_appearance
+from tracker.io.overlay_video import render_overlay
 from tracker.render.shading import sh_irradiance
 from tracker.render.texture import sample_texture_points
 
@@ -232,6 +234,37 @@ def test_appearance_fit_recovers_texture_and_lighting(bundle, cfg, camera, mesh,
     assert torch.equal(fitted.sh[0], appearance.sh[0])  # the DC term is the fixed convention
 
 
+def test_appearance_is_refined_with_the_refined_poses(bundle, cfg, camera, mesh, appearance):
+    # Keyframe appearance fitted under poses 2 degrees and 3 mm off with the wrong expression (landmark
+    # quality), then refined under the right poses (what the per-frame pass gives): texture and renders improve.
+    truth = make_truth(bundle.model, [[0.1, -0.4, 0.0], [0.0, 0.0, 0.05], [-0.05, 0.4, 0.0]])
+    rendered, mask = render_frames(appearance, mesh, camera, truth, (SIZE, SIZE), 1.0)
+    frames = (rendered.numpy() * 255).round().astype(np.uint8)
+    images = torch.from_numpy(frames).float() / 255
+    geometry = pixel_geometry(mesh, camera, perturbed(truth, 2.0, 3.0), images, 1.0, "torch")
+    init = initial_appearance(cfg.photometric, bundle, geometry.target.mean(dim=1))
+    keyframe = fit_appearance(geometry, init, bundle.model.faces, cfg.energy.photometric, cfg.photometric,
+                              iters=120)
+    result = TrackResult(truth, float(camera.focal), np.ones(3, bool), np.zeros(3, np.float32), np.zeros(3, bool))
+    stage_cfg = TrackerConfig()
+    stage_cfg.photometric.appearance_refine_frames = 3
+    refined = refine_appearance(keyframe, mesh, camera, result, frames, bundle, stage_cfg)
+
+    def render_error(fitted: Appearance) -> float:
+        image, _ = render_frames(fitted, mesh, camera, truth, (SIZE, SIZE), 1.0)
+        return float((image - images)[mask].abs().mean())
+
+    probe = torch.zeros_like(init.texture, requires_grad=True)
+    pixel_albedo_sampler(init, bundle.model.faces, geometry)(probe).sum().backward()
+    seen = probe.grad[0] > 1.0
+    texture_error = {name: float((fitted.texture - appearance.texture).abs()[:, seen].mean())
+                     for name, fitted in (("keyframe", keyframe), ("refined", refined))}
+    assert render_error(refined) < 0.5 * render_error(keyframe)
+    assert texture_error["refined"] < 0.7 * texture_error["keyframe"]
+    stage_cfg.photometric.appearance_refine_frames = 0  # switched off: the keyframe estimate is kept
+    assert refine_appearance(keyframe, mesh, camera, result, frames, bundle, stage_cfg) is keyframe
+
+
 def test_vertex_colour_albedo_is_rendered_and_recovered(bundle, cfg, camera, mesh, appearance):
     # Vertex colours sampled from the known texture at each vertex's first UV, same lighting.
     faces, uvs = bundle.model.faces, appearance.corner_uvs
@@ -350,3 +383,27 @@ def test_overlay_blends_the_rendered_mesh_over_the_frame(bundle, camera, mesh, a
     assert np.array_equal(overlay[~inside], frame[~inside])
     expected = np.rint(rendered[0].numpy()[inside] * 255)
     assert np.abs(overlay[inside].astype(float) - expected).max() <= 1.0
+
+
+def test_overlay_video_frame_draws_the_textured_regions(bundle, camera, mesh, appearance):
+    """The overlay video's frame with the photometric appearance: the compared regions show the textured,
+    lit render (80% over the shaded mesh), the rest of the frame is the plain overlay."""
+    params = make_truth(bundle.model, [[0.0, 0.2, 0.0]])
+    frame = np.full((SIZE, SIZE, 3), 40, np.uint8)
+    plain = render_overlay(frame, bundle.model, bundle.landmarks, camera, params, None)
+    textured = render_overlay(frame, bundle.model, bundle.landmarks, camera, params, None, (appearance, mesh))
+    rendered, mask = render_frames(appearance, mesh, camera, params, (SIZE, SIZE), 1.0)
+    # The fitted landmarks' dots are drawn on top of both: leave out the pixels within 3 px of them.
+    dots = camera.project(bundle.landmarks.full_positions(bundle.model(params).vertices))[0][0]
+    ys, xs = np.mgrid[:SIZE, :SIZE]
+    near_dot = np.zeros((SIZE, SIZE), bool)
+    for x, y in dots.numpy():
+        near_dot |= (xs + 0.5 - x) ** 2 + (ys + 0.5 - y) ** 2 < 9.0
+    assert np.array_equal(plain[~mask[0].numpy()], textured[~mask[0].numpy()])
+    inside = mask[0].numpy() & ~near_dot
+    assert inside.sum() > 5000
+    target = rendered[0].numpy()[inside] * 255
+    expected = 0.2 * plain[inside].astype(float) + 0.8 * target
+    deviation = np.abs(textured[inside].astype(float) - expected)
+    assert deviation.mean() < 0.5 and deviation.max() <= 3.0  # 8-bit rounding of both blends
+    assert np.abs(plain[inside].astype(float) - target).mean() > 10.0

@@ -122,6 +122,11 @@ class PhotometricStageConfig:
     """Albedo model: texture (in FLAME's UV layout, needs uv_obj) | vertex (per-vertex colours)."""
     keyframes: int = 8
     """Frames (spread over the sequence) on which albedo and lighting are estimated."""
+    appearance_refine_frames: int = 16
+    """Frames (spread over the sequence) on which albedo and lighting are refined after the per-frame pass,
+    with the refined poses (0 = keep the keyframe estimate)."""
+    appearance_refine_iters: int = 100
+    """Steps of that refinement, starting from the keyframe estimate."""
     appearance_lr: float = 0.03
     """Adam learning rate of the albedo and lighting fit."""
     albedo_smoothness: float = 0.02

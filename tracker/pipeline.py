@@ -22,6 +22,7 @@ from tracker.detect.base import SCHEME_IBUG68, SCHEME_MEDIAPIPE, LandmarkTrack, 
 from tracker.detect.sequence import detect_video
 from tracker.energy.base import Observations
 from tracker.energy.landmarks import LandmarkEnergy, landmark_group_weights
+from tracker.energy.photometric import Appearance, region_mesh
 from tracker.energy.priors import PriorEnergy
 from tracker.energy.temporal import TemporalEnergy
 from tracker.errors import TrackerError
@@ -187,11 +188,14 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
     with _timed(timings, "densemarks"):
         result, writer.metadata["densemarks"] = densemarks_stage(problem, result, obs, track, frames, bundle, cfg,
                                                                  out_dir, show_progress)
+    textured = None  # the photometric stage's appearance and regions, for the overlay
     if cfg.photometric.enabled:
         with _timed(timings, "photometric"):
-            result, files = photometric_stage(problem, result, obs, frames, (info.height, info.width), bundle, cfg,
-                                              out_dir, show_progress)
+            result, files, appearance = photometric_stage(problem, result, obs, frames, (info.height, info.width),
+                                                          bundle, cfg, out_dir, show_progress)
         outputs.update(files)
+        if appearance is not None:
+            textured = (appearance, region_mesh(model, bundle.masks, cfg.energy.photometric.regions))
     writer.metadata["stages"] = {"densemarks": bool(writer.metadata["densemarks"].get("ran")),
                                  "photometric": cfg.photometric.enabled}
     writer.write_final(FrameTable(result.params, track.frame_indices, track.timestamps, result.valid,
@@ -203,7 +207,7 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
         if cfg.output.video:
             outputs["overlay_video"] = str(write_overlay_video(
                 out_dir / "overlay.mp4", read_frames(video, selection), model, landmarks, camera, result, obs,
-                info.fps, show_progress))
+                info.fps, show_progress, textured))
 
     summary = _summarise(video, out_dir, track, result, timings, camera, outputs)
     summary.stages = {"densemarks": writer.metadata["densemarks"], "photometric": cfg.photometric.enabled}
@@ -259,16 +263,17 @@ def densemarks_stage(problem: Problem, result: TrackResult, obs: Observations, t
 
 def photometric_stage(problem: Problem, result: TrackResult, obs: Observations, frames, frame_size: tuple[int, int],
                       bundle: FlameBundle, cfg: TrackerConfig, out_dir: Path,
-                      show_progress: bool) -> tuple[TrackResult, dict]:
-    """Photometric refinement on a face crop; writes the texture and lighting next to the parameters."""
+                      show_progress: bool) -> tuple[TrackResult, dict, Appearance | None]:
+    """Photometric refinement on a face crop; writes the texture and lighting next to the parameters.
+    Returns the refined track, the written files and the appearance (None when no frame had a fit)."""
     if not result.valid.any():
-        return result, {}
+        return result, {}, None
     crop = stage_crop(obs, result.valid, frame_size, cfg.photometric.resolution, cfg.photometric.crop_margin)
     images = np.stack([crop.image(frame.rgb) for frame in frames()])
     with tqdm(total=len(result.valid), desc="photometric", unit="frame", disable=not show_progress) as bar:
         result, appearance = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg,
                                                    progress=lambda: bar.update(1))
-    return result, {name: str(path) for name, path in write_appearance(out_dir, appearance).items()}
+    return result, {name: str(path) for name, path in write_appearance(out_dir, appearance).items()}, appearance
 
 
 @contextmanager

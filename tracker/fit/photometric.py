@@ -9,6 +9,7 @@ The stage compares a square crop around the face (`StageCrop`), with a camera an
    are computed once, and each step only samples the albedo and shades.
 2. Every frame, in order, starts from its landmark fit and is refined by one Adam run over an image pyramid
    (coarse to fine), the head turning about its own centre (`centre_offset`).
+3. The appearance is refined on more frames with their refined poses (`refine_appearance`).
 """
 
 from __future__ import annotations
@@ -200,12 +201,15 @@ def appearance_regulariser(appearance: Appearance, stage: PhotometricStageConfig
 
 
 def fit_appearance(geometry: PixelGeometry, init: Appearance, faces: Tensor, term: PhotometricConfig,
-                   stage: PhotometricStageConfig) -> Appearance:
+                   stage: PhotometricStageConfig, iters: int | None = None, warmup: int | None = None) -> Appearance:
     """Albedo (and SH lighting beyond its fixed DC term) that best explain the pixels of fixed geometry.
 
-    The first half of the steps use the robust loss only, the second half also drops outlier pixels: with
-    the uniform initial albedo every distinctive feature (brows, lips) would look like an outlier.
+    iters: Adam steps (default photometric.texture_keyframe_iters). The first `warmup` of them (default half)
+    use the robust loss only, the rest also drop outlier pixels: with the uniform initial albedo every
+    distinctive feature (brows, lips) would look like an outlier; from a fitted albedo no warm-up is needed.
     """
+    iters = stage.texture_keyframe_iters if iters is None else iters
+    warmup = iters // 2 if warmup is None else min(warmup, iters)
     albedo = (init.texture if init.texture is not None else init.vertex_colors).detach().clone().requires_grad_(True)
     sh_rest = init.sh[1:].detach().clone().requires_grad_(True)
     edges = mesh_edges(faces) if init.texture is None else faces.new_zeros(0, 2)
@@ -226,9 +230,10 @@ def fit_appearance(geometry: PixelGeometry, init: Appearance, faces: Tensor, ter
 
     tensors = {"albedo": albedo, "sh": sh_rest}
     unit = replace(term, weight=1.0)  # the regulariser weights are relative to a unit data term
-    warmup = stage.texture_keyframe_iters // 2
-    adam_minimise(loss_with(replace(unit, outlier_k=float("inf"))), tensors, warmup, stage.appearance_lr)
-    adam_minimise(loss_with(unit), tensors, stage.texture_keyframe_iters - warmup, stage.appearance_lr)
+    if warmup > 0:
+        adam_minimise(loss_with(replace(unit, outlier_k=float("inf"))), tensors, warmup, stage.appearance_lr)
+    if iters > warmup:
+        adam_minimise(loss_with(unit), tensors, iters - warmup, stage.appearance_lr)
     return current().detach()
 
 
@@ -248,6 +253,26 @@ def estimate_appearance(mesh: RegionMesh, camera: Camera, params: FlameParams, i
         raise TrackerError("photometric stage: the compared regions are not visible in any keyframe")
     init = initial_appearance(cfg.photometric, bundle, geometry.target.mean(dim=1))
     return fit_appearance(geometry, init, bundle.model.faces.to(device), cfg.energy.photometric, cfg.photometric)
+
+
+def refine_appearance(appearance: Appearance, mesh: RegionMesh, camera: Camera, result: TrackResult,
+                      images: np.ndarray, bundle: FlameBundle, cfg: TrackerConfig) -> Appearance:
+    """The keyframe appearance refined after the per-frame pass: refitted, from itself, on
+    photometric.appearance_refine_frames frames spread over the sequence, with their refined poses held fixed.
+    The keyframe fit saw few views under landmark poses; the refined poses align texels better, and more
+    views fill in the sides of the face."""
+    stage = cfg.photometric
+    if stage.appearance_refine_frames < 1 or stage.appearance_refine_iters < 1:
+        return appearance
+    device = mesh.vertex_ids.device
+    frames = choose_keyframes(result.valid, stage.appearance_refine_frames)
+    batch = torch.cat([frame_images(images, int(t), device) for t in frames])
+    geometry = pixel_geometry(mesh, camera, result.params.frames(torch.as_tensor(frames, device=device)), batch,
+                              1.0, stage.renderer)
+    if geometry.face.numel() == 0:
+        return appearance
+    return fit_appearance(geometry, appearance, bundle.model.faces.to(device), cfg.energy.photometric, stage,
+                          iters=stage.appearance_refine_iters, warmup=0)
 
 
 def downsample(images: Tensor, factor: int) -> Tensor:
@@ -417,6 +442,7 @@ def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observatio
 
         steps = level_iters(stage.iters, len(factors))
         refined = refine_track(level_problems, result, frame_obs, free, steps, stage.lr, mesh, progress)
+        appearance = refine_appearance(appearance, mesh, problem.camera, refined, images, bundle, cfg)
     return replace(refined, lmk_error_px=refined.lmk_error_px / crop.scale), appearance
 
 
