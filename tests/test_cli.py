@@ -86,6 +86,30 @@ def test_photometric_run_exports_appearance(tmp_path):
         assert sum(1 for _ in container.decode(video=0)) == 6
 
 
+def test_oracle_is_refused_on_a_real_video(tmp_path, capsys):
+    """The evaluation-only DenseMarks oracle, pointed at a synthetic sequence's ground truth, refuses to run on
+    a real clip: one line, exit 1."""
+    from tests.conftest import FLAME_ASSETS
+    from tracker.camera import Camera
+    from tracker.config import load_config
+    from tracker.flame.assets import load_flame_bundle
+    from tracker.flame.model import FlameParams
+    from tracker.io.export import FrameTable, write_params
+
+    flame = load_config().flame
+    model = load_flame_bundle(str(FLAME_STANDIN), str(FLAME_ASSETS), flame.n_shape, flame.n_expr, "mediapipe478").model
+    params = FlameParams.zeros(3, model.n_shape, model.n_expr)
+    truth = tmp_path / "gt.npz"
+    write_params(truth, FrameTable(params, np.arange(3), np.arange(3) / 25.0, np.ones(3, bool), np.zeros(3, np.float32)),
+                 Camera.from_image(256, 256), 25.0, {"synthetic": True})
+    cfg = tmp_path / "oracle.yaml"
+    cfg.write_text(f"densemarks:\n  oracle: true\n  oracle_ground_truth: {truth}\n")
+    code, _, err = run_cli([WOJTEK, "--max-frames", "3", "--config", cfg, "--no-video", "--out", tmp_path, "--quiet"],
+                           capsys)
+    assert code == 1 and "oracle" in err and "own synthetic sequence" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_head_pose_is_plausible(tracked):
     """The fitted head sits in front of the camera, upright, facing it (wojtek looks into the camera)."""
     arrays, _ = read_params(tracked / "flame_params.npz")

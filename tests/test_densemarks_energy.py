@@ -235,6 +235,19 @@ def test_oracle_refuses_real_videos(bundle, tmp_path):
     assert source.kind == "oracle"
 
 
+def test_oracle_refuses_a_video_that_is_not_its_sequence(bundle, tmp_path):
+    params = sweep_params(bundle.model, [0.0, 5.0], [0.0, 0.0])
+    camera = Camera.from_image(SIZE, SIZE, fov_deg=30)
+    synthetic = write_ground_truth(tmp_path / "gt.npz", params, camera, {"synthetic": True})
+    cfg = load_config(overrides={"densemarks": {"oracle": True, "oracle_ground_truth": str(synthetic)}})
+    source, _ = choose_source(cfg.densemarks, bundle.model, torch.device("cpu"))
+    source.check_video(np.array([0, 1]), SIZE, SIZE)  # its own sequence
+    with pytest.raises(TrackerError, match="only runs on its own synthetic sequence"):
+        source.check_video(np.array([0, 1]), 2 * SIZE, SIZE)
+    with pytest.raises(TrackerError, match="has no frame 2"):
+        source.check_video(np.arange(4), SIZE, SIZE)
+
+
 def test_auto_mode_without_weights_skips_the_stage(bundle, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache: no weights to be found
     cfg = load_config()

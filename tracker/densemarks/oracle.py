@@ -146,6 +146,18 @@ class OracleDenseMarks:
                                            sort_keys=True, default=str).encode()).hexdigest()
         return f"oracle-{digest[:16]}"
 
+    def check_video(self, frame_indices: np.ndarray, height: int, width: int) -> None:
+        """Refuse a video that is not the ground truth's: other frame size, or frames the truth lacks (the
+        oracle would otherwise hand a real video the synthetic sequence's answers)."""
+        truth = self.truth.camera
+        if (height, width) != (truth.height, truth.width):
+            raise TrackerError(f"the DenseMarks oracle's ground truth is of a {truth.width}x{truth.height} video, "
+                               f"this one is {width}x{height}: the oracle only runs on its own synthetic sequence")
+        missing = sorted(set(np.asarray(frame_indices, np.int64).tolist()) - set(self.row_of_frame))
+        if missing:
+            raise TrackerError(f"the DenseMarks oracle's ground truth has no frame {missing[0]} "
+                               f"({len(missing)} tracked frames missing): not the video it was generated with")
+
     @torch.no_grad()
     def predict(self, frame_index: int, box: CropBox) -> UvwPrediction:
         """uvw map (3, S, S) of the crop `box` of video frame `frame_index`."""

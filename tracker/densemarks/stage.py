@@ -98,6 +98,9 @@ class UvwSource:
     """predict(video frame index, RGB frame or None, crop box)."""
     info: dict
     """What to report about the predictor (licence, weights)."""
+    check_video: Callable[[np.ndarray, int, int], None] = lambda _indices, _height, _width: None
+    """check_video(frame indices, height, width) raises TrackerError when the source cannot serve this video
+    (the oracle: another video than its ground truth's)."""
 
 
 def choose_source(cfg: DenseMarksStageConfig, model: FlameModel, device: torch.device) -> tuple[UvwSource | None, str]:
@@ -128,7 +131,8 @@ def choose_source(cfg: DenseMarksStageConfig, model: FlameModel, device: torch.d
 def oracle_source(oracle: OracleDenseMarks) -> UvwSource:
     """The evaluation-only oracle as a uvw source (it renders from ground truth: no pixels needed)."""
     return UvwSource("oracle", oracle.model_id, oracle.crop_size, False,
-                     lambda index, _rgb, box: oracle.predict(index, box), {"oracle_noise": asdict(oracle.noise)})
+                     lambda index, _rgb, box: oracle.predict(index, box), {"oracle_noise": asdict(oracle.noise)},
+                     oracle.check_video)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -487,6 +491,7 @@ def run_densemarks_stage(problem: Problem, result: TrackResult, obs: Observation
         source, reason = choose_source(cfg.densemarks, problem.model, device)
     if source is None:
         return result, {"ran": False, "reason": reason}
+    source.check_video(np.asarray(frame_indices), problem.camera.height, problem.camera.width)
     info: dict = {"ran": False, "predictor": source.kind, "model_id": source.model_id, **source.info}
     if cfg.energy.dense_corr.weight <= 0 and cfg.energy.dense_render.weight <= 0:
         return result, {**info, "reason": "energy.dense_corr.weight and energy.dense_render.weight are both 0"}
