@@ -6,25 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
 import torch
 
+from eval.bench_render import machine_description
 from tracker.densemarks.model import DenseMarksConfig, DenseMarksNet
-
-
-def machine_description() -> str:
-    """CPU model, core count and torch version, for reading the numbers later."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}"
 
 
 def time_forward(net: DenseMarksNet, size: int, runs: int) -> tuple[list[float], list[float]]:
