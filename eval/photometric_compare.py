@@ -3,7 +3,8 @@ compared face regions, mean landmark reprojection error.
 
 Runs the landmark pipeline (tracker.pipeline.track_video, no overlay video), rebuilds its problem and result
 from the written flame_params.npz and the cached detections, then runs the photometric stage on them. Each
-track is rendered with the appearance (texture, lighting) estimated on its own keyframes, in the stage's crop.
+track is rendered with the appearance (texture, lighting) estimated on its own keyframes and refined under its own
+poses, in the stage's crop.
 Writes the refined track's appearance and a few overlays (frame | textured mesh) under --out.
 
     python -m eval.photometric_compare ../shared/data/videos/dev/wojtek.mp4 [--max-frames 100] [--out DIR]
@@ -29,7 +30,14 @@ from tracker.energy.landmarks import LandmarkEnergy, landmark_group_weights
 from tracker.energy.photometric import Appearance, RegionMesh, region_mesh
 from tracker.energy.priors import PriorEnergy
 from tracker.energy.temporal import TemporalEnergy
-from tracker.fit.photometric import StageCrop, estimate_appearance, render_frames, run_photometric_stage, stage_crop
+from tracker.fit.photometric import (
+    StageCrop,
+    estimate_appearance,
+    refine_appearance,
+    render_frames,
+    run_photometric_stage,
+    stage_crop,
+)
 from tracker.fit.sequence import TrackResult, choose_keyframes
 from tracker.fit.solver import FRAME_FIELDS, Problem, torch_threads
 from tracker.flame.assets import FlameBundle, load_flame_bundle
@@ -103,15 +111,21 @@ def compare(video: Path, max_frames: int, out_dir: Path) -> None:
     images, crop = stage_inputs(video, cfg, obs, result)
     T = len(result.valid)
     start, cpu_start = time.perf_counter(), time.process_time()
-    refined, appearance = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg)
+    refined, _ = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg)
     stage_seconds, stage_cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
-    # Each track rendered with the appearance estimated on its own keyframes.
+    # Each track rendered with the appearance the stage's procedure gives under its own poses (estimated on
+    # its keyframes, then refined on more frames), so that neither track is scored with the other's texture.
     camera = crop.camera(problem.camera)
     mesh = region_mesh(problem.model, bundle.masks, cfg.energy.photometric.regions)
-    keyframes = choose_keyframes(refined.valid, cfg.photometric.keyframes)
-    with torch_threads(1):
-        refined_appearance = estimate_appearance(mesh, camera, refined.params, images, bundle, cfg, keyframes)
+
+    def own_appearance(track: TrackResult) -> Appearance:
+        keyframes = choose_keyframes(track.valid, cfg.photometric.keyframes)
+        with torch_threads(1):
+            keyframe = estimate_appearance(mesh, camera, track.params, images, bundle, cfg, keyframes)
+            return refine_appearance(keyframe, mesh, camera, track, images, bundle, cfg)
+
+    appearance, refined_appearance = own_appearance(result), own_appearance(refined)
     landmark_cpu = timings.pop("process CPU")
     landmark_seconds = sum(timings.values())
     print(f"{video.name}: {T} frames ({int(result.valid.sum())} valid), crop {crop.side} px -> {crop.size} px; "
