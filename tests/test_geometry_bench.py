@@ -112,6 +112,21 @@ def test_mesh_distances_equal_brute_force_on_flame_template():
     np.testing.assert_allclose(np.linalg.norm(projection.points - points, axis=1), projection.distances, atol=1e-15)
 
 
+def test_mesh_distances_match_libigl():
+    """Cross-check with a well-kept library: libigl's AABB-tree point-to-mesh distance."""
+    import igl
+
+    rng = np.random.default_rng(5)
+    vertices, faces = mesh_io.load_ply(FLAME_TEMPLATE)
+    near, _ = surface_samples(vertices, faces, 2000, rng)
+    points = np.concatenate([near + rng.normal(scale=0.01, size=near.shape), rng.normal(scale=0.2, size=(200, 3))])
+    squared, face_ids, closest = igl.point_mesh_squared_distance(points, vertices.astype(np.float64),
+                                                                 faces.astype(np.int64))
+    projection = closest_points_on_mesh(points, vertices, faces)
+    np.testing.assert_allclose(projection.distances, np.sqrt(squared), atol=1e-9)
+    np.testing.assert_allclose(projection.points, closest, atol=1e-7)
+
+
 def test_outward_offsets_from_a_convex_mesh_are_recovered_exactly():
     rng = np.random.default_rng(4)
     vertices, faces = icosphere(3, radius=0.1)

@@ -5,7 +5,7 @@
 each surface point is within a known `cover` radius of a sample of its own triangle; a query takes the
 distance u to the triangle of its nearest sample, then examines every triangle with a sample within
 u + cover (a k-d tree ball query). Any triangle closer than u is among them, so the result equals a
-brute-force search over all triangles.
+brute-force search over all triangles (the tests check it against brute force and against libigl).
 """
 
 from __future__ import annotations
