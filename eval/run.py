@@ -346,8 +346,10 @@ def run_evaluation(options: EvalOptions) -> Path:
     if options.bench_runs > 0 and measured and videos:
         log(f"speed benchmark: {options.bench_runs} runs x {len(measured)} configs")
         bench_video = REFERENCE_VIDEO if REFERENCE_VIDEO in videos else videos[0]
-        bench = run_bench([c for c in measured if not c.synthetic_only], ablation.base, bench_video,
-                          BenchOptions(options.bench_frames, options.bench_runs, options.device), run_dir / "bench")
+        synthetic = (sequences[0].video, sequences[0].ground_truth) if sequences else None
+        bench = run_bench(measured, ablation.base, bench_video,
+                          BenchOptions(options.bench_frames, options.bench_runs, options.device), run_dir / "bench",
+                          synthetic)
     run_info = {
         "name": options.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_name(options.device), "platform": platform.platform(), "commit": git_commit(),

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from eval.ablation import load_ablation, merge, stage_ran
+from eval.ablation import AblationConfig, load_ablation, merge, stage_ran
+from eval.bench.stages import BenchOptions, run_bench
 from eval.photometric import PhotometricOptions
 from eval.real.evaluate import valid_runs
 from eval.run import EvalOptions, run_evaluation
@@ -168,6 +169,14 @@ def test_stage_ran_reads_the_run_summary():
     assert stage_ran(summary, "densemarks") == (False, "weights not found")  # timed, but it did not run
     assert stage_ran(summary, "photometric")[0]
     assert not stage_ran({"seconds": {"fitting": 1.0}}, "photometric")[0]
+
+
+def test_bench_skips_oracle_configs_without_a_synthetic_sequence(tmp_path):
+    oracle = AblationConfig("oracle", {"densemarks": {"oracle": True, "oracle_ground_truth": "{ground_truth}"}},
+                            synthetic_only=True)
+    data = run_bench([oracle], {}, VIDEOS / "wojtek.mp4", BenchOptions(frames=2, runs=1), tmp_path)
+    assert data["configs"] == {} and "synthetic sequence" in data["skipped"]["oracle"]
+    assert "oracle skipped" in (tmp_path / "bench.md").read_text()
 
 
 def test_valid_runs():

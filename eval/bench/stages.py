@@ -63,14 +63,16 @@ def render_seconds_per_frame(run: RunResult, video: Path, selection: FrameSelect
 
 
 def bench_config(config: AblationConfig, base: dict, video: Path, options: BenchOptions, out_root: Path,
-                 model: FlameModel) -> dict:
-    """{'runs': [stage -> s/frame per run], 'median_s_per_frame': stage -> median} or {'skipped': reason}."""
+                 model: FlameModel, placeholders: dict[str, str] | None = None) -> dict:
+    """{'runs': [stage -> s/frame per run], 'median_s_per_frame': stage -> median} or {'skipped': reason}.
+    placeholders: values for the config's "{...}" strings (a synthetic video's ground truth)."""
     selection = FrameSelection(max_frames=options.frames)
     overrides = {"device": options.device, "video": {"max_frames": options.frames}, "detect": {"cache": False}}
     runs = []
     for index in range(options.runs):
         decode = decode_seconds_per_frame(video, selection)
-        result = run_config(config, base, video, out_root / f"run{index}", overrides, trace_memory=False)
+        result = run_config(config, base, video, out_root / f"run{index}", overrides, placeholders,
+                            trace_memory=False)
         if result.skipped is not None:
             return {"skipped": result.skipped}
         stages = {k: v for k, v in result.summary["seconds_per_frame"].items() if k not in ("total", "outputs")}
@@ -79,14 +81,23 @@ def bench_config(config: AblationConfig, base: dict, video: Path, options: Bench
     return {"runs": runs, "median_s_per_frame": median}
 
 
-def run_bench(configs: list[AblationConfig], base: dict, video: Path, options: BenchOptions, out_dir: Path) -> dict:
-    """Benchmark every config; writes bench.json and bench.md into out_dir and returns the JSON data."""
+def run_bench(configs: list[AblationConfig], base: dict, video: Path, options: BenchOptions, out_dir: Path,
+              synthetic: tuple[Path, Path] | None = None) -> dict:
+    """Benchmark every config; writes bench.json and bench.md into out_dir and returns the JSON data.
+    synthetic: (video, ground truth) of a synthetic sequence, on which synthetic_only configs (oracles) are
+    timed; without it they are skipped."""
     out_dir.mkdir(parents=True, exist_ok=True)
     defaults = FlameConfig()
     model = load_flame_bundle(None, None, defaults.n_shape, defaults.n_expr, SCHEME_IBUG68).model
     results, skipped = {}, {}
     for config in configs:
-        outcome = bench_config(config, base, video, options, out_dir / "runs" / config.name, model)
+        if config.synthetic_only and synthetic is None:
+            skipped[config.name] = "needs a synthetic sequence (its ground truth feeds the oracle)"
+            continue
+        clip, placeholders = (synthetic[0], {"ground_truth": str(synthetic[1])}) if config.synthetic_only else (video, {})
+        outcome = bench_config(config, base, clip, options, out_dir / "runs" / config.name, model, placeholders)
+        if "video" not in outcome and clip != video:
+            outcome["video"] = str(clip)
         if "skipped" in outcome:
             skipped[config.name] = outcome["skipped"]
         else:
@@ -98,7 +109,8 @@ def run_bench(configs: list[AblationConfig], base: dict, video: Path, options: B
     table = markdown_table(["config", *stages, "sum"], [
         [name, *[c["median_s_per_frame"].get(s, float("nan")) for s in stages],
          sum(v for k, v in c["median_s_per_frame"].items() if k != "decode")] for name, c in results.items()])
-    notes = "\n".join(f"- {name} skipped: {why}" for name, why in skipped.items())
+    notes = "\n".join([f"- {name} ran on {c['video']} (synthetic)" for name, c in results.items() if "video" in c]
+                      + [f"- {name} skipped: {why}" for name, why in skipped.items()])
     (out_dir / "bench.md").write_text(
         f"# Speed benchmark\n\nMachine: {data['machine']}\n\nVideo: {video}, first {options.frames} frames, "
         f"median of {options.runs} runs, seconds per frame (`detection` includes decoding; `sum` leaves "
