@@ -256,9 +256,21 @@ def densemarks_stage(problem: Problem, result: TrackResult, obs: Observations, t
     """DenseMarks refinement when configured and its weights (or the evaluation oracle) are available."""
     if cfg.densemarks.mode == "off":
         return result, {"ran": False, "reason": "densemarks.mode is off"}
-    with tqdm(desc="densemarks", unit="step", disable=not show_progress) as bar:
+    bars: dict[str, tqdm] = {}  # one per step ("predict", "refine"), opened when the step starts
+
+    def progress(step: str) -> None:
+        if step not in bars:
+            for bar in bars.values():  # the previous step is over
+                bar.close()
+            bars[step] = tqdm(total=len(track), desc=f"densemarks {step}", unit="frame", disable=not show_progress)
+        bars[step].update(1)
+
+    try:
         return run_densemarks_stage(problem, result, obs, track.frame_indices, frames, bundle, cfg, out_dir,
-                                    progress=lambda _step: bar.update(1))
+                                    progress=progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 def photometric_stage(problem: Problem, result: TrackResult, obs: Observations, frames, frame_size: tuple[int, int],
