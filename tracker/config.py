@@ -165,6 +165,9 @@ class DenseMarksStageConfig:
     """Re-estimate the shared identity on keyframes with the correspondence term before refining frames."""
     map_rounds: int = 2
     """Alternations of identity (keyframes) and canonical-map re-estimation (from those keyframe fits)."""
+    free_focal: bool = True
+    """Re-estimate the focal length with the identity: whole-head correspondences show perspective that face
+    landmarks barely do (ignored when camera.focal is given)."""
     rounds: int = 3
     """Correspondence rounds per frame: visibility gates refreshed, then Levenberg-Marquardt steps."""
     lm_iters: int = 4

@@ -62,7 +62,7 @@ from tracker.energy.dense import (
     prediction_validity,
 )
 from tracker.errors import MissingAssetError
-from tracker.fit.sequence import TrackResult, choose_keyframes, landmark_error_px, predict_next
+from tracker.fit.sequence import FOCAL_PRIOR, TrackResult, choose_keyframes, landmark_error_px, predict_next
 from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, fit_adam, fit_lm, torch_threads
 from tracker.flame.assets import FlameBundle
 from tracker.flame.model import FlameModel, FlameParams
@@ -391,18 +391,23 @@ def refine_identity(fitter: DenseFitter, result: TrackResult, obs: Observations,
                     dense_frame: Callable[[int], DenseFrame], keyframes: np.ndarray) -> FlameParams:
     """Keyframe parameters with the shared identity re-estimated by the correspondence term: DenseMarks sees the
     whole head (profile, ears, skull), which pins the shape far better than face landmarks do; the head's size
-    stays that of the landmark identity (`HeadSizeEnergy`)."""
+    stays that of the landmark identity (`HeadSizeEnergy`). With densemarks.free_focal (and no configured
+    focal) the focal length is re-estimated too and written into the problem's camera, which every later step
+    shares."""
     frames = [dense_frame(int(t)) for t in keyframes]
     index = torch.as_tensor(keyframes, device=obs.landmarks.device)
     params = result.params.frames(index)
     problem = fitter.lm_problem
     problem = problem.with_terms([*problem.terms, HeadSizeEnergy(problem.model, result.params.shape)])
+    free_focal = fitter.stage.free_focal and fitter.cfg.camera.focal is None
     for _ in range(fitter.stage.rounds):
         for i, frame in enumerate(frames):
             fitter.gates(frame, params.frames(slice(i, i + 1)))
         extras = {key: torch.cat([frame.extras[key] for frame in frames]) for key in frames[0].extras}
-        params, _ = fit_lm(problem, params, replace(obs.frames(index), extras=extras), fitter.free,
-                           fitter.stage.lm_iters, free_shape=True)
+        params, focal = fit_lm(problem, params, replace(obs.frames(index), extras=extras), fitter.free,
+                               fitter.stage.lm_iters, free_shape=True, free_focal=free_focal,
+                               focal_prior=FOCAL_PRIOR * len(keyframes))
+        problem.camera.focal = focal
     return params
 
 
@@ -536,13 +541,15 @@ def run_densemarks_stage(problem: Problem, result: TrackResult, obs: Observation
             keyframes = choose_keyframes(result.valid, cfg.fit.keyframes)
             for _ in range(cfg.densemarks.map_rounds):
                 key_params = refine_identity(fitter, result, obs, dense_frame, keyframes)
-                result = replace(result, params=replace(result.params, shape=key_params.shape))
+                result = replace(result, params=replace(result.params, shape=key_params.shape),
+                                 focal=float(problem.camera.focal))
                 if not cfg.densemarks.canonical_map:
                     cmap = estimate_canonical_map(problem.model, problem.camera, key_params,
                                                   [prediction(int(t)) for t in keyframes],
                                                   options=map_options(cfg.densemarks),
                                                   metadata={"predictor": source.model_id})
                     fitter, dense_frame = setup(cmap)
+        info["focal_px"] = round(float(problem.camera.focal), 2)
         if not cfg.densemarks.canonical_map:
             info.update(save_map_outputs(cmap, problem.model, result.params.shape, out_dir))
         seconds["identity_and_map"] = time.perf_counter() - start
