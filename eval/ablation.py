@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from eval.metrics import track_peak_memory
-from tracker.config import CONFIG_DIR, load_config
+from tracker.config import CONFIG_DIR, load_config, read_yaml
 from tracker.errors import TrackerError
 from tracker.pipeline import track_video
 
@@ -52,15 +50,9 @@ class Ablation:
 
 def load_ablation(path: str | Path = DEFAULT_ABLATION) -> Ablation:
     """Read an ablation YAML: {base: overrides, configs: [{name, overrides, ...}, ...]}."""
-    path = Path(path)
-    if not path.is_file() and (CONFIG_DIR / path).is_file():
-        path = CONFIG_DIR / path
-    if not path.is_file():
-        raise TrackerError(f"ablation file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise TrackerError(f"ablation file {path} is not valid YAML ({str(error).splitlines()[0]})") from None
+    path, data = read_yaml(path, "ablation file")
+    if not isinstance(data, dict):
+        raise TrackerError(f"ablation file {path} must be a mapping with `base:` and `configs:`")
     entries = data.get("configs")
     if not isinstance(entries, list) or not entries:
         raise TrackerError(f"ablation file {path} needs a non-empty `configs:` list")
@@ -144,12 +136,9 @@ def run_config(config: AblationConfig, base: dict, video: Path, out_root: Path, 
 
 
 def stage_ran(summary: dict[str, Any], stage: str) -> tuple[bool, str]:
-    """Whether a run's refinement stage ran, from the summary's `stages` status ({name: bool or {ran, reason}})
-    or, for trackers without it, from the stage's timing; and why not."""
-    status = (summary.get("stages") or {}).get(stage)
-    if isinstance(status, dict):
-        return bool(status.get("ran")), str(status.get("reason") or "no reason given")
-    if status is not None:
-        return bool(status), "switched off"
-    return stage in summary["seconds"], f"no such stage among {', '.join(summary['seconds'])}"
+    """Whether a run's refinement stage ran, from the summary's `stages` ({name: {ran, reason}}); and why not."""
+    status = summary["stages"].get(stage)
+    if status is None:
+        return False, f"the tracker has no '{stage}' stage (stages: {', '.join(summary['stages'])})"
+    return bool(status["ran"]), str(status.get("reason") or "no reason given")
 

@@ -17,15 +17,14 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from eval import SHARED_DATA
 from tracker.render import MeshRenderer, RasterSettings, VertexAlbedo, interpolate, rasterize, vertex_normals
 
-SHARED = Path(os.environ.get("TRACKER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-STANDIN = SHARED / "assets" / "flame_standin" / "flame_standin.pkl"
+STANDIN = SHARED_DATA / "assets" / "flame_standin" / "flame_standin.pkl"
 
 
 def machine_description() -> str:

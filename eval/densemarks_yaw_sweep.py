@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -37,9 +38,7 @@ from tracker.densemarks.oracle import OracleDenseMarks, OracleGroundTruth, Oracl
 from tracker.densemarks.stage import oracle_source, run_densemarks_stage
 from tracker.detect.base import SCHEME_MEDIAPIPE, make_detector
 from tracker.detect.sequence import detect_video
-from tracker.energy.landmarks import LandmarkEnergy, landmark_group_weights
-from tracker.energy.priors import PriorEnergy
-from tracker.energy.temporal import TemporalEnergy
+from tracker.errors import TrackerError
 from tracker.fit.sequence import SequenceTracker, TrackResult
 from tracker.fit.solver import Problem
 from tracker.flame.assets import load_flame_bundle
@@ -48,7 +47,7 @@ from tracker.flame.lbs import batch_rodrigues
 from tracker.flame.model import FlameModel, FlameParams
 from tracker.io.export import FrameTable, write_params
 from tracker.io.video import FrameSelection, read_frames
-from tracker.pipeline import observations_from_track
+from tracker.pipeline import landmark_problem
 
 FPS = 25.0
 DISTANCE_M = 0.8
@@ -114,11 +113,7 @@ def track_landmarks(video: Path, cfg, bundle, camera: Camera, mediapipe_model: s
         track = detect_video(video, detector, FrameSelection(), use_cache=True)
     finally:
         detector.close()
-    group_weights = landmark_group_weights(SCHEME_MEDIAPIPE, bundle.landmarks.detector_index, cfg.energy.landmarks)
-    obs = observations_from_track(track, bundle.landmarks, group_weights, torch.device("cpu"))
-    terms = [LandmarkEnergy(cfg.energy.landmarks), PriorEnergy(cfg.energy.priors, bundle.model),
-             TemporalEnergy(cfg.energy.temporal)]
-    problem = Problem(bundle.model, bundle.landmarks, camera, terms)
+    obs, problem = landmark_problem(track, bundle.model, bundle.landmarks, camera, cfg, SCHEME_MEDIAPIPE)
     fitter = SequenceTracker(problem, cfg)
     shape, _ = fitter.estimate_identity(obs, track.valid)  # the focal is fixed by the config
     return fitter.track(obs, track.valid, shape), obs, problem, track
@@ -172,7 +167,7 @@ def photometric_refinement(problem: Problem, result: TrackResult, obs, video: Pa
     return refined
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--size", type=int, default=512, help="video side, pixels")
@@ -183,6 +178,18 @@ def main() -> None:
     parser.add_argument("--no-photometric", action="store_true", help="skip the + photometric variant")
     parser.add_argument("--mediapipe-model", default=None, help="face_landmarker .task (default: config/env)")
     args = parser.parse_args()
+    if args.frames < 10 or args.size < 128 or args.threads < 1:
+        parser.error("--frames must be >= 10, --size >= 128 and --threads >= 1")
+    try:
+        sweep(args)
+    except TrackerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """Render, track, refine and score the sweep; prints the table and writes report.json."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out_dir = Path(args.out)
@@ -241,5 +248,6 @@ def main() -> None:
     print(f"seconds: {report['seconds']}; stage: {json.dumps(info, default=str)}")
 
 
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

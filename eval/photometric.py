@@ -21,6 +21,7 @@ from eval.metrics import psnr, ssim
 from eval.synthetic.render import TexturedHead, faces_in_region, region_mask, render_head, unlit_sh
 from eval.synthetic.uvmap import UvAtlas, push_pull_fill, scaled_camera, unwrap_image
 from tracker.camera import Camera
+from tracker.fit.sequence import evenly_spaced
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,6 @@ class PhotometricOptions:
     """Longer image side the comparison runs at (frames and camera are scaled down to it, never up)."""
     min_mask_pixels: int = 200
     """Frames whose face region covers fewer pixels are not scored."""
-
-
-def evenly_spaced(candidates: np.ndarray, count: int) -> np.ndarray:
-    """Up to `count` entries of `candidates` spread evenly over it."""
-    if len(candidates) <= count:
-        return candidates
-    return candidates[np.round(np.linspace(0, len(candidates) - 1, count)).astype(int)]
 
 
 @torch.no_grad()

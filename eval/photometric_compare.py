@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -21,15 +22,14 @@ import cv2
 import numpy as np
 import torch
 
+from eval import SHARED_DATA
 from eval.bench_render import machine_description
 from eval.metrics import psnr
 from tracker.camera import Camera
 from tracker.config import TrackerConfig, load_config
 from tracker.energy.base import Observations
-from tracker.energy.landmarks import LandmarkEnergy, landmark_group_weights
 from tracker.energy.photometric import Appearance, RegionMesh, region_mesh
-from tracker.energy.priors import PriorEnergy
-from tracker.energy.temporal import TemporalEnergy
+from tracker.errors import TrackerError
 from tracker.fit.photometric import (
     StageCrop,
     estimate_appearance,
@@ -45,14 +45,14 @@ from tracker.flame.model import FlameParams
 from tracker.io.appearance import draw_appearance, write_appearance
 from tracker.io.export import read_params
 from tracker.io.video import FrameSelection, read_frames
-from tracker.pipeline import SCHEME_OF_DETECTOR, detect_landmarks, observations_from_track, track_video
+from tracker.pipeline import SCHEME_OF_DETECTOR, detect_landmarks, landmark_problem, track_video
 
-SHARED = Path(os.environ.get("TRACKER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 ENVIRONMENT = {
-    "FLAME_MODEL": SHARED / "assets" / "flame_standin" / "flame_standin.pkl",
-    "TRACKER_FLAME_ASSETS": SHARED / "assets" / "flame",
-    "TRACKER_MEDIAPIPE_MODEL": SHARED / "assets" / "mediapipe" / "face_landmarker_v2_with_blendshapes.task",
+    "FLAME_MODEL": SHARED_DATA / "assets" / "flame_standin" / "flame_standin.pkl",
+    "TRACKER_FLAME_ASSETS": SHARED_DATA / "assets" / "flame",
+    "TRACKER_MEDIAPIPE_MODEL": SHARED_DATA / "assets" / "mediapipe" / "face_landmarker_v2_with_blendshapes.task",
 }
+"""Defaults of the tracker's asset variables (the shared stand-in) where they are not set."""
 
 
 def landmark_run(video: Path, cfg: TrackerConfig) -> tuple[Problem, TrackResult, Observations, dict, FlameBundle]:
@@ -71,11 +71,7 @@ def landmark_run(video: Path, cfg: TrackerConfig) -> tuple[Problem, TrackResult,
     camera = Camera.from_image(height, width, focal=float(arrays["K"][0, 0, 0]), device=device)
     selection = FrameSelection(cfg.video.start, cfg.video.max_frames, cfg.video.stride)
     track, _ = detect_landmarks(video, cfg, selection, len(arrays["valid"]), Path(summary.out_dir), False)
-    weights = landmark_group_weights(scheme, bundle.landmarks.detector_index, cfg.energy.landmarks)
-    obs = observations_from_track(track, landmarks, weights, device)
-    problem = Problem(model, landmarks, camera,
-                      [LandmarkEnergy(cfg.energy.landmarks), PriorEnergy(cfg.energy.priors, model),
-                       TemporalEnergy(cfg.energy.temporal)])
+    obs, problem = landmark_problem(track, model, landmarks, camera, cfg, scheme)
     tensor = lambda name: torch.as_tensor(arrays[name], device=device)  # noqa: E731
     params = FlameParams(shape=tensor("shape").view(1, -1), **{name: tensor(name) for name in FRAME_FIELDS})
     result = TrackResult(params, float(camera.focal), arrays["valid"].astype(bool),
@@ -149,7 +145,7 @@ def compare(video: Path, max_frames: int, out_dir: Path) -> None:
     print(f"  appearance and overlays in {folder}")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("videos", nargs="+", type=Path)
     parser.add_argument("--max-frames", type=int, default=100)
@@ -160,9 +156,16 @@ def main() -> None:
         os.environ.setdefault(key, str(value))
     torch.set_num_threads(args.threads)
     print(machine_description(), f"- torch threads {torch.get_num_threads()}")
-    for video in args.videos:
-        compare(video, args.max_frames, args.out)
+    if args.max_frames < 2:
+        parser.error("--max-frames must be >= 2")
+    try:
+        for video in args.videos:
+            compare(video, args.max_frames, args.out)
+    except TrackerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -31,7 +31,7 @@ import torch
 
 from eval.ablation import DEFAULT_ABLATION, Ablation, AblationConfig, load_ablation, merge, run_config
 from eval.bench.stages import BenchOptions, machine_name, run_bench
-from eval.photometric import PhotometricOptions, evenly_spaced
+from eval.photometric import PhotometricOptions
 from eval.real.evaluate import VideoScores, score_video
 from eval.real.videos import DEFAULT_VIDEO_DIR, REFERENCE_VIDEO, find_videos
 from eval.report import ConfigResults, mesh_overlay, save_panel, worst_and_median, write_report
@@ -59,6 +59,7 @@ from eval.synthetic.uvmap import UvAtlas, uv_atlas
 from eval.tracked import TrackedSequence, load_tracked
 from tracker.config import load_config
 from tracker.errors import TrackerError
+from tracker.fit.sequence import evenly_spaced
 from tracker.flame.model import FlameModel
 from tracker.io.video import FrameSelection, read_frames
 from tracker.render.texture import load_obj

@@ -73,7 +73,7 @@ def test_photometric_run_exports_appearance(tmp_path):
     assert code == 0
     out = tmp_path / "wojtek"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stages"]["photometric"] is True and "photometric" in summary["seconds"]
+    assert summary["stages"]["photometric"]["ran"] is True and "photometric" in summary["seconds"]
     lighting = json.loads((out / "lighting.json").read_text())
     assert np.array(lighting["sh_coefficients"]).shape == (9, 3)
     texture = av.open(str(out / "texture.png"))

@@ -64,6 +64,10 @@ def test_overrides_and_types(tmp_path):
     ({"detect": {"landmarks": "eyes"}}, "landmarks"),
     ({"energy": {"priors": {"weight": -1}}}, "priors.weight"),
     ({"densemarks": {"mode": "maybe"}}, "densemarks.mode"),
+    ({"photometric": {"appearance_refine_iters": -1}}, "appearance_refine_iters"),
+    ({"photometric": {"lr": 0.0}}, "learning rates"),
+    ({"photometric": {"crop_margin": -0.1}}, "crop_margin"),
+    ({"densemarks": {"map_rounds": -1}}, "map_rounds"),
 ])
 def test_out_of_range_values(overrides, message):
     with pytest.raises(TrackerError, match=message):

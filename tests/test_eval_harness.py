@@ -165,10 +165,11 @@ def test_ablation_file_and_merge():
 
 def test_stage_ran_reads_the_run_summary():
     summary = {"seconds": {"fitting": 1.0, "densemarks": 0.01},
-               "stages": {"densemarks": {"ran": False, "reason": "weights not found"}, "photometric": True}}
+               "stages": {"densemarks": {"ran": False, "reason": "weights not found"}, "photometric": {"ran": True}}}
     assert stage_ran(summary, "densemarks") == (False, "weights not found")  # timed, but it did not run
     assert stage_ran(summary, "photometric")[0]
-    assert not stage_ran({"seconds": {"fitting": 1.0}}, "photometric")[0]
+    ran, reason = stage_ran(summary, "global")
+    assert not ran and "no 'global' stage" in reason
 
 
 def test_bench_skips_oracle_configs_without_a_synthetic_sequence(tmp_path):

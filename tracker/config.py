@@ -273,7 +273,13 @@ def validate(cfg: TrackerConfig) -> None:
         (cfg.photometric.renderer in ("torch", "pytorch3d", "nvdiffrast"),
          "photometric.renderer must be torch|pytorch3d|nvdiffrast"),
         (cfg.photometric.resolution >= 32, "photometric.resolution must be >= 32"),
+        (cfg.photometric.appearance_refine_frames >= 0 and cfg.photometric.appearance_refine_iters >= 0,
+         "photometric.appearance_refine_frames and appearance_refine_iters must be >= 0"),
+        (cfg.photometric.lr > 0 and cfg.photometric.appearance_lr > 0, "photometric learning rates must be > 0"),
+        (cfg.photometric.crop_margin >= 0, "photometric.crop_margin must be >= 0"),
         (cfg.densemarks.mode in ("auto", "on", "off"), "densemarks.mode must be auto|on|off"),
+        (cfg.densemarks.map_rounds >= 0 and cfg.densemarks.map_affine_prior >= 0,
+         "densemarks.map_rounds and map_affine_prior must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -283,20 +289,25 @@ def validate(cfg: TrackerConfig) -> None:
             raise TrackerError(f"bad config: energy.{term.name}.weight must be >= 0")
 
 
+def read_yaml(path: str | Path, what: str = "config file") -> tuple[Path, Any]:
+    """(resolved path, contents) of a YAML file given as a path or a name in configs/; TrackerError (naming it
+    `what`) when it is missing or not YAML."""
+    path = Path(path)
+    if not path.is_file() and (CONFIG_DIR / path).is_file():
+        path = CONFIG_DIR / path
+    if not path.is_file():
+        raise TrackerError(f"{what} {path} not found")
+    try:
+        return path, yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise TrackerError(f"{what} {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrackerConfig:
     """Defaults, then a YAML file (a name in configs/ or a path), then overrides (nested dict)."""
     cfg = TrackerConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file() and (CONFIG_DIR / path).is_file():
-            path = CONFIG_DIR / path
-        if not path.is_file():
-            raise TrackerError(f"config file {path} not found")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise TrackerError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-        update_dataclass(cfg, values)
+        update_dataclass(cfg, read_yaml(path)[1])
     if overrides:
         update_dataclass(cfg, overrides)
     validate(cfg)

@@ -33,7 +33,7 @@ from tracker.fit.sequence import SequenceTracker, TrackResult
 from tracker.fit.solver import FRAME_FIELDS, Problem
 from tracker.flame.assets import FlameBundle, load_flame_bundle
 from tracker.flame.landmarks import LandmarkSet
-from tracker.flame.model import FlameParams
+from tracker.flame.model import FlameModel, FlameParams
 from tracker.io.appearance import write_appearance
 from tracker.io.export import FrameTable, write_json, write_obj, write_params
 from tracker.io.overlay_video import write_overlay_video
@@ -55,6 +55,17 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrackerError(f"--device {name} asked for, but CUDA is not available in this torch build/machine")
     return device
+
+
+def landmark_problem(track: LandmarkTrack, model: FlameModel, landmarks: LandmarkSet, camera: Camera,
+                     cfg: TrackerConfig, scheme: str) -> tuple[Observations, Problem]:
+    """The landmark stage's observations (on the camera's device) and Problem (landmark, prior and temporal
+    terms): what every later stage refines."""
+    group_weights = landmark_group_weights(scheme, landmarks.detector_index, cfg.energy.landmarks)
+    obs = observations_from_track(track, landmarks, group_weights, camera.focal.device)
+    terms = [LandmarkEnergy(cfg.energy.landmarks), PriorEnergy(cfg.energy.priors, model),
+             TemporalEnergy(cfg.energy.temporal)]
+    return obs, Problem(model, landmarks, camera, terms)
 
 
 def observations_from_track(track: LandmarkTrack, landmarks: LandmarkSet, group_weights: torch.Tensor,
@@ -91,8 +102,8 @@ class RunSummary:
     focal_px: float = float("nan")
     outputs: dict[str, str] = field(default_factory=dict)
     stages: dict = field(default_factory=dict)
-    """Which refinement stages ran: {"densemarks": info dict (ran, reason or predictor, licence, ...),
-    "photometric": bool}."""
+    """Each refinement stage's status, {name: {"ran": bool, "reason": why not, ...}}; DenseMarks adds its
+    predictor, licence, map and timings."""
     complete: bool = True
 
 
@@ -169,11 +180,7 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
         raise TrackerError(f"{video}: no frames selected (start {cfg.video.start} is past the end?)")
 
     camera = Camera.from_image(info.height, info.width, cfg.camera.fov_init_deg, cfg.camera.focal, device)
-    group_weights = landmark_group_weights(scheme, bundle.landmarks.detector_index, cfg.energy.landmarks)
-    obs = observations_from_track(track, landmarks, group_weights, device)
-    terms = [LandmarkEnergy(cfg.energy.landmarks), PriorEnergy(cfg.energy.priors, model),
-             TemporalEnergy(cfg.energy.temporal)]
-    problem = Problem(model, landmarks, camera, terms)
+    obs, problem = landmark_problem(track, model, landmarks, camera, cfg, scheme)
     metadata = build_metadata(cfg, bundle, video, detector_settings)
     writer = OutputWriter(out_dir, camera, info.fps, metadata, track)
 
@@ -189,15 +196,17 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
         result, writer.metadata["densemarks"] = densemarks_stage(problem, result, obs, track, frames, bundle, cfg,
                                                                  out_dir, show_progress)
     textured = None  # the photometric stage's appearance and regions, for the overlay
+    photometric = {"ran": False, "reason": "photometric.enabled is off"}
     if cfg.photometric.enabled:
         with _timed(timings, "photometric"):
             result, files, appearance = photometric_stage(problem, result, obs, frames, (info.height, info.width),
                                                           bundle, cfg, out_dir, show_progress)
         outputs.update(files)
+        photometric = {"ran": appearance is not None, "reason": "" if appearance else "no frame has a landmark fit"}
         if appearance is not None:
             textured = (appearance, region_mesh(model, bundle.masks, cfg.energy.photometric.regions))
-    writer.metadata["stages"] = {"densemarks": bool(writer.metadata["densemarks"].get("ran")),
-                                 "photometric": cfg.photometric.enabled}
+    stages = {"densemarks": writer.metadata["densemarks"], "photometric": photometric}
+    writer.metadata["stages"] = {name: bool(status.get("ran")) for name, status in stages.items()}
     writer.write_final(FrameTable(result.params, track.frame_indices, track.timestamps, result.valid,
                                   result.lmk_error_px))
 
@@ -210,7 +219,7 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
                 info.fps, show_progress, textured))
 
     summary = _summarise(video, out_dir, track, result, timings, camera, outputs)
-    summary.stages = {"densemarks": writer.metadata["densemarks"], "photometric": cfg.photometric.enabled}
+    summary.stages = stages
     write_json(out_dir / "summary.json", summary.__dict__)
     return summary
 

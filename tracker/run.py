@@ -77,9 +77,10 @@ def print_summary(summary) -> None:
              if summary.invalid_frame_indices else "") + ")")
     print(f"landmark error: mean {summary.lmk_error_px_mean:.2f} px, p95 {summary.lmk_error_px_p95:.2f} px; "
           f"focal {summary.focal_px:.0f} px; re-initialised frames: {summary.reinitialised_frames}")
-    dense = summary.stages.get("densemarks", {})
-    print(f"DenseMarks: {'on (' + str(dense.get('predictor')) + ')' if dense.get('ran') else 'off: ' + str(dense.get('reason'))}"
-          f"; photometric stage: {'on' if summary.stages.get('photometric') else 'off'}")
+    dense, photometric = summary.stages["densemarks"], summary.stages["photometric"]
+    dense_state = f"on ({dense['predictor']})" if dense["ran"] else f"off: {dense['reason']}"
+    print(f"DenseMarks: {dense_state}; photometric stage: "
+          f"{'on' if photometric['ran'] else 'off: ' + photometric['reason']}")
     print("time per frame: " + ", ".join(f"{k} {v:.3f} s" for k, v in spf.items()))
     for name, path in summary.outputs.items():
         print(f"{name}: {path}")

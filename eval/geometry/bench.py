@@ -7,18 +7,17 @@ evaluation (landmark alignment + refinement) of a synthetic scan in mm with 2 mm
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from eval import SHARED_DATA
 from eval.geometry.mesh_distance import SurfaceIndex
 from eval.geometry.mesh_io import load_ply
 from eval.geometry.now import NowOptions, now_scan_to_mesh_errors
 
-SHARED = Path(os.environ.get("TRACKER_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
-TEMPLATE = SHARED / "assets" / "flame" / "template.ply"
+TEMPLATE = SHARED_DATA / "assets" / "flame" / "template.ply"
 # Rough positions (m) of NoW's 7 landmarks on the FLAME template: eye corners, nose bottom, mouth corners.
 NOW_POINTS_ON_TEMPLATE = np.array([[-0.045, 0.021, 0.027], [-0.018, 0.020, 0.035], [0.018, 0.020, 0.036],
                                    [0.046, 0.021, 0.028], [0.0, -0.022, 0.060], [-0.024, -0.044, 0.047],

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from eval import SHARED_DATA
 from tracker.errors import TrackerError
 
-SHARED = Path(os.environ.get("TRACKER_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
-DEFAULT_VIDEO_DIR = SHARED / "videos" / "dev"
+DEFAULT_VIDEO_DIR = SHARED_DATA / "videos" / "dev"
 REFERENCE_VIDEO = DEFAULT_VIDEO_DIR / "wojtek.mp4"
 """A frontal 512 x 512 clip where both detectors find the face: --quick runs and the speed benchmark use it."""
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm")

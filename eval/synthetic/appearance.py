@@ -11,13 +11,12 @@ Everything is deterministic given its inputs (seeds, image index).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
+from eval import SHARED_DATA
 from eval.synthetic.uvmap import UnwrapOptions, UvAtlas, push_pull_fill, sample_image, unwrap_image
 from tracker.camera import Camera
 from tracker.detect.base import SCHEME_IBUG68
@@ -31,9 +30,8 @@ from tracker.flame.assets import FlameBundle
 from tracker.flame.model import FlameParams
 from tracker.render.texture import FLAME_UV_MIRROR_U
 
-SHARED = Path(os.environ.get("TRACKER_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
-FFHQ_DIR = SHARED / "images" / "FFHQ"
-FFHQ_SEG_DIR = SHARED / "images" / "FFHQ_seg"
+FFHQ_DIR = SHARED_DATA / "images" / "FFHQ"
+FFHQ_SEG_DIR = SHARED_DATA / "images" / "FFHQ_seg"
 PHOTO_FOV_DEG = 20.0
 """Assumed field of view of the FFHQ crops (portrait lenses; only the unwrap depends on it, weakly)."""
 FIT_ITERS = 20

@@ -62,7 +62,14 @@ from tracker.energy.dense import (
     prediction_validity,
 )
 from tracker.errors import MissingAssetError
-from tracker.fit.sequence import FOCAL_PRIOR, TrackResult, choose_keyframes, landmark_error_px, predict_next
+from tracker.fit.sequence import (
+    FOCAL_PRIOR,
+    TrackResult,
+    choose_keyframes,
+    evenly_spaced,
+    landmark_error_px,
+    predict_next,
+)
 from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, fit_adam, fit_lm, torch_threads
 from tracker.flame.assets import FlameBundle
 from tracker.flame.model import FlameModel, FlameParams
@@ -209,9 +216,7 @@ def map_frames(result: TrackResult, count: int, max_error_factor: float = 2.0) -
     good = np.flatnonzero(result.valid & np.isfinite(errors))
     if len(good):
         good = good[errors[good] <= max_error_factor * np.median(errors[good])]
-    if len(good) <= count:
-        return good
-    return good[np.round(np.linspace(0, len(good) - 1, count)).astype(int)]
+    return evenly_spaced(good, count)
 
 
 def initial_canonical_map(cfg: DenseMarksStageConfig, model: FlameModel, camera: Camera, result: TrackResult,

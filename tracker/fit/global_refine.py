@@ -13,7 +13,6 @@ from tracker.energy.base import Observations
 from tracker.energy.temporal import SmoothnessConfig, SmoothnessEnergy
 from tracker.fit.sequence import TrackResult, landmark_error_px
 from tracker.fit.solver import LANDMARK_FIELDS, Problem, fit_adam
-from tracker.flame.model import FlameParams
 
 
 def refine_globally(problem: Problem, result: TrackResult, obs: Observations, iters: int, window: int, lr: float,

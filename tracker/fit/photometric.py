@@ -242,17 +242,23 @@ def frame_images(images: np.ndarray, t: int, device: torch.device) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(images[t])).to(device).unsqueeze(0).float() / 255
 
 
+def frames_geometry(mesh: RegionMesh, camera: Camera, params: FlameParams, images: np.ndarray, frames: np.ndarray,
+                    backend: str) -> PixelGeometry:
+    """`pixel_geometry` of the chosen frames of a track (params: all T frames; images: (T, h, w, 3) uint8)."""
+    device = mesh.vertex_ids.device
+    batch = torch.cat([frame_images(images, int(t), device) for t in frames])
+    return pixel_geometry(mesh, camera, params.frames(torch.as_tensor(frames, device=device)), batch, 1.0, backend)
+
+
 def estimate_appearance(mesh: RegionMesh, camera: Camera, params: FlameParams, images: np.ndarray,
                         bundle: FlameBundle, cfg: TrackerConfig, keyframes: np.ndarray) -> Appearance:
     """Appearance from the keyframes' images (camera: theirs) with their poses held fixed."""
-    device = mesh.vertex_ids.device
-    key_images = torch.cat([frame_images(images, int(t), device) for t in keyframes])
-    key_params = params.frames(torch.as_tensor(keyframes, device=device))
-    geometry = pixel_geometry(mesh, camera, key_params, key_images, 1.0, cfg.photometric.renderer)
+    geometry = frames_geometry(mesh, camera, params, images, keyframes, cfg.photometric.renderer)
     if geometry.face.numel() == 0:
         raise TrackerError("photometric stage: the compared regions are not visible in any keyframe")
     init = initial_appearance(cfg.photometric, bundle, geometry.target.mean(dim=1))
-    return fit_appearance(geometry, init, bundle.model.faces.to(device), cfg.energy.photometric, cfg.photometric)
+    return fit_appearance(geometry, init, bundle.model.faces.to(init.sh.device), cfg.energy.photometric,
+                          cfg.photometric)
 
 
 def refine_appearance(appearance: Appearance, mesh: RegionMesh, camera: Camera, result: TrackResult,
@@ -264,15 +270,12 @@ def refine_appearance(appearance: Appearance, mesh: RegionMesh, camera: Camera, 
     stage = cfg.photometric
     if stage.appearance_refine_frames < 1 or stage.appearance_refine_iters < 1:
         return appearance
-    device = mesh.vertex_ids.device
     frames = choose_keyframes(result.valid, stage.appearance_refine_frames)
-    batch = torch.cat([frame_images(images, int(t), device) for t in frames])
-    geometry = pixel_geometry(mesh, camera, result.params.frames(torch.as_tensor(frames, device=device)), batch,
-                              1.0, stage.renderer)
+    geometry = frames_geometry(mesh, camera, result.params, images, frames, stage.renderer)
     if geometry.face.numel() == 0:
         return appearance
-    return fit_appearance(geometry, appearance, bundle.model.faces.to(device), cfg.energy.photometric, stage,
-                          iters=stage.appearance_refine_iters, warmup=0)
+    return fit_appearance(geometry, appearance, bundle.model.faces.to(appearance.sh.device), cfg.energy.photometric,
+                          stage, iters=stage.appearance_refine_iters, warmup=0)
 
 
 def downsample(images: Tensor, factor: int) -> Tensor:

@@ -44,12 +44,16 @@ def landmark_error_px(problem: Problem, params: FlameParams, obs: Observations,
         return (dist * w).sum(-1) / w.sum(-1).clamp(min=1)
 
 
+def evenly_spaced(candidates: np.ndarray, count: int) -> np.ndarray:
+    """Up to `count` entries of `candidates` spread evenly over it (first and last included)."""
+    if len(candidates) <= count:
+        return candidates
+    return candidates[np.round(np.linspace(0, len(candidates) - 1, count)).astype(int)]
+
+
 def choose_keyframes(valid: np.ndarray, count: int) -> np.ndarray:
     """Up to `count` valid frame indices spread evenly over the sequence."""
-    idx = np.flatnonzero(valid)
-    if len(idx) <= count:
-        return idx
-    return idx[np.round(np.linspace(0, len(idx) - 1, count)).astype(int)]
+    return evenly_spaced(np.flatnonzero(valid), count)
 
 
 class SequenceTracker:
