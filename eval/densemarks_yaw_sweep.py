@@ -38,7 +38,7 @@ from tracker.densemarks.oracle import OracleDenseMarks, OracleGroundTruth, Oracl
 from tracker.densemarks.stage import oracle_source, run_densemarks_stage
 from tracker.detect.base import SCHEME_MEDIAPIPE, make_detector
 from tracker.detect.sequence import detect_video
-from tracker.errors import TrackerError
+from tracker.errors import run_reporting_errors
 from tracker.fit.sequence import SequenceTracker, TrackResult
 from tracker.fit.solver import Problem
 from tracker.flame.assets import load_flame_bundle
@@ -180,12 +180,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.frames < 10 or args.size < 128 or args.threads < 1:
         parser.error("--frames must be >= 10, --size >= 128 and --threads >= 1")
-    try:
-        sweep(args)
-    except TrackerError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    return 0
+    return run_reporting_errors(lambda: sweep(args))
 
 
 def sweep(args: argparse.Namespace) -> None:

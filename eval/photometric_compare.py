@@ -29,7 +29,7 @@ from tracker.camera import Camera
 from tracker.config import TrackerConfig, load_config
 from tracker.energy.base import Observations
 from tracker.energy.photometric import Appearance, RegionMesh, region_mesh
-from tracker.errors import TrackerError
+from tracker.errors import run_reporting_errors
 from tracker.fit.photometric import (
     StageCrop,
     estimate_appearance,
@@ -158,13 +158,11 @@ def main() -> int:
     print(machine_description(), f"- torch threads {torch.get_num_threads()}")
     if args.max_frames < 2:
         parser.error("--max-frames must be >= 2")
-    try:
+    def compare_all() -> None:
         for video in args.videos:
             compare(video, args.max_frames, args.out)
-    except TrackerError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    return 0
+
+    return run_reporting_errors(compare_all)
 
 
 if __name__ == "__main__":

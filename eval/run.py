@@ -58,7 +58,7 @@ from eval.synthetic.suite import suite
 from eval.synthetic.uvmap import UvAtlas, uv_atlas
 from eval.tracked import TrackedSequence, load_tracked
 from tracker.config import load_config
-from tracker.errors import TrackerError
+from tracker.errors import TrackerError, run_reporting_errors
 from tracker.fit.sequence import evenly_spaced
 from tracker.flame.model import FlameModel
 from tracker.io.video import FrameSelection, read_frames
@@ -389,12 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         ablation=args.ablation, videos=args.videos, real_frames=args.real_frames, bench_runs=args.bench_runs,
         synthetic=False if args.no_synthetic else None, real=False if args.no_real else None, device=args.device,
         densemarks_weights=args.densemarks_weights, canonical_map=args.canonical_map)
-    try:
-        run_evaluation(options)
-    except TrackerError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    return 0
+    return run_reporting_errors(lambda: run_evaluation(options))
 
 
 if __name__ == "__main__":

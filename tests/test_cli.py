@@ -219,3 +219,16 @@ def test_crash_keeps_finished_frames(tmp_path, capsys, monkeypatch):
     arrays, meta = read_params(tmp_path / "wojtek" / "flame_params.npz")
     assert meta["complete"] is False and len(arrays["frame_index"]) == 9
     assert np.isfinite(arrays["rotation"]).all()
+
+
+def test_commands_report_tracker_errors_in_one_line(capsys):
+    from tracker.errors import MissingAssetError, run_reporting_errors
+
+    def missing() -> None:
+        raise MissingAssetError("weights not found at /x")
+
+    assert run_reporting_errors(missing) == 2
+    assert capsys.readouterr().err == "error: weights not found at /x\n"
+    assert run_reporting_errors(lambda: None) == 0
+    with pytest.raises(ZeroDivisionError):  # bugs are not bad input: they keep their traceback
+        run_reporting_errors(lambda: 1 / 0)
