@@ -23,6 +23,7 @@ from tracker.densemarks.predict import (
     frame_to_crop_affine,
     invert_affine,
 )
+from tracker.densemarks.runtime import build_forward, resolve_backend
 from tracker.densemarks.weights import BACKBONE, load_densemarks, resolve_weights_path, save_official_checkpoint
 from tracker.errors import MissingAssetError, TrackerError
 
@@ -218,6 +219,50 @@ def test_full_config_forward_at_512():
     print(f"full DenseMarks forward at 512x512 on CPU: {time.perf_counter() - start:.1f} s")
     assert uvw.shape == (1, 3, 512, 512)
     assert uvw.min() > 0 and uvw.max() < 1
+
+
+def test_openvino_forward_matches_eager():
+    """The compiled CPU path computes the eager network's outputs (random weights spread so that every branch
+    counts, yet small enough that tanh does not saturate: a saturated map would hide any difference)."""
+    net, images = tiny_net(spread=0.1), random_images(2, 64, 64)
+    forward, backend = build_forward(net, "openvino", "fp32", 64)
+    assert backend == "openvino" and forward is not net
+    with torch.no_grad():
+        expected = net(images)
+    actual = forward(images)
+    assert expected.std() > 0.05 and ((expected > 0.02) & (expected < 0.98)).float().mean() > 0.9
+    assert actual.shape == expected.shape and actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="takes"):
+        forward(random_images(1, 48, 48))
+
+
+def test_backend_choice():
+    assert resolve_backend("auto", torch.device("cpu")) == "openvino"
+    assert resolve_backend("auto", torch.device("cuda")) == "eager"
+    assert resolve_backend("eager", torch.device("cpu")) == "eager"
+    with pytest.raises(TrackerError, match="runs on the CPU"):
+        resolve_backend("openvino", torch.device("cuda"))
+    with pytest.raises(TrackerError, match="unknown DenseMarks backend"):
+        resolve_backend("tensorrt", torch.device("cpu"))
+    with pytest.raises(TrackerError, match="unknown DenseMarks precision"):
+        build_forward(tiny_net(), "eager", "fp8", 64)
+
+
+def test_predictor_backends_agree_and_bf16_is_cached_apart(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    save_official_checkpoint(tiny_net(spread=0.1), weights)
+    frame = np.random.default_rng(3).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    box = CropBox(20.0, 10.0, 70.0)
+    eager = DenseMarksPredictor.from_weights(weights, config=TINY, backend="eager")
+    fast = DenseMarksPredictor.from_weights(weights, config=TINY, backend="auto")
+    assert (eager.backend, fast.backend) == ("eager", "openvino") and fast.model_id == eager.model_id
+    expected = eager.predict(frame, box).uvw
+    assert expected.std() > 0.05
+    np.testing.assert_allclose(fast.predict(frame, box).uvw, expected, atol=1e-4, rtol=0)
+    reduced = DenseMarksPredictor.from_weights(weights, config=TINY, backend="eager", precision="bf16")
+    assert reduced.model_id == eager.model_id + "+bf16"
+    np.testing.assert_allclose(reduced.predict(frame, box).uvw, expected, atol=0.1)
 
 
 def test_crop_affine_round_trip_and_pixels():

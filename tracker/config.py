@@ -151,6 +151,10 @@ class DenseMarksStageConfig:
     """Per-vertex canonical cube coordinates (.npy); None: estimate from the video's well-fitted frames."""
     cache_dir: str | None = None
     """Where uvw predictions are cached; None: next to the outputs."""
+    backend: str = "auto"
+    """How the network runs: auto (OpenVINO on the CPU when installed, else eager PyTorch) | eager | openvino."""
+    precision: str = "fp32"
+    """Network arithmetic: fp32 | bf16 (opt-in: faster on CPUs with bf16 units, not validated on the real weights)."""
     oracle: bool = False
     """Use the evaluation-only oracle predictor (synthetic data only; refused on real videos)."""
     oracle_ground_truth: str | None = None
@@ -278,6 +282,8 @@ def validate(cfg: TrackerConfig) -> None:
         (cfg.photometric.lr > 0 and cfg.photometric.appearance_lr > 0, "photometric learning rates must be > 0"),
         (cfg.photometric.crop_margin >= 0, "photometric.crop_margin must be >= 0"),
         (cfg.densemarks.mode in ("auto", "on", "off"), "densemarks.mode must be auto|on|off"),
+        (cfg.densemarks.backend in ("auto", "eager", "openvino"), "densemarks.backend must be auto|eager|openvino"),
+        (cfg.densemarks.precision in ("fp32", "bf16"), "densemarks.precision must be fp32|bf16"),
         (cfg.densemarks.map_rounds >= 0 and cfg.densemarks.map_affine_prior >= 0,
          "densemarks.map_rounds and map_affine_prior must be >= 0"),
     ]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from tracker.densemarks.model import DenseMarksConfig, DenseMarksNet
+from tracker.densemarks.runtime import build_forward
 from tracker.densemarks.weights import LICENSE, file_sha256, load_densemarks, resolve_weights_path
 from tracker.errors import TrackerError
 
@@ -80,19 +81,28 @@ def crop_square(frame: np.ndarray, box: CropBox, crop_size: int) -> tuple[np.nda
 
 
 class DenseMarksPredictor:
-    """A DenseMarks net on a device, applied to square crops of RGB frames."""
+    """A DenseMarks net on a device, applied to square crops of RGB frames.
 
-    def __init__(self, net: DenseMarksNet, model_id: str, device: torch.device | str = "cpu"):
+    backend: auto | eager | openvino (see `runtime.py`); precision: fp32, or bf16 as an opt-in. bf16 predictions
+    get their own cache identity (`model_id` + "+bf16"), so they never mix with fp32 ones.
+    """
+
+    def __init__(self, net: DenseMarksNet, model_id: str, device: torch.device | str = "cpu",
+                 backend: str = "eager", precision: str = "fp32"):
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
-        self.model_id = model_id  # identifies the weights (sha256 of the file) for caches
+        self.forward, self.backend = build_forward(self.net, backend, precision, self.net.config.image_size)
+        self.precision = precision
+        # Identifies the weights (sha256 of the file) and numerics for caches.
+        self.model_id = model_id if precision == "fp32" else f"{model_id}+{precision}"
 
     @classmethod
     def from_weights(cls, weights: str | Path | None = None, device: torch.device | str = "cpu",
-                     config: DenseMarksConfig | None = None) -> DenseMarksPredictor:
+                     config: DenseMarksConfig | None = None, backend: str = "eager",
+                     precision: str = "fp32") -> DenseMarksPredictor:
         """Load official weights (`weights` path, else the Hugging Face cache/hub; see `resolve_weights_path`)."""
         path = resolve_weights_path(weights)
-        return cls(load_densemarks(path, config, device), model_id=file_sha256(path), device=device)
+        return cls(load_densemarks(path, config, device), file_sha256(path), device, backend, precision)
 
     @property
     def crop_size(self) -> int:
@@ -105,7 +115,7 @@ class DenseMarksPredictor:
             raise TrackerError(f"DenseMarks expects an RGB uint8 frame (H,W,3), got {frame.dtype} {frame.shape}")
         crop, affine = crop_square(frame, box, self.crop_size)
         images = torch.from_numpy(crop).to(self.device).permute(2, 0, 1)[None]
-        uvw = self.net(images)[0].float().cpu().numpy()
+        uvw = self.forward(images)[0].float().cpu().numpy()
         return UvwPrediction(uvw=uvw, frame_to_crop=affine)
 
 

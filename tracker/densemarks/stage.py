@@ -129,10 +129,11 @@ def choose_source(cfg: DenseMarksStageConfig, model: FlameModel, device: torch.d
         if cfg.mode == "on" or cfg.weights:
             raise
         return None, f"DenseMarks weights not found ({error})"
-    predictor = DenseMarksPredictor.from_weights(path, device)
+    predictor = DenseMarksPredictor.from_weights(path, device, backend=cfg.backend, precision=cfg.precision)
     return UvwSource("network", predictor.model_id, predictor.crop_size, True,
                      lambda _index, rgb, box: predictor.predict(rgb, box),
-                     {"weights": str(path), "weights_sha256": predictor.model_id, "license": LICENSE}), ""
+                     {"weights": str(path), "weights_sha256": predictor.model_id, "license": LICENSE,
+                      "backend": predictor.backend, "precision": predictor.precision}), ""
 
 
 def oracle_source(oracle: OracleDenseMarks) -> UvwSource:
