@@ -20,6 +20,7 @@ from tracker.camera import Camera
 from tracker.config import TrackerConfig, config_to_dict
 from tracker.detect.base import SCHEME_IBUG68, SCHEME_MEDIAPIPE, LandmarkTrack, make_detector
 from tracker.detect.sequence import detect_video
+from tracker.detect.stream import LandmarkStream
 from tracker.energy.base import Observations
 from tracker.energy.landmarks import LandmarkEnergy, landmark_group_weights
 from tracker.energy.photometric import Appearance, region_mesh
@@ -29,7 +30,7 @@ from tracker.errors import TrackerError
 from tracker.densemarks.stage import run_densemarks_stage
 from tracker.fit.global_refine import refine_globally
 from tracker.fit.photometric import run_photometric_stage, stage_crop
-from tracker.fit.sequence import SequenceTracker, TrackResult
+from tracker.fit.sequence import SequenceTracker, TrackResult, evenly_spaced
 from tracker.fit.solver import FRAME_FIELDS, Problem
 from tracker.flame.assets import FlameBundle, load_flame_bundle
 from tracker.flame.landmarks import LandmarkSet
@@ -63,9 +64,14 @@ def landmark_problem(track: LandmarkTrack, model: FlameModel, landmarks: Landmar
     terms): what every later stage refines."""
     group_weights = landmark_group_weights(scheme, landmarks.detector_index, cfg.energy.landmarks)
     obs = observations_from_track(track, landmarks, group_weights, camera.focal.device)
+    return obs, landmark_terms_problem(model, landmarks, camera, cfg)
+
+
+def landmark_terms_problem(model: FlameModel, landmarks: LandmarkSet, camera: Camera, cfg: TrackerConfig) -> Problem:
+    """The landmark stage's Problem: landmark, prior and temporal terms."""
     terms = [LandmarkEnergy(cfg.energy.landmarks), PriorEnergy(cfg.energy.priors, model),
              TemporalEnergy(cfg.energy.temporal)]
-    return obs, Problem(model, landmarks, camera, terms)
+    return Problem(model, landmarks, camera, terms)
 
 
 def observations_from_track(track: LandmarkTrack, landmarks: LandmarkSet, group_weights: torch.Tensor,
@@ -159,6 +165,7 @@ def build_metadata(cfg: TrackerConfig, bundle: FlameBundle, video: Path, detecto
 
 def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = True) -> RunSummary:
     """Track one video with the given configuration and write all outputs; returns the summary."""
+    started = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     video = Path(video)
@@ -174,18 +181,25 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
     model = bundle.model.to(device)
     landmarks = bundle.landmarks.to(device)
 
-    with _timed(timings, "detection"):
-        track, detector_settings = detect_landmarks(video, cfg, selection, info.n_frames, out_dir, show_progress)
+    camera = Camera.from_image(info.height, info.width, cfg.camera.fov_init_deg, cfg.camera.focal, device)
+    problem = landmark_terms_problem(model, landmarks, camera, cfg)
+    detector = make_detector(cfg.detect.landmarks, **_detector_options(cfg))
+    try:
+        metadata = build_metadata(cfg, bundle, video, detector.settings())
+        expected = _expected_frames(info.n_frames, selection)
+        with LandmarkStream(video, detector, selection, keyframe_positions(expected, cfg.fit.keyframes),
+                            use_cache=cfg.detect.cache) as stream:
+            writer = OutputWriter(out_dir, camera, info.fps, metadata, stream)
+            with writer.keep_partial_on_failure():
+                result = fit_landmarks(problem, stream, scheme, cfg, writer, timings, expected, show_progress)
+            track = stream.track()
+            timings["detection"] = stream.detect_seconds
+    finally:
+        if hasattr(detector, "close"):  # MediaPipe's native graph must be closed before exit
+            detector.close()
     if len(track) == 0:
         raise TrackerError(f"{video}: no frames selected (start {cfg.video.start} is past the end?)")
-
-    camera = Camera.from_image(info.height, info.width, cfg.camera.fov_init_deg, cfg.camera.focal, device)
-    obs, problem = landmark_problem(track, model, landmarks, camera, cfg, scheme)
-    metadata = build_metadata(cfg, bundle, video, detector_settings)
-    writer = OutputWriter(out_dir, camera, info.fps, metadata, track)
-
-    with writer.keep_partial_on_failure():
-        result = fit_landmarks(problem, obs, track, cfg, writer, timings, show_progress)
+    obs = landmark_problem(track, model, landmarks, camera, cfg, scheme)[0]
     # The landmark track is complete and safe on disk before the (slower) image stages refine it.
     writer.write_final(FrameTable(result.params, track.frame_indices, track.timestamps, result.valid,
                                   result.lmk_error_px))
@@ -218,7 +232,7 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
                 out_dir / "overlay.mp4", read_frames(video, selection), model, landmarks, camera, result, obs,
                 info.fps, show_progress, textured))
 
-    summary = _summarise(video, out_dir, track, result, timings, camera, outputs)
+    summary = _summarise(video, out_dir, track, result, timings, time.perf_counter() - started, camera, outputs)
     summary.stages = stages
     write_json(out_dir / "summary.json", summary.__dict__)
     return summary
@@ -239,20 +253,46 @@ def detect_landmarks(video: Path, cfg: TrackerConfig, selection: FrameSelection,
             detector.close()
 
 
-def fit_landmarks(problem: Problem, obs: Observations, track: LandmarkTrack, cfg: TrackerConfig,
-                  writer: "OutputWriter", timings: dict, show_progress: bool) -> TrackResult:
-    """Identity and focal on keyframes, frame-by-frame tracking, optional global refinement."""
+def keyframe_positions(expected_frames: int | None, count: int) -> np.ndarray:
+    """Positions in the selection of the identity keyframes, spread evenly over the expected frame count (none
+    when the container does not tell the count: the identity then waits for the whole track)."""
+    return evenly_spaced(np.arange(expected_frames or 0), count)
+
+
+def fit_landmarks(problem: Problem, stream: LandmarkStream, scheme: str, cfg: TrackerConfig,
+                  writer: "OutputWriter", timings: dict, expected_frames: int | None,
+                  show_progress: bool) -> TrackResult:
+    """Identity and focal on keyframes, then frame-by-frame tracking while the stream is still detecting (when
+    fewer than half the keyframes show a face, the identity waits for the whole track and takes its keyframes
+    from the valid frames, as a sequential run would), then the optional global refinement."""
     fitter = SequenceTracker(problem, cfg)
-    device = obs.landmarks.device
-    with _timed(timings, "identity"):
-        shape = torch.zeros(1, problem.model.n_shape, device=device)
-        if track.valid.any():
-            shape, problem.camera.focal = fitter.estimate_identity(obs, track.valid)
-    with _timed(timings, "fitting"):
-        with tqdm(total=len(track), desc="fitting", unit="frame", disable=not show_progress) as bar:
-            result = fitter.track(obs, track.valid, shape, on_frame=writer.add, progress=lambda: bar.update(1))
-        if cfg.fit.global_iters > 0:
-            with tqdm(total=int(track.valid.sum()), desc="global refinement", unit="frame",
+    landmarks = problem.landmarks
+    weights = landmark_group_weights(scheme, landmarks.detector_index, cfg.energy.landmarks)
+    device = problem.camera.focal.device
+    observe = lambda track: observations_from_track(track, landmarks, weights, device)  # noqa: E731
+    with tqdm(total=expected_frames, desc="tracking", unit="frame", disable=not show_progress) as bar:
+        with _timed(timings, "identity"):
+            keys = stream.keyframes()
+            if keys.valid.sum() >= max(1, min(len(keys), cfg.fit.keyframes) // 2):
+                frames = ((observe(LandmarkTrack.from_detections(keys.scheme, [f.index], [f.timestamp],
+                                                                 [f.landmarks])), f.landmarks is not None)
+                          for f in stream)
+                shape, problem.camera.focal = fitter.estimate_identity(observe(keys), keys.valid)
+            else:
+                for _ in stream:  # the whole track first
+                    pass
+                track = stream.track()
+                obs = observe(track)
+                frames = ((obs.frames(slice(t, t + 1)), bool(track.valid[t])) for t in range(len(track)))
+                shape = torch.zeros(1, problem.model.n_shape, device=device)
+                if track.valid.any():
+                    shape, problem.camera.focal = fitter.estimate_identity(obs, track.valid)
+        with _timed(timings, "fitting"):
+            result = fitter.track_frames(frames, shape, on_frame=writer.add, progress=lambda: bar.update(1))
+    if cfg.fit.global_iters > 0:
+        obs = observe(stream.track())
+        with _timed(timings, "fitting"):
+            with tqdm(total=int(result.valid.sum()), desc="global refinement", unit="frame",
                       disable=not show_progress) as bar:
                 result = refine_globally(problem, result, obs, cfg.fit.global_iters, cfg.fit.global_window,
                                          cfg.fit.lr, progress=bar.update)
@@ -330,11 +370,11 @@ def _save_meshes(folder: Path, model, result: TrackResult, track: LandmarkTrack)
     return folder
 
 
-def _summarise(video: Path, out_dir: Path, track: LandmarkTrack, result: TrackResult, timings: dict,
+def _summarise(video: Path, out_dir: Path, track: LandmarkTrack, result: TrackResult, timings: dict, total: float,
                camera: Camera, outputs: dict) -> RunSummary:
+    """total: wall seconds of the whole run (stage seconds overlap: detection runs beside the fit)."""
     T = len(track)
     errors = result.lmk_error_px[result.valid]
-    total = sum(timings.values())
     return RunSummary(
         video=str(video), out_dir=str(out_dir), frames=T, valid_frames=int(result.valid.sum()),
         invalid_frame_indices=[int(i) for i in track.frame_indices[~result.valid]],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,27 +12,41 @@ from tracker.detect.cache import cache_file, cache_root, detection_cache_key, lo
 from tracker.io.video import Frame, FrameSelection, probe_video, read_frames
 
 
-def detect_frames(frames: Iterable[Frame], detector: LandmarkDetector,
-                  box_options: BoxTrackerOptions = BoxTrackerOptions(),
-                  on_frame: Callable[[Frame, Landmarks | None], None] | None = None) -> LandmarkTrack:
+def detect_each(frames: Iterable[Frame], detector: LandmarkDetector,
+                box_options: BoxTrackerOptions = BoxTrackerOptions()) -> Iterator[tuple[Frame, Landmarks | None]]:
     """Run `detector` over `frames` in order, cropping around the box tracked from the previous
     frame; a frame where the tracked face is lost is searched again in full before giving up."""
     box_tracker = FaceBoxTracker(box_options)
-    indices: list[int] = []
-    timestamps: list[float] = []
-    detections: list[Landmarks | None] = []
     for frame in frames:
         hint = box_tracker.box
         found = detector.detect(frame.rgb, hint)
         if found is None and hint is not None:
             found = detector.detect(frame.rgb, None)
         box_tracker.update(found)
+        yield frame, found
+
+
+def detect_frames(frames: Iterable[Frame], detector: LandmarkDetector,
+                  box_options: BoxTrackerOptions = BoxTrackerOptions(),
+                  on_frame: Callable[[Frame, Landmarks | None], None] | None = None) -> LandmarkTrack:
+    """The landmark track of `frames` (see `detect_each`)."""
+    indices: list[int] = []
+    timestamps: list[float] = []
+    detections: list[Landmarks | None] = []
+    for frame, found in detect_each(frames, detector, box_options):
         indices.append(frame.index)
         timestamps.append(frame.timestamp)
         detections.append(found)
         if on_frame is not None:
             on_frame(frame, found)
     return LandmarkTrack.from_detections(detector.scheme, indices, timestamps, detections)
+
+
+def track_cache_key(video_path: Path, detector: LandmarkDetector, selection: FrameSelection,
+                    box_options: BoxTrackerOptions) -> str:
+    """Cache key of a video's landmark track (same file, detector, settings and selection)."""
+    settings = {"detector": detector.settings(), "selection": asdict(selection), "boxes": asdict(box_options)}
+    return detection_cache_key(video_path, detector.name, settings)
 
 
 def detect_video(video_path: str | Path, detector: LandmarkDetector,
@@ -48,9 +62,7 @@ def detect_video(video_path: str | Path, detector: LandmarkDetector,
     frames = read_frames(video_path, selection)
     if not use_cache:
         return detect_frames(frames, detector, box_options, on_frame)
-    settings = {"detector": detector.settings(), "selection": asdict(selection),
-                "boxes": asdict(box_options)}
-    key = detection_cache_key(video_path, detector.name, settings)
+    key = track_cache_key(video_path, detector, selection, box_options)
     path = cache_file(cache_dir or cache_root(), video_path, detector.name)
     track = load_track(path, key)
     if track is None:

@@ -4,7 +4,7 @@ a warm start from the previous frame, re-initialising a frame from its own landm
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -98,21 +98,29 @@ class SequenceTracker:
               on_frame: Callable[[int, FlameParams, float, bool], None] | None = None,
               progress: Callable[[], None] | None = None) -> TrackResult:
         """Fit every valid frame in order; on_frame(t, params, error_px, reinitialised) after each."""
-        T = obs.landmarks.shape[0]
+        frames = ((obs.frames(slice(t, t + 1)), bool(valid[t])) for t in range(len(valid)))
+        return self.track_frames(frames, shape, on_frame, progress)
+
+    def track_frames(self, frames: Iterable[tuple[Observations, bool]], shape: torch.Tensor,
+                     on_frame: Callable[[int, FlameParams, float, bool], None] | None = None,
+                     progress: Callable[[], None] | None = None) -> TrackResult:
+        """`track` fed frame by frame: (one frame's observations, whether it has a face) as they arrive."""
         fit = self.cfg.fit
-        results: list[FlameParams | None] = [None] * T
-        errors = np.full(T, np.nan, np.float32)
-        reinit = np.zeros(T, bool)
+        results: list[FlameParams | None] = []
+        errors: list[float] = []
+        reinit: list[bool] = []
         recent: list[float] = []
         prev: FlameParams | None = None
         prev2: FlameParams | None = None
-        for t in range(T):
-            if not valid[t]:
+        for t, (o, valid_t) in enumerate(frames):
+            results.append(None)
+            errors.append(np.nan)
+            reinit.append(False)
+            if not valid_t:
                 prev = prev2 = None  # a gap: the next frame starts from its own landmarks
                 if progress:
                     progress()
                 continue
-            o = obs.frames(slice(t, t + 1))
             with torch_threads(1):
                 if prev is None:
                     params = self._fit_fresh(o, shape)
@@ -133,8 +141,9 @@ class SequenceTracker:
                 on_frame(t, params, err, bool(reinit[t]))
             if progress:
                 progress()
-        return TrackResult(self._stack(results, shape), float(self.problem.camera.focal), valid.copy(), errors,
-                           reinit)
+        valid = np.array([r is not None for r in results], bool)
+        return TrackResult(self._stack(results, shape), float(self.problem.camera.focal), valid,
+                           np.array(errors, np.float32), np.array(reinit, bool))
 
     def _fit_fresh(self, o: Observations, shape: torch.Tensor) -> FlameParams:
         init = self._pnp_init(o, shape)

@@ -7,7 +7,7 @@ each frame in seconds, as stored in the file, so variable frame rate video keeps
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -109,12 +109,17 @@ def probe_video(path: str | Path) -> VideoInfo:
                          n_frames=_frame_count_estimate(container, stream, fps))
 
 
-def read_frames(path: str | Path, selection: FrameSelection = FrameSelection()) -> Iterator[Frame]:
+def read_frames(path: str | Path, selection: FrameSelection = FrameSelection(),
+                positions: Collection[int] | None = None) -> Iterator[Frame]:
     """Decode the selected frames of a video in order.
 
+    positions: only these positions within the selection (0 = its first frame) are converted and yielded; the
+    other frames are decoded and skipped (cheap: no colour conversion), and decoding stops after the last one.
     Raises TrackerError if the file is missing or not a video, if no frame at all can be decoded,
     or if `selection.start` lies beyond the last frame.
     """
+    wanted = None if positions is None else set(positions)
+    last = None if wanted is None else max(wanted, default=-1)
     path = Path(path)
     with _open_container(path) as container:
         stream = container.streams.video[0]
@@ -126,11 +131,14 @@ def read_frames(path: str | Path, selection: FrameSelection = FrameSelection()) 
                 n_decoded = index + 1
                 if not selection.wants(index):
                     continue
-                # Streams without pts fall back to the nominal frame rate.
-                timestamp = float(frame.time) if frame.time is not None else index / fps
-                yield Frame(index, timestamp, frame.to_ndarray(format="rgb24"))
+                position = n_yielded
                 n_yielded += 1
-                if selection.max_frames is not None and n_yielded >= selection.max_frames:
+                if wanted is None or position in wanted:
+                    # Streams without pts fall back to the nominal frame rate.
+                    timestamp = float(frame.time) if frame.time is not None else index / fps
+                    yield Frame(index, timestamp, frame.to_ndarray(format="rgb24"))
+                if (selection.max_frames is not None and n_yielded >= selection.max_frames) or \
+                        (last is not None and position >= last):
                     return
         except av.FFmpegError as error:
             if n_decoded == 0:

@@ -1,0 +1,127 @@
+"""Streamed detection (background producer) and the landmark stage fed by it: same results as sequential, cached,
+errors and early stops handled."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from tests.conftest import VIDEOS
+from tests.test_detect import CountingDetector
+from tracker.config import load_config
+from tracker.detect.base import make_detector
+from tracker.detect.cache import cache_file
+from tracker.detect.sequence import detect_video
+from tracker.detect.stream import LandmarkStream
+from tracker.errors import TrackerError
+from tracker.io.export import read_params
+from tracker.io.video import FrameSelection, read_frames
+
+CLIP = VIDEOS / "QoT0S2vu9m4_00002.mp4"  # 224x224, a face in every frame
+TRACK_ARRAYS = ("frame_indices", "timestamps", "points", "confidence", "valid")
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return make_detector("dlib")
+
+
+def consume(stream: LandmarkStream) -> tuple:
+    keys = stream.keyframes()
+    frames = list(stream)
+    return keys, frames, stream.track()
+
+
+def assert_same_track(a, b) -> None:
+    for name in TRACK_ARRAYS:
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_read_frames_positions_decodes_only_what_is_asked():
+    selection = FrameSelection(start=1, max_frames=10, stride=2)
+    every = list(read_frames(CLIP, selection))
+    some = list(read_frames(CLIP, selection, positions=[0, 3, 9]))
+    assert [f.index for f in some] == [1, 7, 19] == [every[p].index for p in (0, 3, 9)]
+    for frame, position in zip(some, (0, 3, 9)):
+        np.testing.assert_array_equal(frame.rgb, every[position].rgb)
+        assert frame.timestamp == every[position].timestamp
+    assert list(read_frames(CLIP, selection, positions=[])) == []
+
+
+def test_background_equals_sequential_and_detect_video(detector, tmp_path):
+    selection = FrameSelection(max_frames=12)
+    runs = []
+    for background in (True, False):
+        with LandmarkStream(CLIP, detector, selection, [0, 5, 11, 40], use_cache=False,
+                            background=background) as stream:
+            runs.append(consume(stream))
+    (keys, frames, track), (keys2, frames2, track2) = runs
+    assert [(f.position, f.index, f.timestamp) for f in frames] == [(f.position, f.index, f.timestamp) for f in frames2]
+    assert [f.position for f in frames] == list(range(12))
+    assert_same_track(keys, keys2)
+    assert_same_track(track, track2)
+    assert keys.frame_indices.tolist() == [0, 5, 11] and keys.valid.all()  # position 40 lies past the end
+    assert_same_track(track, detect_video(CLIP, detector, selection, use_cache=False))
+    assert stream.detect_seconds > 0
+
+
+def test_stream_and_detect_video_share_the_cache(detector, tmp_path):
+    selection = FrameSelection(max_frames=6)
+    counting = CountingDetector(detector)
+    with LandmarkStream(CLIP, counting, selection, [0, 5], cache_dir=tmp_path) as stream:
+        _, _, track = consume(stream)
+    assert counting.calls >= 6 + 2
+    assert cache_file(tmp_path, CLIP, "dlib").is_file() and cache_file(tmp_path, CLIP, "dlib-keyframes").is_file()
+    counting.calls = 0
+    assert_same_track(detect_video(CLIP, counting, selection, cache_dir=tmp_path), track)
+    with LandmarkStream(CLIP, counting, selection, [0, 5], cache_dir=tmp_path) as stream:
+        keys, frames, again = consume(stream)
+    assert counting.calls == 0 and stream.detect_seconds == 0
+    assert_same_track(again, track)
+    with LandmarkStream(CLIP, counting, selection, [1, 4], cache_dir=tmp_path) as stream:  # other keyframes
+        assert stream.keyframes().frame_indices.tolist() == [1, 4]
+    assert counting.calls == 2
+
+
+class FailingDetector(CountingDetector):
+    def detect(self, rgb, box_hint=None):
+        if self.calls == 4:
+            raise TrackerError("detector exploded")
+        return super().detect(rgb, box_hint)
+
+
+def test_producer_error_reaches_the_consumer(detector):
+    with LandmarkStream(CLIP, FailingDetector(detector), FrameSelection(max_frames=10), [0], use_cache=False) as stream:
+        with pytest.raises(TrackerError, match="exploded"):
+            consume(stream)
+    assert not stream._thread.is_alive()
+
+
+def test_early_stop_joins_the_producer(detector):
+    stream = LandmarkStream(CLIP, detector, FrameSelection(max_frames=30), [0], use_cache=False)
+    stream._queue.maxsize = 1  # the producer blocks on a full queue
+    with stream:
+        next(iter(stream))
+    assert not stream._thread.is_alive()
+    assert not any(t.name == "landmark-stream" and t.is_alive() for t in threading.enumerate())
+    with pytest.raises(RuntimeError, match="not been consumed"):
+        stream.track()
+
+
+def test_landmark_stage_threaded_equals_sequential(tmp_path, monkeypatch):
+    """The whole landmark stage gives bit-identical parameters with and without the producer thread."""
+    from tracker import pipeline
+
+    results = []
+    for background in (True, False):
+        monkeypatch.setattr(pipeline, "LandmarkStream",
+                            lambda *args, **kw: LandmarkStream(*args, **kw, background=background))
+        cfg = load_config(overrides={"video": {"max_frames": 8}, "detect": {"landmarks": "dlib", "cache": False},
+                                     "fit": {"keyframes": 3, "shape_iters": 6}, "densemarks": {"mode": "off"},
+                                     "output": {"dir": str(tmp_path / str(background)), "video": False}})
+        summary = pipeline.track_video(CLIP, cfg, show_progress=False)
+        results.append(read_params(tmp_path / str(background) / CLIP.stem / "flame_params.npz")[0])
+        assert summary.valid_frames == 8 and summary.seconds["detection"] > 0
+    for name, value in results[0].items():
+        if name != "metadata":
+            np.testing.assert_array_equal(value, results[1][name], err_msg=name)

@@ -1,0 +1,208 @@
+"""Landmark detection as a stream: decoding and detection run in a background thread while the caller consumes
+the detections in order (the landmark fit), so that detection and fitting overlap.
+
+First a keyframe pass detects a few frames spread over the selection (decoded by skipping the others, searched
+without a box hint), so that the caller can estimate the shared identity before the first frame is fitted; then
+every selected frame is detected in order with the tracked face box, exactly as `detect_video` does. Only the
+landmarks cross the bounded queue (never the images), so memory stays flat in the number of frames.
+
+Both passes are cached per video (the track under the same file and key as `detect_video`). The result does not
+depend on the threading: the producer does the same work in the same order as a run without the thread
+(`background=False`), and MediaPipe's native calls release the GIL, so decoding and detection really run beside
+the fit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tracker.detect.base import LandmarkDetector, Landmarks, LandmarkTrack
+from tracker.detect.boxes import BoxTrackerOptions
+from tracker.detect.cache import cache_file, cache_root, detection_cache_key, load_track, save_track
+from tracker.detect.sequence import detect_each, track_cache_key
+from tracker.io.video import FrameSelection, probe_video, read_frames
+
+QUEUE_FRAMES = 64
+"""Detections the producer may run ahead of the consumer (landmarks only: a few KB each)."""
+
+
+@dataclass(frozen=True)
+class DetectedFrame:
+    """One selected frame's detection: its position in the selection, video frame index, time, landmarks."""
+
+    position: int
+    index: int
+    timestamp: float
+    landmarks: Landmarks | None
+
+
+class LandmarkStream:
+    """Keyframe detections, then every selected frame's detections, produced in a background thread.
+
+    Use as a context manager (leaving it stops and joins the producer): `keyframes()` blocks until the keyframe
+    pass is done; iterating yields the DetectedFrames in order; `track()` is the whole LandmarkTrack once the
+    iteration is complete. `frame_indices` and `timestamps` cover the frames yielded so far.
+    """
+
+    def __init__(self, video: str | Path, detector: LandmarkDetector, selection: FrameSelection,
+                 keyframe_positions: Sequence[int], box_options: BoxTrackerOptions = BoxTrackerOptions(),
+                 use_cache: bool = True, cache_dir: Path | None = None, background: bool = True):
+        self.video, self.detector, self.selection = Path(video), detector, selection
+        self.keyframe_positions = sorted({int(p) for p in keyframe_positions})
+        self.box_options, self.use_cache = box_options, use_cache
+        self.cache_dir = cache_dir or cache_root()
+        probe_video(self.video)  # a missing or unreadable file fails here, before any thread starts
+        self.detect_seconds = 0.0
+        """Seconds the producer spent decoding and detecting (0 for cached passes); overlaps the consumer."""
+        self._frames: list[DetectedFrame] = []
+        self._keyframes: LandmarkTrack | None = None
+        self._complete = False
+        self._stop = threading.Event()
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_FRAMES)
+        self._messages = self._produce()
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._run, name="landmark-stream", daemon=True)
+            self._thread.start()
+
+    # --- producer -------------------------------------------------------------------------------------------
+
+    def _produce(self) -> Iterator[tuple[str, object]]:
+        """("keyframes", LandmarkTrack), then ("frame", DetectedFrame) per selected frame, then ("end", cached)."""
+        yield "keyframes", self._keyframe_track()
+        track = self._cached(self._track_cache_path(), self._track_key())
+        if track is not None:
+            for t in range(len(track)):
+                yield "frame", DetectedFrame(t, int(track.frame_indices[t]), float(track.timestamps[t]),
+                                             track.landmarks(t))
+            yield "end", True
+            return
+        with closing(read_frames(self.video, self.selection)) as frames:
+            detections = detect_each(frames, self.detector, self.box_options)
+            for position in itertools.count():
+                start = time.perf_counter()
+                item = next(detections, None)
+                self.detect_seconds += time.perf_counter() - start
+                if item is None:
+                    break
+                frame, found = item
+                yield "frame", DetectedFrame(position, frame.index, frame.timestamp, found)
+        yield "end", False
+
+    def _keyframe_track(self) -> LandmarkTrack:
+        key = detection_cache_key(self.video, self.detector.name, {
+            "detector": self.detector.settings(), "selection": asdict(self.selection),
+            "keyframe_positions": self.keyframe_positions})
+        path = cache_file(self.cache_dir, self.video, self.detector.name + "-keyframes")
+        cached = self._cached(path, key)
+        if cached is not None:
+            return cached
+        start = time.perf_counter()
+        indices, timestamps, detections = [], [], []
+        if self.keyframe_positions:
+            with closing(read_frames(self.video, self.selection, self.keyframe_positions)) as frames:
+                for frame in frames:
+                    indices.append(frame.index)
+                    timestamps.append(frame.timestamp)
+                    detections.append(self.detector.detect(frame.rgb, None))  # no tracked box: full search
+        track = LandmarkTrack.from_detections(self.detector.scheme, indices, timestamps, detections)
+        self.detect_seconds += time.perf_counter() - start
+        if self.use_cache:
+            save_track(path, track, key)
+        return track
+
+    def _cached(self, path: Path, key: str) -> LandmarkTrack | None:
+        return load_track(path, key) if self.use_cache else None
+
+    def _track_cache_path(self) -> Path:
+        return cache_file(self.cache_dir, self.video, self.detector.name)
+
+    def _track_key(self) -> str:
+        return track_cache_key(self.video, self.detector, self.selection, self.box_options)
+
+    def _run(self) -> None:
+        try:
+            for message in self._messages:
+                if not self._put(message):
+                    return
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            self._put(("error", error))
+
+    def _put(self, message: tuple[str, object]) -> bool:
+        """Queue a message, waiting for room; False when the consumer stopped the stream."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(message, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # --- consumer -------------------------------------------------------------------------------------------
+
+    def _next(self) -> tuple[str, object]:
+        if self._thread is None:
+            return next(self._messages)
+        kind, payload = self._queue.get()
+        if kind == "error":
+            raise payload  # type: ignore[misc]
+        return kind, payload
+
+    def keyframes(self) -> LandmarkTrack:
+        """Detections of the keyframes (positions that lie past the end of the video are absent)."""
+        if self._keyframes is None:
+            kind, payload = self._next()
+            assert kind == "keyframes", kind
+            self._keyframes = payload  # type: ignore[assignment]
+        return self._keyframes
+
+    def __iter__(self) -> Iterator[DetectedFrame]:
+        self.keyframes()
+        while not self._complete:
+            kind, payload = self._next()
+            if kind == "end":
+                self._complete = True
+                if not payload and self.use_cache:
+                    save_track(self._track_cache_path(), self.track(), self._track_key())
+                return
+            self._frames.append(payload)  # type: ignore[arg-type]
+            yield payload  # type: ignore[misc]
+
+    @property
+    def frame_indices(self) -> np.ndarray:
+        return np.array([f.index for f in self._frames], np.int64)
+
+    @property
+    def timestamps(self) -> np.ndarray:
+        return np.array([f.timestamp for f in self._frames], np.float64)
+
+    def track(self) -> LandmarkTrack:
+        """All selected frames' detections (after the iteration has ended)."""
+        if not self._complete:
+            raise RuntimeError("the landmark stream has not been consumed to its end")
+        return LandmarkTrack.from_detections(self.detector.scheme, [f.index for f in self._frames],
+                                             [f.timestamp for f in self._frames],
+                                             [f.landmarks for f in self._frames])
+
+    def close(self) -> None:
+        """Stop the producer and wait for it (the detector may be closed afterwards)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._messages.close()
+
+    def __enter__(self) -> LandmarkStream:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
