@@ -7,11 +7,11 @@ from pathlib import Path
 
 from eval import SHARED_DATA
 from tracker.errors import TrackerError
+from tracker.io.inputs import VIDEO_SUFFIXES
 
 DEFAULT_VIDEO_DIR = SHARED_DATA / "videos" / "dev"
 REFERENCE_VIDEO = DEFAULT_VIDEO_DIR / "wojtek.mp4"
 """A frontal 512 x 512 clip where both detectors find the face: --quick runs and the speed benchmark use it."""
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm")
 
 
 def find_videos(paths: Sequence[str | Path]) -> list[Path]:
