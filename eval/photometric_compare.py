@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from eval import SHARED_DATA
-from eval.bench_render import machine_description
+from eval.bench.machine import machine_description
 from eval.metrics import psnr
 from tracker.camera import Camera
 from tracker.config import TrackerConfig, load_config

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from eval.ablation import DEFAULT_ABLATION, Ablation, AblationConfig, load_ablation, merge, run_config
-from eval.bench.stages import BenchOptions, machine_name, run_bench
+from eval.bench.machine import machine_name
+from eval.bench.stages import BenchOptions, run_bench
 from eval.photometric import PhotometricOptions
 from eval.real.evaluate import VideoScores, score_video
 from eval.real.videos import DEFAULT_VIDEO_DIR, REFERENCE_VIDEO, find_videos

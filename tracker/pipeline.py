@@ -77,7 +77,7 @@ def landmark_terms_problem(model: FlameModel, landmarks: LandmarkSet, camera: Ca
 def observations_from_track(track: LandmarkTrack, landmarks: LandmarkSet, group_weights: torch.Tensor,
                             device: torch.device) -> Observations:
     """Detected points in embedding order; missing frames/points get weight 0."""
-    idx = landmarks.detector_index.numpy()
+    idx = landmarks.detector_index.cpu().numpy()  # the landmark set may live on the GPU
     pts = track.points[:, idx]
     conf = track.confidence[:, idx] * track.valid[:, None]
     finite = np.isfinite(pts).all(-1)

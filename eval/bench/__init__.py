@@ -1,1 +1,1 @@
-"""Speed benchmark of the tracker: seconds per frame of each stage per configuration (`python -m eval.bench`)."""
+"""Speed benchmark of the tracker (`python -m eval.bench`): one table of every target ratio; its parts (network, renderer, photometric steps, memory, per-configuration stages) as modules."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from eval.ablation import AblationConfig, RunResult, run_config
-from eval.bench_render import machine_description
+from eval.bench.machine import machine_name
 from eval.report import markdown_table, mesh_overlay
 from eval.tracked import load_tracked
 from tracker.config import FlameConfig
@@ -34,14 +34,6 @@ class BenchOptions:
     """Frames tracked per run (from the start of the clip)."""
     runs: int = 3
     device: str = "cpu"
-
-
-def machine_name(device: str) -> str:
-    """CPU (and GPU when benchmarking on CUDA), torch version and load, for reading the numbers later."""
-    name = machine_description()
-    if torch.device(device).type == "cuda" and torch.cuda.is_available():
-        name += f", GPU {torch.cuda.get_device_name(torch.device(device))}"
-    return name
 
 
 def decode_seconds_per_frame(video: Path, selection: FrameSelection) -> float:

@@ -74,7 +74,7 @@ def openvino_forward(net: DenseMarksNet, size: int, precision: str = "fp32", thr
     def forward(images: torch.Tensor) -> torch.Tensor:
         if tuple(images.shape[1:]) != (3, size, size):
             raise ValueError(f"this compiled DenseMarks net takes (B,3,{size},{size}), got {tuple(images.shape)}")
-        outputs = [torch.from_numpy(request.infer({0: image[None].float().numpy()})[0].copy()) for image in images]
+        outputs = [torch.from_numpy(request.infer({0: image[None].float().cpu().numpy()})[0].copy()) for image in images]
         return torch.cat(outputs)
 
     return forward

@@ -41,9 +41,9 @@ def rigid_from_landmarks(model: FlameModel, landmarks: LandmarkSet, camera: Came
     if not ok or tvec[2, 0] <= 0:
         raise ValueError("PnP failed")
     # Camera = W (R (X - root) + root + T)  <=>  R_cv = W R,  t_cv = W (root - R root + T).
-    W = WORLD_TO_CAMERA.numpy().astype(np.float64)
+    W = WORLD_TO_CAMERA.cpu().numpy().astype(np.float64)
     R = W @ cv2.Rodrigues(rvec)[0]
     T = W @ tvec[:, 0] - root + R @ root
-    rotation = matrix_to_axis_angle(torch.from_numpy(R)[None])[0].numpy()
+    rotation = matrix_to_axis_angle(torch.from_numpy(R)[None])[0].cpu().numpy()
     return rotation.astype(np.float32), T.astype(np.float32)
 

@@ -101,7 +101,8 @@ class FlameModel(nn.Module):
         self.register_buffer("dirs", torch.from_numpy(dirs))
         self.register_buffer("posedirs", torch.from_numpy(data.posedirs))
         self.register_buffer("weights", torch.from_numpy(data.weights))
-        self.register_buffer("parents", torch.from_numpy(data.parents))
+        # Not a buffer: the kinematic tree stays on the CPU, so walking it never waits for the GPU.
+        self.parents = torch.from_numpy(data.parents)
         self.register_buffer("joints_template", torch.from_numpy(reg @ data.v_template))
         self.register_buffer("joint_dirs", torch.from_numpy(np.einsum("jv,vcd->jcd", reg, dirs)))
 
@@ -118,9 +119,10 @@ class FlameModel(nn.Module):
         keep = (remap[self.faces] >= 0).all(1)
         for name, value in (("v_template", self.v_template[ids]), ("faces", remap[self.faces[keep]]),
                             ("dirs", self.dirs[ids]), ("posedirs", self.posedirs[:, cols]),
-                            ("weights", self.weights[ids]), ("parents", self.parents),
+                            ("weights", self.weights[ids]),
                             ("joints_template", self.joints_template), ("joint_dirs", self.joint_dirs)):
             sub.register_buffer(name, value.clone())
+        sub.parents = self.parents
         return sub
 
     @property

@@ -60,7 +60,7 @@ def render_overlay(rgb: np.ndarray, model: FlameModel, landmarks: LandmarkSet, c
     pix, depth = camera.project(verts)
     screen = torch.cat([pix, depth[..., None]], dim=-1)[0]
     normals = vertex_normals(to_camera(verts), model.faces)[0]
-    out = draw_mesh(rgb, screen.cpu(), model.faces.cpu(), normals.cpu())
+    out = draw_mesh(rgb, screen, model.faces, normals)  # rasterised where the model lives (CPU or GPU)
     if textured is not None:
         out = draw_appearance(out, textured[0], textured[1], camera, params)
     if detected is not None:

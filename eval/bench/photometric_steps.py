@@ -2,23 +2,21 @@
 one optimiser step (energy forward + backward) of the photometric term alone and with the landmark and prior
 terms, at each pyramid level; one appearance-fit step on 8 keyframes; one frame of the default refinement.
 
-    python -m eval.bench_render_stage [--runs 20] [--threads 1] [--size 256]
+    python -m eval.bench.photometric_steps [--runs 20] [--threads 1] [--size 256]
 
-The raw rasteriser (forward + backward at 512 x 512) is timed by eval.bench_render.
+The raw rasteriser (forward + backward at 512 x 512) is timed by eval.bench.render.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from eval.bench_render import machine_description
+from eval import SHARED_DATA
+from eval.bench.machine import micro_bench_args
 from tracker.camera import Camera
 from tracker.config import TrackerConfig
 from tracker.energy.base import Observations
@@ -41,7 +39,6 @@ from tracker.fit.solver import LANDMARK_FIELDS, Problem, leaf_params
 from tracker.flame.assets import load_flame_bundle
 from tracker.flame.model import FlameParams
 
-SHARED = Path(os.environ.get("TRACKER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def median_ms(step: Callable[[], object], runs: int) -> tuple[float, float]:
@@ -58,8 +55,8 @@ def median_ms(step: Callable[[], object], runs: int) -> tuple[float, float]:
 
 def bench(size: int, runs: int) -> None:
     cfg = TrackerConfig()
-    bundle = load_flame_bundle(str(SHARED / "assets" / "flame_standin" / "flame_standin.pkl"),
-                               str(SHARED / "assets" / "flame"), 300, 100, "mediapipe478")
+    bundle = load_flame_bundle(str(SHARED_DATA / "assets" / "flame_standin" / "flame_standin.pkl"),
+                               str(SHARED_DATA / "assets" / "flame"), 300, 100, "mediapipe478")
     model = bundle.model
     camera = Camera.from_image(size, size, fov_deg=30.0)
     mesh = region_mesh(model, bundle.masks, cfg.energy.photometric.regions)
@@ -104,13 +101,7 @@ def bench(size: int, runs: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--size", type=int, default=256)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(machine_description(), f"- torch threads {torch.get_num_threads()}")
+    args = micro_bench_args(__doc__.split("\n", 1)[0], runs=20, threads=1, size=256)
     bench(args.size, args.runs)
 
 

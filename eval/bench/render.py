@@ -5,15 +5,11 @@ of the face, filling about 60% of a 512 x 512 image. One run = rasterise, interp
 attributes, backward from a fixed image gradient into vertex positions and attributes. A second
 line times the full MeshRenderer (SH lighting, normals + vertex albedo).
 
-    python -m eval.bench_render [--runs 20] [--threads 2] [--size 512]
+    python -m eval.bench.render [--runs 20] [--threads 2] [--size 512]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import pickle
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -22,26 +18,16 @@ import numpy as np
 import torch
 
 from eval import SHARED_DATA
+from eval.bench.machine import micro_bench_args
+from tracker.flame.loading import read_pickle
 from tracker.render import MeshRenderer, RasterSettings, VertexAlbedo, interpolate, rasterize, vertex_normals
 
 STANDIN = SHARED_DATA / "assets" / "flame_standin" / "flame_standin.pkl"
 
 
-def machine_description() -> str:
-    """CPU model, core count, torch version and current load, for reading the numbers later."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}"
-
-
 def flame_in_view(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(verts_screen (1, V, 3), faces (F, 3), verts_camera (1, V, 3)) of the template facing the camera."""
-    with open(STANDIN, "rb") as file:
-        data = pickle.load(file)
+    data = read_pickle(STANDIN)  # the restricted unpickler: numpy/scipy arrays only
     verts = torch.tensor(np.asarray(data["v_template"]), dtype=torch.float32)
     faces = torch.tensor(np.asarray(data["f"], dtype=np.int64))
     centre = (verts.min(0).values + verts.max(0).values) / 2
@@ -71,7 +57,8 @@ def time_runs(step: Callable[[], None], runs: int, device: torch.device) -> tupl
     return wall, cpu
 
 
-def bench(device: torch.device, size: int, runs: int) -> None:
+def bench(device: torch.device, size: int, runs: int) -> dict[str, float]:
+    """Median wall milliseconds of each renderer step (see the module docstring), and the image coverage."""
     screen, faces, camera = flame_in_view(size, device)
     settings = RasterSettings(image_size=(size, size))
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -95,29 +82,19 @@ def bench(device: torch.device, size: int, runs: int) -> None:
         albedo = colors.clone().requires_grad_(True)
         renderer(verts, faces, normals, sh, VertexAlbedo(albedo)).image.backward(grad_image)
 
-    mesh = f"FLAME {screen.shape[1]} verts, {faces.shape[0]} faces"
-    print(f"device {device}, {size}x{size}, {mesh}, coverage {coverage:.0%}")
     steps = {"rasterise + interpolate fwd+bwd": raster_interpolate, "MeshRenderer SH fwd+bwd": full_render}
-    for name, step in steps.items():
-        wall, cpu = time_runs(step, runs, device)
-        print(
-            f"  {name}: median {statistics.median(wall) * 1e3:.1f} ms wall (min {min(wall) * 1e3:.1f}), "
-            f"median {statistics.median(cpu) * 1e3:.1f} ms process CPU over {runs} runs"
-        )
+    timings = {name: statistics.median(time_runs(step, runs, device)[0]) * 1e3 for name, step in steps.items()}
+    return {**timings, "coverage": coverage}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--size", type=int, default=512)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(machine_description(), f"- torch threads {torch.get_num_threads()}")
-    bench(torch.device("cpu"), args.size, args.runs)
-    if torch.cuda.is_available():
-        print(torch.cuda.get_device_name())
-        bench(torch.device("cuda"), args.size, args.runs)
+    args = micro_bench_args(__doc__.split("\n", 1)[0], runs=20, threads=2, size=512)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        result = bench(device, args.size, args.runs)
+        print(f"device {device}, {args.size}x{args.size}, FLAME template, coverage {result.pop('coverage'):.0%}")
+        for name, ms in result.items():
+            print(f"  {name}: median {ms:.1f} ms wall over {args.runs} runs")
 
 
 if __name__ == "__main__":
