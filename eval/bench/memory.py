@@ -70,9 +70,18 @@ def _child(video: str, frames: int, out: str) -> None:
     from tracker.pipeline import track_video
 
     summary = track_video(video, landmark_config(frames, Path(out)), show_progress=False)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    print(json.dumps({"frames": summary.frames, "peak_rss_mb": peak_kb / 1024,
+    print(json.dumps({"frames": summary.frames, "peak_rss_mb": peak_rss_mb(),
                       "s_per_frame": summary.seconds_per_frame["total"]}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: Linux carries the latter over
+    from the parent across fork + exec, so a child of a big process would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux and BSD
 
 
 def bench_memory(counts: tuple[int, ...], source: Path = REFERENCE_VIDEO) -> list[dict]:

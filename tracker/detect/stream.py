@@ -31,8 +31,9 @@ from tracker.detect.cache import cache_file, cache_root, detection_cache_key, lo
 from tracker.detect.sequence import detect_each, track_cache_key
 from tracker.io.video import FrameSelection, probe_video, read_frames
 
-QUEUE_FRAMES = 64
-"""Detections the producer may run ahead of the consumer (landmarks only: a few KB each)."""
+QUEUE_FRAMES = 256
+"""Detections the producer may run ahead of the consumer (landmarks only, a few KB each: memory stays flat), enough
+to keep detecting while the identity is estimated."""
 
 
 @dataclass(frozen=True)
