@@ -65,10 +65,10 @@ def openvino_forward(net: DenseMarksNet, size: int, precision: str = "fp32", thr
     example = torch.zeros(1, 3, size, size)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecation notices
-        exported = torch.export.export(net.eval(), (example,))
+        converted = ov.convert_model(torch.export.export(net.eval(), (example,)))
     properties = {"INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16",
                   "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
-    compiled = ov.Core().compile_model(ov.convert_model(exported), "CPU", properties)
+    compiled = ov.Core().compile_model(converted, "CPU", properties)
     request = compiled.create_infer_request()
 
     def forward(images: torch.Tensor) -> torch.Tensor:
