@@ -27,9 +27,9 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 @dataclass
 class FlameConfig:
     path: str | None = None
-    """FLAME model file (.pkl/.npz); None: $FLAME_MODEL, then flame_assets/."""
+    """FLAME model file (.pkl/.npz); None: $FLAME_MODEL, a FLAME file in flame_assets/, then the shipped default."""
     assets_dir: str | None = None
-    """Folder with landmark embeddings, FLAME_masks.pkl, eyelids; None: $TRACKER_FLAME_ASSETS, model's folder."""
+    """Folder with landmark embeddings, masks, eyelids; None: $TRACKER_FLAME_ASSETS, model's folder, flame_assets/."""
     n_shape: int = 100
     """Identity coefficients fitted (clipped to what the file holds)."""
     n_expr: int = 50
@@ -61,7 +61,7 @@ class DetectConfig:
     landmarks: str = "mediapipe"
     """Landmark detector: mediapipe | dlib | fan."""
     mediapipe_model: str | None = None
-    """MediaPipe face_landmarker .task file; None: $TRACKER_MEDIAPIPE_MODEL, then the download cache."""
+    """MediaPipe face_landmarker .task file; None: $TRACKER_MEDIAPIPE_MODEL, then the one in flame_assets/."""
     cache: bool = True
     """Cache detections per video so a re-run skips detection."""
 

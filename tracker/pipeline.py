@@ -31,7 +31,7 @@ from tracker.fit.global_refine import refine_globally
 from tracker.fit.photometric import run_photometric_stage, stage_crop
 from tracker.fit.sequence import SequenceTracker, TrackResult
 from tracker.fit.solver import FRAME_FIELDS, Problem
-from tracker.flame.assets import FlameBundle, load_flame_bundle
+from tracker.flame.assets import DEFAULT_MODEL_NOTE, FlameBundle, load_flame_bundle
 from tracker.flame.landmarks import LandmarkSet
 from tracker.flame.model import FlameModel, FlameParams
 from tracker.io.appearance import write_appearance
@@ -104,6 +104,8 @@ class RunSummary:
     stages: dict = field(default_factory=dict)
     """Each refinement stage's status, {name: {"ran": bool, "reason": why not, ...}}; DenseMarks adds its
     predictor, licence, map and timings."""
+    flame_model: dict = field(default_factory=dict)
+    """The head model used: name, file, sha256, licence, whether it is the shipped default (not FLAME)."""
     complete: bool = True
 
 
@@ -149,7 +151,8 @@ def build_metadata(cfg: TrackerConfig, bundle: FlameBundle, video: Path, detecto
     return {
         "tool": "tracker", "tool_version": tracker.__version__, "torch_version": torch.__version__,
         "video": str(video), "flame_file": str(bundle.flame_file), "flame_sha256": bundle.model.sha256,
-        "flame_name": bundle.model.name, "n_shape": bundle.model.n_shape, "n_expr": bundle.model.n_expr,
+        "flame_name": bundle.model.name, "flame_model": bundle.model_record,
+        "n_shape": bundle.model.n_shape, "n_expr": bundle.model.n_expr,
         "eyelid_blendshapes": bundle.model.has_eyelids, "landmark_scheme": bundle.landmarks.scheme,
         "detector": detector_settings, "config": config_to_dict(cfg), "machine": platform.platform(),
         "conventions": "world = FLAME(shape, expr, [rotation, neck_pose, jaw_pose, eyes_pose], eyelids) + "
@@ -171,6 +174,8 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
     scheme = SCHEME_OF_DETECTOR[cfg.detect.landmarks]
     bundle = load_flame_bundle(cfg.flame.path, cfg.flame.assets_dir, cfg.flame.n_shape, cfg.flame.n_expr,
                                scheme, cfg.flame.eyelids)
+    if bundle.is_default:
+        print(DEFAULT_MODEL_NOTE, flush=True)
     model = bundle.model.to(device)
     landmarks = bundle.landmarks.to(device)
 
@@ -220,6 +225,7 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
 
     summary = _summarise(video, out_dir, track, result, timings, camera, outputs)
     summary.stages = stages
+    summary.flame_model = bundle.model_record
     write_json(out_dir / "summary.json", summary.__dict__)
     return summary
 

@@ -10,7 +10,8 @@ import traceback
 from tracker.config import load_config
 from tracker.errors import TrackerError
 
-EPILOG = """FLAME is looked up in this order: --flame, $FLAME_MODEL, flame_assets/ (see flame_assets/README.md).
+EPILOG = """FLAME is looked up in this order: --flame, $FLAME_MODEL, flame_assets/, then the shipped open default
+model (not the official FLAME; see flame_assets/README.md).
 Outputs go to OUT/<video stem>/: flame_params.npz, summary.json, overlay.mp4, meshes/ (see README.md)."""
 
 
@@ -18,13 +19,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tracker.run", description="Track a FLAME head in a video.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("video", help="input video (mp4, mov, mkv, avi, ...)")
-    p.add_argument("--flame", help="FLAME model file (FLAME 2020/2023/2023 Open .pkl, or .npz)")
-    p.add_argument("--flame-assets", help="folder with landmark embeddings, FLAME_masks.pkl, eyelids "
-                                          "(default: $TRACKER_FLAME_ASSETS, else the FLAME file's folder)")
+    p.add_argument("--flame", help="FLAME model file (FLAME 2020/2023/2023 Open .pkl, or .npz; "
+                                   "default: the shipped open model)")
+    p.add_argument("--flame-assets", help="folder with landmark embeddings, FLAME_masks, eyelids (default: "
+                                          "$TRACKER_FLAME_ASSETS, else the FLAME file's folder, else flame_assets/)")
     p.add_argument("--out", help="output root (default: output/)")
     p.add_argument("--config", help="YAML config: a file, or a name in configs/ (e.g. default.yaml)")
     p.add_argument("--landmarks", choices=["mediapipe", "dlib", "fan"], help="landmark detector")
-    p.add_argument("--mediapipe-model", help="MediaPipe face_landmarker .task file")
+    p.add_argument("--mediapipe-model", help="MediaPipe face_landmarker .task file (default: "
+                                             "$TRACKER_MEDIAPIPE_MODEL, else the one in flame_assets/)")
     p.add_argument("--device", help="torch device: cpu (default), cuda, cuda:N")
     p.add_argument("--start", type=int, help="first frame index")
     p.add_argument("--max-frames", type=int, help="track at most N frames")
