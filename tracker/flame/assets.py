@@ -12,8 +12,9 @@ from tracker.errors import MissingAssetError, TrackerError
 from tracker.flame.landmarks import LandmarkSet, load_landmark_set
 from tracker.flame.loading import FLAME_DOWNLOAD_HINT, load_flame_file, read_pickle
 from tracker.flame.model import FlameModel
+from tracker.resources import shipped_assets_dir
 
-REPO_ASSETS = Path(__file__).resolve().parents[2] / "flame_assets"
+REPO_ASSETS = shipped_assets_dir()
 MODEL_NAMES = ("flame2023_Open.pkl", "flame2023.pkl", "FLAME2023.pkl", "generic_model.pkl", "FLAME_NEUTRAL.pkl")
 MASKS_FILE = "FLAME_masks.pkl"
 EYELID_FILES = ("l_eyelid.npy", "r_eyelid.npy")
