@@ -29,13 +29,10 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRACKER_CACHE_DIR", str(tmp_path / "cache"))
 
 
-@pytest.fixture(scope="module")
-def tracked(tmp_path_factory):
+@pytest.fixture
+def tracked(tracked_wojtek):
     """20 frames of wojtek.mp4 tracked with the default (MediaPipe) pipeline, overlay video on."""
-    out = tmp_path_factory.mktemp("run")
-    code = main([str(WOJTEK), "--max-frames", "20", "--out", str(out), "--quiet"])
-    assert code == 0
-    return out / "wojtek"
+    return tracked_wojtek
 
 
 def test_end_to_end_outputs(tracked):
