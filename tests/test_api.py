@@ -72,3 +72,24 @@ def test_track_returns_a_result(tmp_path, monkeypatch):
     assert result.path == tmp_path / "wojtek" / "flame_params.npz"
     assert not (tmp_path / "wojtek" / "report.png").exists()
     assert result.metadata["config"]["fit"]["keyframes"] == 2
+
+
+def test_a_missing_optional_detector_package_is_one_clear_error(monkeypatch):
+    """--landmarks dlib without the dlib extra: a missing-asset error naming the extra, not a traceback."""
+    import builtins
+
+    from tracker.detect.base import make_detector
+    from tracker.errors import MissingAssetError
+
+    real_import = builtins.__import__
+
+    def no_dlib(name, *args, **kwargs):
+        if name == "dlib":
+            raise ModuleNotFoundError("No module named 'dlib'", name="dlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "tracker.detect.dlib", raising=False)
+    monkeypatch.delitem(sys.modules, "dlib", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_dlib)
+    with pytest.raises(MissingAssetError, match=r"needs the dlib package: pip install \".\[dlib\]\""):
+        make_detector("dlib")
