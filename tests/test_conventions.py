@@ -122,3 +122,13 @@ def test_plain_pytest_collects_from_the_repository_root():
 def test_licence_file():
     text = (REPO / "LICENSE").read_text()
     assert text.startswith("MIT License") and "flame_assets/" in text
+
+
+def test_report_failure_maps_exceptions_to_the_table(capsys):
+    assert errors.report_failure(errors.TrackerError("bad flag")) == 1
+    assert errors.report_failure(errors.MissingAssetError("no model")) == 3
+    assert errors.report_failure(KeyboardInterrupt(), kept="finished frames were written") == 130
+    assert errors.report_failure(ZeroDivisionError("boom")) == 4
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["error: bad flag", "error: no model", "interrupted: finished frames were written",
+                     "error: unexpected ZeroDivisionError: boom (set TRACKER_DEBUG=1 for the traceback)"]

@@ -12,7 +12,10 @@
 The README's table is this one; a test keeps them equal.
 """
 
+import os
+import signal
 import sys
+import traceback
 from collections.abc import Callable
 
 EXIT_OK = 0
@@ -45,3 +48,19 @@ def run_reporting_errors(action: Callable[[], None]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     return EXIT_OK
+
+
+def report_failure(exc: BaseException, kept: str = "") -> int:
+    """One line on stderr for what ended a command, and its exit code: a TrackerError its own, Ctrl-C 130, any
+    other exception (a bug) 4 (TRACKER_DEBUG=1 also prints the traceback). `kept` says what was saved."""
+    if isinstance(exc, TrackerError):
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        print("interrupted" + (f": {kept}" if kept else ""), file=sys.stderr)
+        return EXIT_SIGNAL_BASE + signal.SIGINT
+    if os.environ.get("TRACKER_DEBUG"):
+        traceback.print_exc()
+    print(f"error: unexpected {type(exc).__name__}: {exc} ({kept + '; ' if kept else ''}"
+          "set TRACKER_DEBUG=1 for the traceback)", file=sys.stderr)
+    return EXIT_INTERNAL

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tracker.errors import EXIT_OK, TrackerError
+from tracker.errors import EXIT_OK, TrackerError, report_failure
 
 FORMATS = ("nerf", "vhap")
 CONSUMERS = {"nerf": "GaussianAvatars", "vhap": "VHAP"}
@@ -119,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export(args.run, args.format, args.out, args.video, args.flame, args.flame_assets, args.train_ratio,
                args.strict, show_progress=not args.quiet)
-    except TrackerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except (Exception, KeyboardInterrupt) as exc:
+        return report_failure(exc)
     return EXIT_OK
 
 

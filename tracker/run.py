@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import sys
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import yaml
 
 import tracker
-from tracker.errors import EXIT_INTERNAL, EXIT_OK, EXIT_SIGNAL_BASE, TrackerError
+from tracker.errors import EXIT_OK, report_failure
 from tracker.resources import configs_dir
 
 EPILOG = """FLAME is looked up in this order: --flame, $FLAME_MODEL, flame_assets/ (see flame_assets/README.md).
@@ -179,18 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         from tracker.api import track_with_config
 
         result = track_with_config(args.video, cfg, show_progress=not args.quiet)
-    except TrackerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: finished frames were written", file=sys.stderr)
-        return EXIT_SIGNAL_BASE + signal.SIGINT
-    except Exception as exc:  # a bug, not bad input: finished frames are on disk; keep the message short
-        if os.environ.get("TRACKER_DEBUG"):
-            traceback.print_exc()
-        print(f"error: unexpected {type(exc).__name__}: {exc} (finished frames were written; "
-              "set TRACKER_DEBUG=1 for the traceback)", file=sys.stderr)
-        return EXIT_INTERNAL
+    except (Exception, KeyboardInterrupt) as exc:  # finished frames are on disk: one line, no traceback
+        return report_failure(exc, kept="finished frames were written")
     print_summary(result.summary)
     return EXIT_OK
 
