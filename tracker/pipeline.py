@@ -3,6 +3,7 @@ around `track_video`."""
 
 from __future__ import annotations
 
+import logging
 import platform
 import random
 import time
@@ -35,13 +36,15 @@ from tracker.flame.assets import DEFAULT_MODEL_NOTE, FlameBundle, load_flame_bun
 from tracker.flame.landmarks import LandmarkSet
 from tracker.flame.model import FlameModel, FlameParams
 from tracker.io.appearance import write_appearance
-from tracker.io.export import FrameTable, write_json, write_obj, write_params
+from tracker.io.export import FrameTable, flame_arrays, write_json, write_obj, write_params
 from tracker.io.overlay_video import write_overlay_video
+from tracker.io.report import write_report
 from tracker.io.video import FrameSelection, probe_video, read_frames
 
 SCHEME_OF_DETECTOR = {"mediapipe": SCHEME_MEDIAPIPE, "dlib": SCHEME_IBUG68, "fan": SCHEME_IBUG68}
 PARTIAL_WRITE_EVERY = 25
 """Frames between rewrites of the partial npz during tracking."""
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -151,6 +154,7 @@ def build_metadata(cfg: TrackerConfig, bundle: FlameBundle, video: Path, detecto
     return {
         "tool": "tracker", "tool_version": tracker.__version__, "torch_version": torch.__version__,
         "video": str(video), "flame_file": str(bundle.flame_file), "flame_sha256": bundle.model.sha256,
+        "flame_assets_dir": str(bundle.assets_dir), "flame_vertices": bundle.model.n_vertices,
         "flame_name": bundle.model.name, "flame_model": bundle.model_record,
         "n_shape": bundle.model.n_shape, "n_expr": bundle.model.n_expr,
         "eyelid_blendshapes": bundle.model.has_eyelids, "landmark_scheme": bundle.landmarks.scheme,
@@ -191,15 +195,18 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
 
     with writer.keep_partial_on_failure():
         result = fit_landmarks(problem, obs, track, cfg, writer, timings, show_progress)
+    stage_energy = {"landmarks": frame_energy(problem, result, obs)}
     # The landmark track is complete and safe on disk before the (slower) image stages refine it.
     writer.write_final(FrameTable(result.params, track.frame_indices, track.timestamps, result.valid,
-                                  result.lmk_error_px))
+                                  result.lmk_error_px, stage_energy))
     outputs = {"params": str(writer.path)}
 
     frames = lambda: read_frames(video, selection)  # noqa: E731  (re-decodes the selected frames)
     with _timed(timings, "densemarks"):
         result, writer.metadata["densemarks"] = densemarks_stage(problem, result, obs, track, frames, bundle, cfg,
                                                                  out_dir, show_progress)
+    if writer.metadata["densemarks"].get("ran"):
+        stage_energy["densemarks"] = frame_energy(problem, result, obs)
     textured = None  # the photometric stage's appearance and regions, for the overlay
     photometric = {"ran": False, "reason": "photometric.enabled is off"}
     if cfg.photometric.enabled:
@@ -210,10 +217,12 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
         photometric = {"ran": appearance is not None, "reason": "" if appearance else "no frame has a landmark fit"}
         if appearance is not None:
             textured = (appearance, region_mesh(model, bundle.masks, cfg.energy.photometric.regions))
+            stage_energy["photometric"] = frame_energy(problem, result, obs)
     stages = {"densemarks": writer.metadata["densemarks"], "photometric": photometric}
     writer.metadata["stages"] = {name: bool(status.get("ran")) for name, status in stages.items()}
-    writer.write_final(FrameTable(result.params, track.frame_indices, track.timestamps, result.valid,
-                                  result.lmk_error_px))
+    table = FrameTable(result.params, track.frame_indices, track.timestamps, result.valid, result.lmk_error_px,
+                       stage_energy)
+    writer.write_final(table)
 
     with _timed(timings, "outputs"):
         if cfg.output.save_meshes:
@@ -222,6 +231,9 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
             outputs["overlay_video"] = str(write_overlay_video(
                 out_dir / "overlay.mp4", read_frames(video, selection), model, landmarks, camera, result, obs,
                 info.fps, show_progress, textured))
+        if cfg.output.report:
+            outputs["report"] = str(write_report(out_dir / "report.png", flame_arrays(table, camera, info.fps),
+                                                 title=video.name))
 
     summary = _summarise(video, out_dir, track, result, timings, camera, outputs)
     summary.stages = stages
@@ -303,13 +315,23 @@ def photometric_stage(problem: Problem, result: TrackResult, obs: Observations, 
     return result, {name: str(path) for name, path in write_appearance(out_dir, appearance).items()}, appearance
 
 
+@torch.no_grad()
+def frame_energy(problem: Problem, result: TrackResult, obs: Observations) -> np.ndarray:
+    """(T,) landmark + prior energy of each frame's parameters (NaN where invalid): one yardstick measured after
+    every stage (each stage's own objective has other terms and scales), for the report's stage curves."""
+    energy = problem.energy(result.params, obs).cpu().numpy().astype(np.float32)
+    return np.where(result.valid, energy, np.nan)
+
+
 @contextmanager
 def _timed(timings: dict, name: str) -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
     finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        timings[name] = timings.get(name, 0.0) + elapsed
+        log.info("%s: %.2f s", name, elapsed)
 
 
 def _detector_options(cfg: TrackerConfig) -> dict:

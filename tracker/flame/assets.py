@@ -17,9 +17,11 @@ from tracker.errors import MissingAssetError, TrackerError
 from tracker.flame.landmarks import STATIC_68_FILES, LandmarkSet, find_side_file, load_landmark_set
 from tracker.flame.loading import FLAME_DOWNLOAD_HINT, load_flame_file, read_array_dict
 from tracker.flame.model import FlameModel
+from tracker.resources import shipped_assets_dir
 
-REPO_ASSETS = Path(__file__).resolve().parents[2] / "flame_assets"
-"""The project's flame_assets/: the shipped default model and side files, and where users put their FLAME."""
+REPO_ASSETS = shipped_assets_dir()
+"""The project's flame_assets/ (in a checkout or the installed package): the shipped default model and side
+files, and where users put their FLAME."""
 MODEL_NAMES = ("flame2023_Open.pkl", "flame2023.pkl", "FLAME2023.pkl", "generic_model.pkl", "FLAME_NEUTRAL.pkl")
 """Official FLAME file names looked for in flame_assets/ (before the shipped default)."""
 DEFAULT_MODEL = REPO_ASSETS / "flame_standin.npz"
