@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from eval.baselines import ROW_LABELS, YAW_BINS, RowScores  # noqa: E402
 from eval.metrics import bin_by_abs_yaw  # noqa: E402
 from eval.real.evaluate import VideoScores  # noqa: E402
 from eval.synthetic.evaluate import SequenceScores  # noqa: E402
@@ -77,6 +78,8 @@ class ConfigResults:
     """(caption, path relative to the run folder) of the overlay images."""
     failures: dict[str, str] = field(default_factory=dict)
     """Video name -> why the tracker produced nothing for it."""
+    baselines: dict[str, list[RowScores]] = field(default_factory=dict)
+    """Synthetic sequence -> the track's row and its baseline rows on the same frames (eval.baselines)."""
 
 
 def nanmean(values: np.ndarray) -> float:
@@ -148,12 +151,41 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[float | str]])
     return "\n".join(lines)
 
 
-def write_tables(rows: list[dict], out_dir: Path) -> None:
-    """table.md (with a column legend), table.csv and table.json."""
+COMPARISON_HEADER = ("row", "face err rigid mm", *[f"|yaw| {b}" for b in YAW_BINS], "2D reproj px", "focal err %",
+                     "camera-space err mm", "static jitter mm/f^2", "truth jitter mm/f^2", "lost %")
+COMPARISON_LEGEND = ("Medians over frames; face err rigid: face-region vertex error after per-frame rigid "
+                     "alignment (also per |yaw| bin, degrees); 2D reproj: face vertices the true camera sees, each "
+                     "mesh through its own camera; camera-space err: no alignment; static jitter: face-vertex "
+                     "acceleration on frames where the head does not move, beside the truth's; lost: frames "
+                     "reported without a face. Rows: " + "; ".join(f"{k}: {v}" for k, v in ROW_LABELS.items()) + ".")
+
+
+def comparison_cells(row: RowScores) -> list[float | str]:
+    """One row of the comparison table (COMPARISON_HEADER)."""
+    return [row.name, row.v2v_rigid_mm, *row.v2v_rigid_by_yaw.values(), row.reproj_px, row.focal_error_pct,
+            row.v2v_mm, row.jitter_mm, row.truth_jitter_mm, row.lost_pct]
+
+
+def comparison_markdown(sections: dict[str, list[RowScores]]) -> str:
+    """A table per titled section (e.g. "landmarks / turns"), the legend after them."""
+    parts = [f"**{title}**\n\n{markdown_table(COMPARISON_HEADER, [comparison_cells(r) for r in rows])}"
+             for title, rows in sections.items()]
+    return "\n\n".join(parts + [COMPARISON_LEGEND]) + "\n"
+
+
+def comparison_sections(results: list[ConfigResults]) -> dict[str, list[RowScores]]:
+    return {f"{r.name} / {sequence}": rows for r in results for sequence, rows in r.baselines.items()}
+
+
+def write_tables(rows: list[dict], out_dir: Path, comparison: dict[str, list[RowScores]] | None = None) -> None:
+    """table.md (with a column legend, then each synthetic track beside its baselines), table.csv and
+    table.json."""
     keys = [k for k, _ in COLUMNS]
     legend = "\n".join(f"- `{k}`: {text}" for k, text in COLUMNS[1:])
     table = markdown_table(keys, [[r[k] for k in keys] for r in rows])
-    (out_dir / "table.md").write_text(f"{table}\n\n{legend}\n")
+    baselines = f"\n## Synthetic tracks beside their baselines\n\n{comparison_markdown(comparison)}" \
+        if comparison else ""
+    (out_dir / "table.md").write_text(f"{table}\n\n{legend}\n{baselines}")
     with open(out_dir / "table.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=keys)
         writer.writeheader()
@@ -359,7 +391,7 @@ def write_report(results: list[ConfigResults], out_dir: Path, run_info: dict, be
     """All tables, plots and report.md / report.html of a run; returns the markdown report's path."""
     measured = [r for r in results if r.skipped is None]
     rows = [summary_row(r) for r in measured]
-    write_tables(rows, out_dir)
+    write_tables(rows, out_dir, comparison_sections(measured))
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     plot_error_vs_frame(measured, plots / "error_vs_frame.png")
@@ -382,6 +414,7 @@ def write_report(results: list[ConfigResults], out_dir: Path, run_info: dict, be
         doc.heading("Runs without output")
         doc.text("\n".join(f"- {c} on {v}: {why}" for c, v, why in failures))
     _synthetic_sections(doc, measured)
+    _comparison_section(doc, comparison_sections(measured))
     _real_sections(doc, measured)
     _dense_section(doc, dense)
     _speed_sections(doc, measured, bench)
@@ -427,6 +460,16 @@ def _synthetic_sections(doc: Report, results: list[ConfigResults]) -> None:
                        for i, b in enumerate(bins)])
     doc.image("plots/error_vs_frame.png", "rigidly aligned face vertex error over frames (|yaw| shaded)")
     doc.image("plots/error_vs_yaw.png", "mean errors by |yaw| bin")
+
+
+def _comparison_section(doc: Report, sections: dict[str, list[RowScores]]) -> None:
+    if not sections:
+        return
+    doc.heading("Synthetic tracks beside their baselines (same frames)")
+    for title, rows in sections.items():
+        doc.heading(title, 3)
+        doc.table(COMPARISON_HEADER, [comparison_cells(r) for r in rows])
+    doc.text(COMPARISON_LEGEND)
 
 
 def _real_sections(doc: Report, results: list[ConfigResults]) -> None:
