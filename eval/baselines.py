@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from eval.metrics import temporal_jitter_mm
+from eval.metrics import finite_median, temporal_jitter_mm
 from eval.synthetic.evaluate import vertex_scores, visible_vertices
 from eval.synthetic.generate import GroundTruth
 from eval.tracked import TrackedSequence, head_yaw_deg, resized_params
@@ -158,11 +158,6 @@ class RowScores:
         return {k: v for k, v in self.__dict__.items() if k != "per_frame"}
 
 
-def _median(values: np.ndarray) -> float:
-    finite = values[np.isfinite(values)]
-    return float(np.median(finite)) if finite.size else float("nan")
-
-
 class SequenceScorer:
     """Scores tracks of one synthetic sequence; the truth's vertices and visibility are computed once."""
 
@@ -184,11 +179,13 @@ class SequenceScorer:
         pred_face = tracked.vertices(self.model)[:, self.face]
         per_frame = vertex_scores(self.gt_face, self.gt.camera, pred_face, tracked.camera, self.seen)
         rigid = per_frame["v2v_rigid_mm"]
-        by_yaw = {label: _median(rigid[(self.yaw >= lo) & (self.yaw < hi)]) for label, (lo, hi) in YAW_BINS.items()}
+        by_yaw = {label: finite_median(rigid[(self.yaw >= lo) & (self.yaw < hi)])
+                  for label, (lo, hi) in YAW_BINS.items()}
         return RowScores(
-            name=name, v2v_rigid_mm=_median(rigid), v2v_rigid_by_yaw=by_yaw, reproj_px=_median(per_frame["reproj_px"]),
+            name=name, v2v_rigid_mm=finite_median(rigid), v2v_rigid_by_yaw=by_yaw,
+            reproj_px=finite_median(per_frame["reproj_px"]),
             focal_error_pct=100.0 * float(tracked.camera.focal / self.gt.camera.focal - 1.0),
-            v2v_mm=_median(per_frame["v2v_mm"]),
+            v2v_mm=finite_median(per_frame["v2v_mm"]),
             jitter_mm=temporal_jitter_mm(pred_face, self.runs) if self.runs else float("nan"),
             truth_jitter_mm=self.truth_jitter, lost_pct=100.0 * float(1.0 - tracked.valid.mean()),
             per_frame={**per_frame, "valid": tracked.valid.astype(float), "yaw_deg": self.gt.yaw_deg},

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from eval.baselines import ROW_LABELS, YAW_BINS, RowScores  # noqa: E402
-from eval.metrics import bin_by_abs_yaw  # noqa: E402
+from eval.metrics import bin_by_abs_yaw, finite_median  # noqa: E402
 from eval.real.evaluate import VideoScores  # noqa: E402
 from eval.synthetic.evaluate import SequenceScores  # noqa: E402
 from tracker.camera import Camera, to_camera  # noqa: E402
@@ -53,6 +53,10 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("real_nme_vs_dlib_pct", "real NME against dlib's 68 landmarks (% of box size)"),
     ("real_psnr_db", "real photometric PSNR in the face (dB)"),
     ("real_ssim", "real photometric SSIM in the face"),
+    ("real_jaw_iod", "real: dlib jaw points 0-16 to the mesh's projected jaw/cheek outline (point to curve), "
+                     "inter-ocular distances (median over clips of each clip's median)"),
+    ("real_inner51_iod", "real: dlib points 17-67 to the mesh's landmarks, inter-ocular distances (median over "
+                         "clips of each clip's median)"),
     ("real_jitter_mm", "real vertex acceleration (mm/frame^2)"),
     ("real_valid_pct", "real frames tracked (%)"),
     ("s_per_frame", "seconds per frame, all stages (incl. one-off identity; measured with memory tracing on, see "
@@ -85,6 +89,11 @@ class ConfigResults:
 def nanmean(values: np.ndarray) -> float:
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else float("nan")
+
+
+def clip_medians(scores: dict, metric: str) -> np.ndarray:
+    """Each video's median of a per-frame metric (NaN for a video without a finite value)."""
+    return np.array([finite_median(s.per_frame[metric]) for s in scores.values() if metric in s.per_frame])
 
 
 def joined(scores: dict, metric: str) -> np.ndarray:
@@ -128,6 +137,8 @@ def summary_row(result: ConfigResults) -> dict[str, float | str]:
         "real_nme_vs_dlib_pct": 100 * nanmean(joined(real, "nme_vs_dlib")),
         "real_psnr_db": nanmean(joined(real, "psnr_db")),
         "real_ssim": nanmean(joined(real, "ssim")),
+        "real_jaw_iod": finite_median(clip_medians(real, "jaw_iod")),
+        "real_inner51_iod": finite_median(clip_medians(real, "inner51_iod")),
         "real_jitter_mm": nanmean(np.array([s.jitter_mm for s in real.values()])),
         "real_valid_pct": 100 * joined(real, "valid").sum() / frames_real if frames_real else float("nan"),
         "s_per_frame": sum(stages.values()) if stages else float("nan"),
@@ -484,11 +495,12 @@ def _real_sections(doc: Report, results: list[ConfigResults]) -> None:
             median = float(np.nanmedian(nme)) if np.isfinite(nme).any() else float("nan")
             rows.append([result.name, name, s.heldout_detector, 100 * nanmean(nme), 100 * median,
                          100 * nanmean(s.per_frame["nme_vs_mediapipe"]), 100 * nanmean(s.per_frame["nme_vs_dlib"]),
+                         finite_median(s.per_frame["jaw_iod"]), finite_median(s.per_frame["inner51_iod"]),
                          nanmean(s.per_frame["psnr_db"]), nanmean(s.per_frame["ssim"]), s.jitter_mm,
                          100 * s.valid_ratio, summary.get("seconds_per_frame", {}).get("total", float("nan"))])
     doc.table(["config", "video", "held-out detector", "nme_heldout_pct", "median_nme_heldout_pct",
-               "nme_vs_mediapipe_pct", "nme_vs_dlib_pct", "psnr_db", "ssim", "jitter_mm", "valid_pct",
-               "s_per_frame"], rows)
+               "nme_vs_mediapipe_pct", "nme_vs_dlib_pct", "jaw_iod_median", "inner51_iod_median", "psnr_db", "ssim",
+               "jitter_mm", "valid_pct", "s_per_frame"], rows)
 
 
 def _dense_section(doc: Report, dense: dict | None) -> None:

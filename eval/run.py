@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import subprocess
@@ -35,8 +36,10 @@ import torch
 from eval.ablation import DEFAULT_ABLATION, Ablation, AblationConfig, load_ablation, merge, run_config, substitute
 from eval.baselines import SequenceScorer, fit_exact_landmarks, landmark_stage_key
 from eval.bench.stages import BenchOptions, machine_name, run_bench
+from eval.metrics import finite_median
 from eval.photometric import PhotometricOptions
 from eval.real.evaluate import VideoScores, score_video
+from eval.real.jaw import ContourMesh
 from eval.real.videos import DEFAULT_VIDEO_DIR, REFERENCE_VIDEO, find_videos
 from eval.report import (
     ConfigResults,
@@ -149,6 +152,11 @@ class Context:
     def face_ids(self) -> np.ndarray:
         return self.assets.bundle.masks["face"]
 
+    @functools.cached_property
+    def outline(self) -> ContourMesh:
+        """Where the model's jaw outline can lie, for the real videos' jaw metric."""
+        return ContourMesh.build(self.model, self.assets.bundle.masks)
+
 
 def log(message: str) -> None:
     print(f"[eval {time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -233,10 +241,13 @@ def run_real(result: ConfigResults, config: AblationConfig, ablation: Ablation, 
             continue
         tracked = load_tracked(run.params_path, ctx.model.n_shape, ctx.model.n_expr)
         scores = score_video(video, tracked, _detector_of(config, ablation), ctx.model, ctx.assets.bundle.assets_dir,
-                             ctx.face_ids, ctx.atlas, selection, ctx.run_dir / "heldout", ctx.options.photometric)
+                             ctx.face_ids, ctx.atlas, selection, ctx.run_dir / "heldout", ctx.options.photometric,
+                             ctx.outline)
         result.real[video.stem] = scores
         log(f"{config.name} / {video.name}: held-out ({scores.heldout_detector}) NME "
-            f"{100 * np.nanmean(scores.per_frame['nme_heldout']):.2f} %, valid {100 * scores.valid_ratio:.0f} %")
+            f"{100 * np.nanmean(scores.per_frame['nme_heldout']):.2f} %, valid {100 * scores.valid_ratio:.0f} %, "
+            f"dlib jaw to outline {finite_median(scores.per_frame['jaw_iod']):.3f} IOD, inner 51 "
+            f"{finite_median(scores.per_frame['inner51_iod']):.3f} IOD (medians)")
         _real_overlays(result, video, tracked, scores, selection, ctx)
 
 

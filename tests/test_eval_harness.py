@@ -207,6 +207,7 @@ def test_quick_run_end_to_end(tmp_path, cache_dir):
     assert 0 < row["syn_v2v_rigid_mm"] < 15 and 0 < row["syn_nme68_pct"] < 15
     assert 0 < row["real_nme_heldout_pct"] < 15 and row["real_valid_pct"] == 100
     assert 0 < row["real_nme_vs_mediapipe_pct"] < row["real_nme_vs_dlib_pct"]  # it follows its own detector best
+    assert 0 < row["real_jaw_iod"] < 0.3 and 0 < row["real_inner51_iod"] < 0.2  # eval.real.jaw, in IODs
     assert row["s_per_frame"] > 0
     assert (run_dir / "table.md").read_text().count("| landmarks |") == 1
     # Beside the track, on the same frames: its baselines (eval.baselines).

@@ -1,5 +1,6 @@
 """The hold-out benchmark: its rasteriser on cases whose pixels can be counted by hand, its renders as the real
-detector sees them, and the baseline rows on a known identity (eval.baselines)."""
+detectors see them, the baseline rows on a known identity (eval.baselines), and the jaw-outline metric of real
+clips (eval.real.jaw) validated on a render: the true mesh scores at dlib's floor, a widened jaw worse."""
 
 from dataclasses import replace
 
@@ -13,6 +14,7 @@ from eval.holdout.generate import build_ground_truth, generate_holdout, load_hol
 from eval.holdout.raster import Light, rasterize, shade
 from eval.holdout.scenes import holdout_suite
 from eval.metrics import vertex_error_mm
+from eval.real.jaw import ContourMesh, jaw_scores, point_to_segments
 from eval.synthetic.generate import load_ground_truth
 from eval.tracked import TrackedSequence, load_tracked
 from tests.conftest import FLAME_ASSETS, FLAME_STANDIN, MEDIAPIPE_TASK
@@ -110,11 +112,17 @@ def test_mean_face_baseline_on_a_known_identity(assets):
     assert baseline.v2v_rigid_mm > 0.5 and baseline.v2v_mm > baseline.v2v_rigid_mm and baseline.reproj_px > 0.5
 
 
-def test_holdout_frames_show_the_truth_to_the_detector(assets, tmp_path):
+@pytest.fixture(scope="module")
+def short_sequence(assets, tmp_path_factory):
+    """Three frames of the talking head at 320 x 320 (the face about 150 px wide)."""
+    spec = replace(QUICK["talking_head"], frames=3, image_size=320, focal_px=875.0)
+    return generate_holdout(spec, assets, tmp_path_factory.mktemp("holdout"))
+
+
+def test_holdout_frames_show_the_truth_to_the_detector(assets, short_sequence):
     """A short rendered sequence round-trips through the ground-truth reader, and MediaPipe finds the face where
     the truth projects it."""
-    spec = replace(QUICK["talking_head"], frames=3, image_size=320, focal_px=875.0)
-    sequence = generate_holdout(spec, assets, tmp_path)
+    sequence = short_sequence
     gt = load_ground_truth(sequence.ground_truth)
     assert gt.n_frames == 3 and float(gt.camera.focal) == pytest.approx(875.0)
     truth = load_tracked(sequence.ground_truth, assets.model.n_shape, assets.model.n_expr)
@@ -130,6 +138,38 @@ def test_holdout_frames_show_the_truth_to_the_detector(assets, tmp_path):
             assert error / box < 0.05, f"frame {t}: detections {100 * error / box:.1f} % of the face size off"
     finally:
         detector.close()
+
+
+def test_point_to_curve_distance():
+    segments = np.array([[[-1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [1.0, 2.0]]])
+    points = np.array([[0.0, 1.0], [3.0, -1.0], [0.5, 0.25], [0.0, -2.0]])
+    np.testing.assert_allclose(point_to_segments(points, segments), [1.0, np.sqrt(5.0), 0.25, 2.0])
+    assert np.isinf(point_to_segments(points, np.zeros((0, 2, 2)))).all()
+
+
+def test_jaw_metric_true_mesh_at_the_floor_and_a_widened_jaw_worse(assets, short_sequence):
+    """dlib's jaw points on a render lie close to the true mesh's jaw outline (dlib's own error); widening the
+    lower face by 15 % moves the outline away from them, while the inner points barely change."""
+    model, bundle = assets.model, assets.synthetic.bundle
+    truth = load_tracked(short_sequence.ground_truth, model.n_shape, model.n_expr)
+    detector = make_detector("dlib")
+    detected = []
+    for frame in read_frames(short_sequence.video):
+        found = detector.detect(frame.rgb)
+        assert found is not None
+        detected.append(found.points)
+    vertices = truth.vertices(model)
+    outline = ContourMesh.build(model, bundle.masks)
+    exact = jaw_scores(truth, vertices, outline, bundle.landmarks, np.stack(detected))
+    lower = torch.clamp(-model.v_template[:, 1] / 0.03, 0, 1)[None, :, None]  # 0 above the nose tip, 1 below
+    centre = vertices[..., :1].mean(1, keepdim=True)
+    widened = vertices.clone()
+    widened[..., :1] = centre + (vertices[..., :1] - centre) * (1 + 0.15 * lower)
+    wide = jaw_scores(truth, widened, outline, bundle.landmarks, np.stack(detected))
+    assert np.isfinite(exact["jaw_iod"]).all() and np.isfinite(wide["jaw_iod"]).all()
+    assert 0.005 < np.median(exact["jaw_iod"]) < 0.06
+    assert np.median(wide["jaw_iod"]) > np.median(exact["jaw_iod"]) + 0.02
+    assert np.median(exact["inner51_iod"]) < 0.07
 
 
 def test_bad_override_is_one_line_error(capsys):

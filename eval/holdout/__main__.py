@@ -7,8 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from eval.ablation import merge
-from eval.holdout.benchmark import HoldoutOptions, parse_override, run_holdout
+from eval.ablation import merge, parse_override
+from eval.holdout.benchmark import HoldoutOptions, run_holdout
 from tracker.errors import run_reporting_errors
 
 

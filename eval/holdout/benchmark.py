@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from eval.ablation import AblationConfig, merge, run_config
 from eval.baselines import RowScores, SequenceScorer, fit_exact_landmarks
@@ -67,24 +66,6 @@ class HoldoutOptions:
         if not isinstance(values, dict):
             raise TrackerError(f"config file {self.config} must be a mapping of config keys")
         return merge(merge(values, self.overrides), {"device": self.device, "output": {"video": False}})
-
-
-def parse_override(text: str) -> dict:
-    """'fit.keyframes=12' -> {'fit': {'keyframes': 12}} (the value read as YAML)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise TrackerError(f"override {text!r} is not KEY=VALUE (e.g. energy.priors.weight=1.0)")
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise TrackerError(f"override {text!r}: the value is not valid YAML") from None
-    nested: dict = {}
-    node = nested
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = parsed
-    return nested
 
 
 @dataclass
@@ -139,7 +120,8 @@ def run_holdout(options: HoldoutOptions) -> Path:
     info = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
         "machine": machine_name(options.device), "platform": platform.platform(), "quick": options.quick,
-        "tracker config": options.config or "defaults", "overrides": json.dumps(options.overrides) if options.overrides else "none",
+        "tracker config": options.config or "defaults",
+        "overrides": json.dumps(options.overrides) if options.overrides else "none",
         "flame": str(assets.synthetic.bundle.flame_file), "holdout version": HOLDOUT_VERSION,
         "wall time (min)": round((time.perf_counter() - started) / 60, 1),
     }
