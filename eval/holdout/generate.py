@@ -45,7 +45,7 @@ from tracker.errors import TrackerError
 from tracker.flame.model import FlameParams
 from tracker.io.export import read_params
 
-HOLDOUT_VERSION = 1
+HOLDOUT_VERSION = 2
 """Bump when the frames a spec produces change: cached sequences are keyed by it."""
 SKIN_TONES = np.array([[0.86, 0.67, 0.56], [0.45, 0.30, 0.22]])
 """Hand colour range, light to dark."""

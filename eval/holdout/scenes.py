@@ -187,7 +187,7 @@ def build_script(spec: HoldoutSpec, expression_names: list[str], n_shape: int) -
     else:  # hand_occluder
         motion = start + np.outer(np.sin(np.linspace(0, 2 * np.pi, moving)), [15, 3, 0, 0, 0, 0])
     names = list(expression_names)
-    talk_strength, every = {"talking_head": (1.0, 10.0), "hand_occluder": (0.6, 15.0)}.get(spec.kind, (0.3, 30.0))
+    talk_strength, every = {"talking_head": (1.0, 8.0), "hand_occluder": (0.6, 12.0)}.get(spec.kind, (0.3, 15.0))
     expr = sparse_expressions(rng, moving, names, every)
     blinks = blink_curve(rng, moving, spec.fps)
     for name in BLINK_SHAPES:

@@ -91,6 +91,8 @@ def contour_segments(mesh: ContourMesh, vertices: torch.Tensor, camera: Camera) 
     front = (normals * tri.mean(1)).sum(1) < 0  # normal towards the camera at the origin
     turning = front[mesh.silhouette_faces[:, 0]] != front[mesh.silhouette_faces[:, 1]]
     edges = np.concatenate([mesh.silhouette_edges[turning], mesh.border_edges])
+    if len(edges) == 0:
+        return np.zeros((0, 2, 2))
     focal, centre = float(camera.focal), camera.center.detach().cpu().double().numpy()
     pixels = cam[:, :2] / cam[:, 2:] * focal + centre
     middle = cam[edges].mean(1)
