@@ -20,7 +20,7 @@ the tracker reported lost. Every frame counts, lost ones included (the tracker f
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ def fit_exact_landmarks(gt: GroundTruth, cfg: TrackerConfig, show_progress: bool
     bundle = load_flame_bundle(cfg.flame.path, cfg.flame.assets_dir, cfg.flame.n_shape, cfg.flame.n_expr, scheme,
                                cfg.flame.eyelids)
     truth = resized_params(gt.params, bundle.model.n_shape, bundle.model.n_expr)
-    track = exact_landmark_track(GroundTruth(**{**gt.__dict__, "params": truth}), bundle.model, bundle.landmarks)
+    track = exact_landmark_track(replace(gt, params=truth), bundle.model, bundle.landmarks)
     device = torch.device(cfg.device)
     model, landmarks = bundle.model.to(device), bundle.landmarks.to(device)
     camera = Camera.from_image(gt.camera.height, gt.camera.width, cfg.camera.fov_init_deg, cfg.camera.focal, device)

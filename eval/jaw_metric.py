@@ -76,6 +76,8 @@ def run_dirs(paths: list[str], out: Path, max_frames: int, tracker_values: dict)
     """Tracker output folders for the arguments: run folders as given, videos tracked first."""
     dirs, videos = [], []
     for path in map(Path, paths):
+        if not path.exists():
+            raise TrackerError(f"{path} does not exist (give tracker output folders, videos or folders of videos)")
         if (path / PARAMS_FILE).is_file():
             dirs.append(path)
         else:
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             values = merge(values, parse_override(text))
         clips = [score_run(d, out / "detections") for d in run_dirs(args.paths, out, args.max_frames, values)]
         header = ["clip", "frames", "scored", "jaw_iod (median)", "inner51_iod (median)"]
-        rows = [[c.name, float(c.frames), float(c.scored), c.jaw_iod, c.inner51_iod] for c in clips]
+        rows = [[c.name, str(c.frames), str(c.scored), c.jaw_iod, c.inner51_iod] for c in clips]
         table = markdown_table(header, rows)
         legend = ("jaw_iod: dlib's jaw points 0-16 to the fitted mesh's projected jaw/cheek outline (point to "
                   "curve); inner51_iod: dlib's points 17-67 to the mesh's landmarks; both in dlib's inter-ocular "

@@ -42,7 +42,7 @@ from eval.synthetic.generate import (
 from eval.synthetic.scenario import Segment, SequenceSpec
 from tracker.camera import Camera, to_camera
 from tracker.errors import TrackerError
-from tracker.flame.model import FlameParams
+from tracker.flame.model import FlameModel, FlameParams
 from tracker.io.export import read_params
 
 HOLDOUT_VERSION = 2
@@ -59,7 +59,7 @@ class HoldoutAssets:
     uv_mesh: UvMesh
 
     @property
-    def model(self):
+    def model(self) -> FlameModel:
         return self.synthetic.bundle.model
 
 
@@ -114,16 +114,15 @@ def build_ground_truth(spec: HoldoutSpec, assets: HoldoutAssets) -> tuple[Ground
     palm = 0.5 * hand[:, 3] * width
     occluder = np.stack([hand[:, 0], centre[:, 0] + hand[:, 1] * width, centre[:, 1] + hand[:, 2] * width,
                          0.85 * palm, palm, hand[:, 4]], axis=1)
-    T = spec.frames
-    light = np.repeat(np.r_[script.light[0], script.light[1], script.light[2], script.light[3], 1, 1, 1][None], T, 0)
+    T, recorded = spec.frames, sequence_spec(spec)
+    light = np.repeat(np.r_[script.light[:4], 1.0, 1.0, 1.0][None], T, 0)  # white light
     tone = script.light[4]
-    gt = GroundTruth(spec=sequence_spec(spec), params=params, camera=camera, sh=light_sh(light).astype(np.float32),
+    gt = GroundTruth(spec=recorded, params=params, camera=camera, sh=light_sh(light).astype(np.float32),
                      occluder_px=occluder.astype(np.float32),
                      occluder_rgb=(1 - tone) * SKIN_TONES[0] + tone * SKIN_TONES[1],
                      motion_blur_px=np.zeros((T, 2), np.float32),
                      defocus_px=np.full(T, spec.blur_sigma_px, np.float32),
-                     segment=np.repeat(np.arange(len(sequence_spec(spec).segments)),
-                                       [s.frames for s in sequence_spec(spec).segments]))
+                     segment=np.repeat(np.arange(len(recorded.segments)), [s.frames for s in recorded.segments]))
     return gt, script
 
 
