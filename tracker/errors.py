@@ -1,19 +1,49 @@
-"""User-facing errors: the CLI prints their message as one line and exits non-zero."""
+"""User-facing errors and the process exit codes: the CLI prints an error's message as one line and exits with
+its code. Every exit code of the tracker's commands is defined here."""
 
+import reprlib
 import sys
 from collections.abc import Callable
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 1
+"""Bad input (files, flags, config), an incomplete result (truncated video), or a bug."""
+EXIT_MISSING_ASSET = 2
+"""A required model or asset file was not found."""
+EXIT_SIGNAL_BASE = 128
+"""Killed by signal N: exit code 128 + N (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP), as shells do."""
+
+QUOTE_LIMIT = 200
+"""Most characters of a bad value that an error message repeats."""
 
 
 class TrackerError(Exception):
     """An error caused by the user's input (files, flags, config); printed without a traceback."""
 
-    exit_code = 1
+    exit_code = EXIT_USER_ERROR
 
 
 class MissingAssetError(TrackerError):
     """A required model or asset file (FLAME, detector weights) is not where it was looked for."""
 
-    exit_code = 2
+    exit_code = EXIT_MISSING_ASSET
+
+
+_BOUNDED_REPR = reprlib.Repr()
+_BOUNDED_REPR.maxlevel, _BOUNDED_REPR.maxstring, _BOUNDED_REPR.maxother = 3, QUOTE_LIMIT, QUOTE_LIMIT
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """A bounded repr of `value` (at most about `limit` characters, however large or deeply shared the value
+    is), for error messages."""
+    text = _BOUNDED_REPR.repr(value)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\n", "\\n")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr: something went wrong that the run works around (results stay correct)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def run_reporting_errors(action: Callable[[], None]) -> int:
@@ -23,4 +53,4 @@ def run_reporting_errors(action: Callable[[], None]) -> int:
     except TrackerError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
-    return 0
+    return EXIT_OK

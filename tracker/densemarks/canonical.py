@@ -32,6 +32,7 @@ from scipy.spatial import cKDTree
 from tracker.camera import Camera, to_camera
 from tracker.errors import TrackerError
 from tracker.flame.model import FlameModel, FlameParams
+from tracker.io.safe_load import read_npy, read_npz
 from tracker.render import RasterSettings, interpolate, rasterize, vertex_normals
 from tracker.render.shading import lambert_headlight
 
@@ -133,14 +134,13 @@ def load_canonical_map(path: str | Path, n_vertices: int | None = None) -> Canon
                            "densemarks.canonical_map empty to estimate one from the video")
     try:
         if path.suffix == ".npy":
-            coords = np.load(path, allow_pickle=False)
+            coords = read_npy(path, "canonical map")
             cmap = CanonicalMap(coords.astype(np.float32), np.ones(len(coords), np.float32), {"source": str(path)})
         else:
-            with np.load(path, allow_pickle=False) as stored:
-                metadata = json.loads(str(stored["metadata"])) if "metadata" in stored.files else {}
-                cmap = CanonicalMap(stored["coords"].astype(np.float32), stored["support"].astype(np.float32),
-                                    metadata)
-    except (OSError, ValueError, KeyError) as error:
+            stored = read_npz(path, "canonical map")
+            metadata = json.loads(str(stored["metadata"])) if "metadata" in stored else {}
+            cmap = CanonicalMap(stored["coords"].astype(np.float32), stored["support"].astype(np.float32), metadata)
+    except (ValueError, KeyError, AttributeError) as error:
         raise TrackerError(f"canonical map {path} is unreadable ({error}): write it with save_canonical_map") from None
     if cmap.coords.ndim != 2 or cmap.coords.shape[1] != 3:
         raise TrackerError(f"canonical map {path} holds an array of shape {cmap.coords.shape}, expected (V, 3)")

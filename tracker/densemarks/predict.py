@@ -18,7 +18,8 @@ import torch
 
 from tracker.densemarks.model import DenseMarksConfig, DenseMarksNet
 from tracker.densemarks.weights import LICENSE, file_sha256, load_densemarks, resolve_weights_path
-from tracker.errors import TrackerError
+from tracker.errors import TrackerError, warn
+from tracker.io.safe_load import read_npz
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,12 @@ class UvwCache:
         path = self._path(frame_index)
         if not path.is_file():
             return None
-        with np.load(path) as stored:
+        try:
+            stored = read_npz(path, "cached DenseMarks prediction")
             return UvwPrediction(uvw=stored["uvw"].astype(np.float32), frame_to_crop=stored["frame_to_crop"])
+        except (TrackerError, KeyError, ValueError) as error:
+            warn(f"{str(error)[:300]}: predicting that frame again")
+            return None
 
     def put(self, frame_index: int, prediction: UvwPrediction) -> None:
         # Write-then-rename so an interrupted run never leaves a truncated entry behind.

@@ -21,6 +21,7 @@ from tracker.energy.photometric import Appearance, RegionMesh
 from tracker.errors import MissingAssetError, TrackerError
 from tracker.fit.photometric import render_frames
 from tracker.flame.model import FlameParams
+from tracker.io.safe_load import read_npy
 from tracker.render.shading import sh_basis
 
 TEXTURE_FILE = "texture.png"
@@ -92,7 +93,7 @@ def read_appearance(folder: str | Path, corner_uvs: Tensor | None = None,
     colors_path = folder / VERTEX_COLORS_FILE
     if not colors_path.is_file():
         raise MissingAssetError(f"neither {TEXTURE_FILE} nor {VERTEX_COLORS_FILE} found in {folder}")
-    return Appearance(sh, vertex_colors=torch.from_numpy(np.load(colors_path)).to(device))
+    return Appearance(sh, vertex_colors=torch.from_numpy(read_npy(colors_path, "vertex colour file")).to(device))
 
 
 def draw_appearance(frame: np.ndarray, appearance: Appearance, mesh: RegionMesh, camera: Camera,

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from tracker.camera import Camera, rotation_to_camera
+from tracker.errors import TrackerError
 from tracker.flame.model import FlameParams
+from tracker.io.safe_load import read_npz
 
 PARAM_KEYS = ("shape", "expr", "jaw_pose", "neck_pose", "rotation", "translation", "eyes_pose", "eyelids")
 CAMERA_KEYS = ("K", "R", "t", "image_size", "fps")
@@ -70,9 +72,13 @@ def write_params(path: Path, table: FrameTable, camera: Camera, fps: float, meta
 
 def read_params(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     """Load an exported npz: arrays and the metadata dict."""
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files if k != "metadata"}
-        metadata = json.loads(str(z["metadata"])) if "metadata" in z.files else {}
+    arrays = read_npz(path, "parameter file")
+    try:
+        metadata = json.loads(str(arrays.pop("metadata"))) if "metadata" in arrays else {}
+    except ValueError:
+        raise TrackerError(f"{path}: its metadata is not JSON") from None
+    if not isinstance(metadata, dict):
+        raise TrackerError(f"{path}: its metadata is not a JSON object")
     return arrays, metadata
 
 
