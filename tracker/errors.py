@@ -2,8 +2,10 @@
 its code. Every exit code of the tracker's commands is defined here."""
 
 import reprlib
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 1
@@ -44,6 +46,46 @@ def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
 def warn(message: str) -> None:
     """One warning line on stderr: something went wrong that the run works around (results stay correct)."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal (SIGINT, SIGTERM, SIGHUP): finished work is written on the way out, as for
+    Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SIGNAL_BASE + self.signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+"""Signals that stop a run like Ctrl-C: what a terminal, `timeout`, Docker and Slurm send."""
+
+
+@contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """Inside the block, SIGINT, SIGTERM and SIGHUP raise `Interrupted` in the main thread (once: a second signal
+    while finished frames are being written is ignored; SIGKILL still ends the process)."""
+    fired = []
+
+    def handler(signum, _frame):
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def run_reporting_errors(action: Callable[[], None]) -> int:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 
 from tracker.config import load_config
-from tracker.errors import TrackerError
+from tracker.errors import EXIT_OK, EXIT_USER_ERROR, Interrupted, TrackerError, interrupt_on_signals
 
 EPILOG = """FLAME is looked up in this order: --flame, $FLAME_MODEL, flame_assets/ (see flame_assets/README.md).
 Outputs go to OUT/<video stem>/: flame_params.npz, summary.json, overlay.mp4, meshes/ (see README.md)."""
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, help="first frame index")
     p.add_argument("--max-frames", type=int, help="track at most N frames")
     p.add_argument("--stride", type=int, help="track every N-th frame")
+    p.add_argument("--stream", type=int, help="video stream to track, counted from 0 (default: the main one)")
     p.add_argument("--focal", type=float, help="fixed focal length in pixels (default: estimated)")
     p.add_argument("--global-iters", type=int, help="steps of the joint refinement over all frames (0 = off)")
     p.add_argument("--photometric", choices=["on", "off"], help="photometric stage (default: config)")
@@ -49,7 +51,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         ("flame", "path"): args.flame, ("flame", "assets_dir"): args.flame_assets, ("output", "dir"): args.out,
         ("detect", "landmarks"): args.landmarks, ("detect", "mediapipe_model"): args.mediapipe_model,
         ("device",): args.device, ("video", "start"): args.start, ("video", "max_frames"): args.max_frames,
-        ("video", "stride"): args.stride, ("camera", "focal"): args.focal, ("seed",): args.seed,
+        ("video", "stride"): args.stride, ("video", "stream"): args.stream, ("camera", "focal"): args.focal,
+        ("seed",): args.seed,
         ("fit", "global_iters"): args.global_iters,
         ("photometric", "enabled"): None if args.photometric is None else args.photometric == "on",
         ("densemarks", "mode"): args.densemarks, ("densemarks", "weights"): args.densemarks_weights,
@@ -82,31 +85,53 @@ def print_summary(summary) -> None:
     print(f"DenseMarks: {dense_state}; photometric stage: "
           f"{'on' if photometric['ran'] else 'off: ' + photometric['reason']}")
     print("time per frame: " + ", ".join(f"{k} {v:.3f} s" for k, v in spf.items()))
+    stream = summary.input
+    if stream.get("video_streams", 1) > 1 or stream.get("rotation_deg") or stream.get("frames_rescaled"):
+        print(f"input: video stream {stream['stream']} of {stream['video_streams']}, {stream['width']}x"
+              f"{stream['height']} as displayed (rotated {stream['rotation_deg']} degrees), "
+              f"{stream['frames_rescaled']} frames rescaled to the first frame's size")
     for name, path in summary.outputs.items():
         print(f"{name}: {path}")
 
 
+def on_disk(exc: BaseException) -> str:
+    """What a stopped run left on disk, as a clause ("no frames were written" when nothing)."""
+    record = getattr(exc, "tracker_on_disk", None)
+    return record.describe() if record is not None else "no frames were written"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, overrides_from_args(args))
-        from tracker.pipeline import track_video  # heavy imports only after the arguments are valid
+    with interrupt_on_signals():  # SIGTERM and SIGHUP stop a run as Ctrl-C does
+        try:
+            cfg = load_config(args.config, overrides_from_args(args))
+            from tracker.pipeline import track_video  # heavy imports only after the arguments are valid
 
-        summary = track_video(args.video, cfg, show_progress=not args.quiet)
-    except TrackerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: finished frames were written", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bug, not bad input: finished frames are on disk; keep the message short
-        if os.environ.get("TRACKER_DEBUG"):
-            traceback.print_exc()
-        print(f"error: unexpected {type(exc).__name__}: {exc} (finished frames were written; "
-              "set TRACKER_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
+            summary = track_video(args.video, cfg, show_progress=not args.quiet)
+        except TrackerError as exc:
+            written = on_disk(exc)
+            print(f"error: {exc}" + ("" if written.startswith("no ") else f" ({written})"), file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt as exc:
+            name = exc.name if isinstance(exc, Interrupted) else "SIGINT"
+            print(f"interrupted by {name}: {on_disk(exc)}", file=sys.stderr)
+            return (exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)).exit_code
+        except OSError as exc:  # the machine, not the tracker: a full disk, a file removed or locked
+            where = f" {exc.filename}" if exc.filename else ""
+            print(f"error: cannot access{where} ({exc.strerror or exc}); {on_disk(exc)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except Exception as exc:  # a bug, not bad input; keep the message short and say what is on disk
+            if os.environ.get("TRACKER_DEBUG"):
+                traceback.print_exc()
+            print(f"error: unexpected {type(exc).__name__} (a bug in the tracker): {str(exc)[:200]}; "
+                  f"{on_disk(exc)}; set TRACKER_DEBUG=1 for the traceback", file=sys.stderr)
+            return EXIT_USER_ERROR
     print_summary(summary)
-    return 0
+    if not summary.complete:
+        print(f"error: incomplete result: {summary.incomplete_reason}; the {summary.frames} frames decoded were "
+              f"tracked and written with complete: false", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return EXIT_OK
 
 
 if __name__ == "__main__":

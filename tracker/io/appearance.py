@@ -21,6 +21,7 @@ from tracker.energy.photometric import Appearance, RegionMesh
 from tracker.errors import MissingAssetError, TrackerError
 from tracker.fit.photometric import render_frames
 from tracker.flame.model import FlameParams
+from tracker.io.files import atomic_write, write_image, write_json
 from tracker.io.safe_load import read_npy
 from tracker.render.shading import sh_basis
 
@@ -58,15 +59,13 @@ def write_appearance(folder: str | Path, appearance: Appearance) -> dict[str, Pa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = {"lighting": folder / LIGHTING_FILE}
-    written["lighting"].write_text(json.dumps(lighting_document(appearance.sh), indent=2))
+    write_json(written["lighting"], lighting_document(appearance.sh))
     if appearance.texture is not None:
         rgb = (appearance.texture.detach().clamp(0.0, 1.0) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        written["texture"] = folder / TEXTURE_FILE
-        if not cv2.imwrite(str(written["texture"]), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-            raise TrackerError(f"could not write {written['texture']}")
+        written["texture"] = write_image(folder / TEXTURE_FILE, rgb)
     else:
-        written["vertex_colors"] = folder / VERTEX_COLORS_FILE
-        np.save(written["vertex_colors"], appearance.vertex_colors.detach().cpu().numpy().astype(np.float32))
+        colors = appearance.vertex_colors.detach().cpu().numpy().astype(np.float32)
+        written["vertex_colors"] = atomic_write(folder / VERTEX_COLORS_FILE, lambda fh: np.save(fh, colors))
     return written
 
 

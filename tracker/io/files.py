@@ -31,7 +31,7 @@ import numpy as np
 from tracker.errors import TrackerError
 
 RUN_OUTPUTS = ("flame_params.npz", "summary.json", "overlay.mp4", "texture.png", "lighting.json",
-               "vertex_colors.npy", "canonical_map.npz", "canonical_map.png", "meshes")
+               "vertex_colors.npy", "densemarks_canonical_map.npz", "densemarks_canonical_map.png", "meshes")
 """What a run writes into its folder (files or folders): removed when a new run starts there."""
 OWNER_FILE = ".tracker-video"
 """Records which video a run folder belongs to (its resolved path)."""
@@ -80,6 +80,16 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
     return value
+
+
+def write_image(path: Path, rgb: np.ndarray) -> Path:
+    """An RGB uint8 image (format from the suffix), written atomically."""
+    import cv2
+
+    ok, encoded = cv2.imencode(Path(path).suffix, np.ascontiguousarray(rgb[..., ::-1]))
+    if not ok:
+        raise TrackerError(f"cannot encode {path} as {Path(path).suffix}")
+    return atomic_write(path, lambda fh: fh.write(encoded.tobytes()))
 
 
 def write_json(path: Path, data: Any) -> Path:
