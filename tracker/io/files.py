@@ -100,11 +100,12 @@ def write_json(path: Path, data: Any) -> Path:
 
 def safe_name(video: Path) -> str:
     """A folder name from a video's file name: one path component, never empty or '.'/'..', no hidden name,
-    bytes that are not UTF-8 escaped (as \\xNN), other odd characters replaced by '_'."""
+    bytes that are not UTF-8 escaped (as %NN), path separators and control characters replaced by '_'."""
     raw = os.fsencode(video.name)
-    stem = raw.rsplit(b".", 1)[0] if b"." in raw.lstrip(b".") else raw
-    text = stem.decode("utf-8", "backslashreplace")
-    text = re.sub(r"[\x00-\x1f\x7f/\\:]", "_", text).strip(" .")
+    stem = raw.rsplit(b".", 1)[0] if b"." in raw else raw
+    text = stem.replace(b"\\", b"_").decode("utf-8", "backslashreplace")
+    text = re.sub(r"\\x([0-9a-f]{2})", r"%\1", text)  # bytes that are not UTF-8, as %NN
+    text = re.sub(r"[\x00-\x1f\x7f/:]", "_", text).strip(" .")
     return text[:120] or "video"
 
 
