@@ -173,6 +173,8 @@ def run_synthetic(result: ConfigResults, config: AblationConfig, ablation: Ablat
                          {"device": ctx.options.device}, {"ground_truth": str(sequence.ground_truth)})
         if not _record_run(result, config, run, sequence.name):
             return
+        if run.summary is None:  # this input failed (recorded): the next one
+            continue
         with row_failures(result, config, sequence.name):
             gt = load_ground_truth(sequence.ground_truth)
             tracked = load_tracked(run.params_path, ctx.model.n_shape, ctx.model.n_expr)
@@ -194,6 +196,8 @@ def run_real(result: ConfigResults, config: AblationConfig, ablation: Ablation, 
                          {"device": ctx.options.device, "video": {"max_frames": ctx.options.real_frames}})
         if not _record_run(result, config, run, video.stem):
             return
+        if run.summary is None:  # this input failed (recorded): the next one
+            continue
         if run.summary["valid_frames"] == 0:
             result.failures[video.stem] = "no face found in any frame"
             continue

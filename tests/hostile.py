@@ -16,15 +16,15 @@ SOURCE_CLIP = VIDEOS / "0Fi83BHQsMA_00002.mp4"
 """224x224, 25 fps, a face in every frame: the source of the small face videos below."""
 
 
-def face_frames(n: int, size: tuple[int, int] | None = None) -> list[np.ndarray]:
-    """The first n frames of SOURCE_CLIP as RGB, resized to size (width, height) when given."""
+def face_frames(n: int, skip: int = 0) -> list[np.ndarray]:
+    """n frames of SOURCE_CLIP as RGB (224x224), after the first `skip`."""
     frames = []
     with av.open(str(SOURCE_CLIP)) as container:
-        for frame in container.decode(video=0):
+        for index, frame in enumerate(container.decode(video=0)):
             if len(frames) == n:
                 break
-            frames.append(frame.to_ndarray(format="rgb24", width=size[0], height=size[1]) if size else
-                          frame.to_ndarray(format="rgb24"))
+            if index >= skip:
+                frames.append(frame.to_ndarray(format="rgb24"))
     return frames
 
 

@@ -450,17 +450,18 @@ def test_checkpoints_are_time_based(tmp_path):
 # --- Whole runs -----------------------------------------------------------------------------------------------
 
 def test_nan_results_become_invalid_frames_and_strict_json(tmp_path, capsys, clip, monkeypatch):
-    """NaNs written into a run (translation of frame 1, rotation of frame 2, landmark error of frame 3, all
-    after the fit): those frames are invalid with a reason, valid rows are finite, summary.json is strict."""
+    """NaNs written into a run (translation of frame 0, rotation of frame 1, landmark error of frame 2, all
+    after the fit; MediaPipe finds no face in frames 3 and 4): those frames are invalid with a reason, valid
+    rows are finite, summary.json is strict."""
     import tracker.pipeline
 
     real_fit = tracker.pipeline.fit_landmarks
 
     def poisoned_fit(*args, **kwargs):
         result = real_fit(*args, **kwargs)
-        result.params.translation[1, 0] = float("nan")
-        result.params.rotation[2, 1] = float("inf")
-        result.lmk_error_px[3] = np.nan
+        result.params.translation[0, 0] = float("nan")
+        result.params.rotation[1, 1] = float("inf")
+        result.lmk_error_px[2] = np.nan
         return result
 
     monkeypatch.setattr(tracker.pipeline, "fit_landmarks", poisoned_fit)
@@ -471,23 +472,23 @@ def test_nan_results_become_invalid_frames_and_strict_json(tmp_path, capsys, cli
     assert code == 0, err
     folder = tmp_path / "out" / "take%ff"
     arrays, meta = read_params(folder / "flame_params.npz")
-    assert arrays["valid"].tolist() == [True, False, False, False, True, True, True, True]
-    assert arrays["invalid_reason"].tolist()[1:4] == ["non-finite translation", "non-finite rotation",
-                                                      "non-finite lmk_error_px"]
+    assert arrays["valid"].tolist() == [False] * 5 + [True] * 3
+    assert arrays["invalid_reason"].tolist()[:5] == ["non-finite translation", "non-finite rotation",
+                                                     "non-finite lmk_error_px", "no face found", "no face found"]
     for key in ("expr", "rotation", "translation", "jaw_pose", "eyes_pose", "K"):
         assert np.isfinite(arrays[key]).all(), key  # invalid rows hold their neighbour's values
     assert meta["complete"] is True
     summary = strict_loads((folder / "summary.json").read_text())
-    assert summary["valid_frames"] == 5 and summary["invalid_frame_indices"] == [1, 2, 3]
-    assert summary["invalid_reasons"] == {"non-finite lmk_error_px": 1, "non-finite rotation": 1,
+    assert summary["valid_frames"] == 3 and summary["invalid_frame_indices"] == [0, 1, 2, 3, 4]
+    assert summary["invalid_reasons"] == {"no face found": 2, "non-finite lmk_error_px": 1, "non-finite rotation": 1,
                                           "non-finite translation": 1}
-    assert "5 tracked" in out
+    assert "3 tracked" in out
 
 
 def test_rotated_clip_at_an_exact_rate_with_stride(tmp_path, capsys):
     """A phone clip (display rotation 90, 30000/1001 fps) tracked with --stride 2: frames tracked upright,
     image_size as displayed, the rotation in the summary, the overlay upright at exactly 15000/1001 fps."""
-    upright = face_frames(8, (224, 160))
+    upright = [np.ascontiguousarray(f[16:176]) for f in face_frames(8, skip=10)]  # 224 wide, 160 high
     stored = [np.ascontiguousarray(np.rot90(f, -1)) for f in upright]
     video = encode(tmp_path / "phone.mp4", stored, rate=Fraction(30000, 1001), rotation=90)
     code, out, err = run_cli([video, "--stride", "2", "--out", tmp_path, "--densemarks", "off", "--quiet"], capsys)
@@ -543,25 +544,25 @@ def test_interrupted_rerun_leaves_no_stale_complete(tmp_path, capsys, clip, monk
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_stop_like_ctrl_c(tmp_path, capsys, clip, monkeypatch, signum):
-    """The signal arrives while frame 4 is fitted: the finished frames are written, one line, exit 128 + N."""
+    """The signal arrives while a frame is fitted: the finished frames are written, one line, exit 128 + N."""
     import tracker.fit.sequence as sequence
 
     real_fit, calls = sequence.fit_lm, {"n": 0}
 
     def signalled_fit(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 6:  # identity takes 2 calls, then one per frame: frames 0-3 are done
+        if calls["n"] == 6:  # identity takes 2 calls, then about one per frame
             os.kill(os.getpid(), signum)
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(sequence, "fit_lm", signalled_fit)
     code, _, err = run_cli([clip, "--out", tmp_path, "--no-video", "--densemarks", "off", "--quiet"], capsys)
-    name = signal.Signals(signum).name
-    assert code == 128 + signum
-    assert one_line(err) == (f"interrupted by {name}: 4 finished frames were written to "
-                             f"{tmp_path / 'clip' / 'flame_params.npz'} (complete: false)")
     arrays, meta = read_params(tmp_path / "clip" / "flame_params.npz")
-    assert len(arrays["frame_index"]) == 4 and meta["complete"] is False and np.isfinite(arrays["rotation"]).all()
+    written = len(arrays["frame_index"])
+    assert code == 128 + signum and 1 < written < 8 and calls["n"] == 6  # stopped at once
+    assert one_line(err) == (f"interrupted by {signal.Signals(signum).name}: {written} finished frames were "
+                             f"written to {tmp_path / 'clip' / 'flame_params.npz'} (complete: false)")
+    assert meta["complete"] is False and np.isfinite(arrays["rotation"]).all()
 
 
 def test_sigterm_to_the_command(tmp_path, clip, cache_dir):
@@ -603,26 +604,38 @@ def test_bug_wording_never_claims_frames_were_written(tmp_path, capsys, clip, mo
     assert "no frames were written" in line
 
 
-def test_eval_row_fails_alone(tmp_path, monkeypatch):
-    """eval.run: a broken input fails its own row with a one-line reason; the other rows are scored."""
+def test_eval_rows_of_broken_videos_fail_alone(tmp_path):
+    """eval.run on undecodable videos: each fails its own row with a one-line reason, the loop goes on (it used
+    to stop the whole evaluation with a TypeError traceback)."""
+    from types import SimpleNamespace
+
+    from eval import run as eval_run
+    from eval.ablation import Ablation, AblationConfig
+    from eval.report import ConfigResults
+
+    garbage, empty = tmp_path / "garbage.mp4", tmp_path / "empty.mp4"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    empty.write_bytes(b"")
+    result, config = ConfigResults("landmarks", ""), AblationConfig("landmarks")
+    ctx = SimpleNamespace(options=SimpleNamespace(device="cpu", real_frames=2), run_dir=tmp_path / "eval")
+    eval_run.run_real(result, config, Ablation({}, (config,)), [garbage, empty], ctx)
+    assert set(result.failures) == {"garbage", "empty"} and result.skipped is None
+    assert all("cannot read" in reason and "\n" not in reason for reason in result.failures.values())
+
+
+def test_eval_scoring_failure_fails_its_row_only():
     from eval import run as eval_run
     from eval.ablation import AblationConfig
     from eval.report import ConfigResults
 
     result = ConfigResults("cfg", "")
-    calls = []
-
-    def score(name):
-        with eval_run.row_failures(result, AblationConfig("cfg"), name):
-            calls.append(name)
-            if name == "broken":
-                raise TrackerError("broken.mp4: cannot decode any frame")
-            result.real[name] = "scored"
-
     for name in ("good1", "broken", "good2"):
-        score(name)
-    assert calls == ["good1", "broken", "good2"] and set(result.real) == {"good1", "good2"}
-    assert result.failures == {"broken": "broken.mp4: cannot decode any frame"}
+        with eval_run.row_failures(result, AblationConfig("cfg"), name):
+            if name == "broken":
+                raise TrackerError("broken.gt.npz is a damaged ground truth")
+            result.real[name] = "scored"
+    assert set(result.real) == {"good1", "good2"}
+    assert result.failures == {"broken": "broken.gt.npz is a damaged ground truth"}
 
 
 def test_garbled_ground_truth_cache_is_regenerated_or_one_line(tmp_path):
