@@ -15,7 +15,9 @@ Every failure is a TrackerError with one line naming the file.
 from __future__ import annotations
 
 import codecs
+import io
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,14 @@ class RestrictedUnpickler(pickle.Unpickler):
         return resolve()
 
 
+def _unpickle(data: io.BytesIO) -> Any:
+    """Restricted unpickling from memory: a length field in a damaged pickle can never make a read allocate more
+    than the file; Python 2 strings with odd escapes are read without warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return RestrictedUnpickler(data, encoding="latin1").load()
+
+
 class _Refused(Exception):
     """Raised inside this module for a file that is damaged or hostile; becomes a TrackerError."""
 
@@ -112,8 +122,7 @@ def read_pickle(path: str | Path, what: str = "pickle") -> Any:
     (and `what` it should have been) when it is unreadable or names anything outside the allow-list."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            return RestrictedUnpickler(fh, encoding="latin1").load()
+        return _unpickle(io.BytesIO(path.read_bytes()))
     except OSError as error:
         raise _fail(path, what, error.strerror or error) from None
     except RecursionError:
@@ -143,12 +152,13 @@ def read_npy(path: str | Path, what: str = ".npy array") -> Any:
     RingNet's embeddings), the value the restricted unpickler rebuilds (a 0-d object array's item)."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            _, pickled = _check_header(fh, path.stat().st_size)
-            if not pickled:
-                fh.seek(0)
-                return np.load(fh, allow_pickle=False)
-            value = RestrictedUnpickler(fh, encoding="latin1").load()
+        data = path.read_bytes()
+        fh = io.BytesIO(data)
+        _, pickled = _check_header(fh, len(data))
+        if not pickled:
+            fh.seek(0)
+            return np.load(fh, allow_pickle=False)
+        value = _unpickle(fh)
     except OSError as error:
         raise _fail(path, what, error.strerror or error) from None
     except Exception as error:  # noqa: BLE001  (a damaged or hostile file)

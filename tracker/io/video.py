@@ -139,11 +139,13 @@ def choose_stream(container: av.container.InputContainer, path: Path, wanted: in
         if wanted >= len(streams):
             raise TrackerError(f"--stream {wanted}: {path} has {len(streams)} video stream(s), numbered from 0")
         return wanted
-    def size(i: int) -> tuple[bool, int]:
-        stream = streams[i]
-        return (not int(stream.disposition) & ATTACHED_PICTURE,
-                (stream.codec_context.width or 0) * (stream.codec_context.height or 0))
-    return max(range(len(streams)), key=lambda i: (size(i), -i))
+
+    def rank(i: int) -> tuple[bool, int, int]:
+        stream, context = streams[i], streams[i].codec_context  # no context: a codec that cannot be opened
+        area = (context.width or 0) * (context.height or 0) if context is not None else 0
+        return not int(stream.disposition) & ATTACHED_PICTURE, area, -i
+
+    return max(range(len(streams)), key=rank)
 
 
 def _raw_stream(container: av.container.InputContainer) -> bool:
@@ -151,6 +153,9 @@ def _raw_stream(container: av.container.InputContainer) -> bool:
 
 
 def _frame_rate(container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: Path) -> Fraction:
+    if stream.codec_context is None:
+        raise TrackerError(f"{path}: the codec of video stream {stream.index} cannot be opened (unsupported or "
+                           "damaged)")
     if _raw_stream(container):  # the demuxer's rate is its default: the bitstream's own rate is right
         rate = stream.codec_context.framerate or stream.guessed_rate
     else:
