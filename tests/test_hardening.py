@@ -216,6 +216,13 @@ def test_bad_focal_is_refused_before_any_work(tmp_path, capsys, clip, focal, wor
     assert code == 1 and "focal" in line and words in line and not (tmp_path / "out").exists()
 
 
+def test_input_refused_during_the_run_leaves_nothing(tmp_path, capsys, clip):
+    """A start frame past the end is only found while decoding, after the run folder was made: the folder (and
+    the --out it created) is removed again."""
+    code, _, err = run_cli([clip, "--start", "500", "--out", tmp_path / "out" / "deeper", "--quiet"], capsys)
+    assert code == 1 and "beyond the end" in one_line(err) and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("overrides, key", [
     ({"fit": {"shape_iters": 0}}, "fit.shape_iters"), ({"fit": {"global_iters": -1}}, "fit.global_iters"),
     ({"fit": {"global_window": 0}}, "fit.global_window"), ({"energy": {"landmarks": {"scale": 0.0}}},

@@ -135,15 +135,16 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
 
     Inputs are all checked (output folder, video, focal length, FLAME and its assets) before anything is
     created; an exception that stops the run carries what is on disk (tracker.io.params_writer.OnDisk)."""
-    on_disk = OnDisk()
-    with on_disk.attached_to_errors():
-        return _track_video(Path(video), cfg, show_progress, on_disk)
+    video, on_disk = Path(video), OnDisk()
+    run_folder = RunFolder(cfg.output.dir, video)  # refuses an unusable --out before any work
+    with on_disk.attached_to_errors(), run_folder.removed_if_refused(lambda: on_disk.frames):
+        return _track_video(video, cfg, show_progress, run_folder, on_disk)
 
 
-def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, on_disk: OnDisk) -> RunSummary:
+def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folder: RunFolder,
+                 on_disk: OnDisk) -> RunSummary:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    run_folder = RunFolder(cfg.output.dir, video)  # refuses an unusable --out before any work
     selection = FrameSelection(cfg.video.start, cfg.video.max_frames, cfg.video.stride, cfg.video.stream)
     info = probe_video(video, selection.stream)
     check_focal(cfg.camera.focal, info.width, info.height)

@@ -144,6 +144,7 @@ class RunFolder:
         if self._owned_by_another(self.path):  # A/take.mp4 and B/take.mov into one --out: both kept
             self.path = self.root / f"{name}-{hashlib.sha256(self.owner).hexdigest()[:8]}"
         self.renamed = self.path.name != name
+        self.created: list[Path] = []
 
     def _owned_by_another(self, folder: Path) -> bool:
         try:
@@ -155,6 +156,7 @@ class RunFolder:
         """Create the folder, claim it for this video and remove the previous run's outputs and temporary files;
         returns the folder."""
         try:
+            self.created = [p for p in (self.path, *self.path.parents) if not p.exists()]
             self.path.mkdir(parents=True, exist_ok=True)
             resolved_root = self.root.resolve()
             if self.path.resolve().parent != resolved_root:
@@ -174,3 +176,19 @@ class RunFolder:
             raise TrackerError(f"cannot prepare the output folder {self.path} ({error.strerror or error}); "
                                "choose another --out") from None
         return self.path
+
+    @contextmanager
+    def removed_if_refused(self, written: Callable[[], int]) -> Iterator[None]:
+        """When input is refused (a TrackerError) before `written()` reports any frame on disk, the folders
+        `open` created are removed again: refused input leaves nothing behind."""
+        try:
+            yield
+        except TrackerError:
+            if not written():
+                (self.path / OWNER_FILE).unlink(missing_ok=True)
+                for folder in self.created:  # deepest first
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break  # not empty: something else lives there
+            raise
