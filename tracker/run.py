@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USER_ERROR
     print_summary(summary)
     if not summary.complete:
-        print(f"error: incomplete result: {summary.incomplete_reason}; the {summary.frames} frames decoded were "
-              f"tracked and written with complete: false", file=sys.stderr)
+        print(f"error: incomplete result: {summary.incomplete_reason}; the {summary.frames} selected frames before "
+              "that point were tracked and written with complete: false", file=sys.stderr)
         return EXIT_USER_ERROR
     return EXIT_OK
 

@@ -44,7 +44,7 @@ def detection_cache_key(video_path: Path, detector_name: str, settings: dict[str
 
 def cache_file(cache_dir: Path, video_path: Path, detector_name: str) -> Path:
     """The cache file of one video and detector (the same file is rewritten when settings change)."""
-    path_digest = hashlib.sha256(str(video_path.resolve()).encode()).hexdigest()[:12]
+    path_digest = hashlib.sha256(os.fsencode(video_path.resolve())).hexdigest()[:12]
     return cache_dir / "landmarks" / f"{video_path.stem}-{path_digest}-{detector_name}.npz"
 
 

@@ -114,7 +114,8 @@ def _reason(error: Exception) -> str:
 
 
 def _fail(path: Path, what: str, reason: object) -> TrackerError:
-    return TrackerError(f"{path} is not a readable {what} ({quote(str(reason), 160)})")
+    text = " ".join(str(reason).split())
+    return TrackerError(f"{path} is not a readable {what} ({text[:160]}{'...' if len(text) > 160 else ''})")
 
 
 def read_pickle(path: str | Path, what: str = "pickle") -> Any:
