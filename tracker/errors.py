@@ -1,19 +1,33 @@
-"""User-facing errors and the process exit codes: the CLI prints an error's message as one line and exits with
-its code. Every exit code of the tracker's commands is defined here."""
+"""User-facing errors and the exit codes of every tracker command (`tracker.run`, `tracker.export`, eval).
 
+| code    | meaning                                                                         |
+|---------|---------------------------------------------------------------------------------|
+| 0       | success                                                                         |
+| 1       | bad input: a file, flag or config value the command cannot use                  |
+| 2       | usage error reported by argparse (unknown flag, missing argument)               |
+| 3       | a required model or asset (FLAME, landmark embeddings, detector weights) missing |
+| 4       | internal error (a bug): the message says which finished frames were written      |
+| 128 + N | stopped by signal N (130: Ctrl-C / SIGINT, 143: SIGTERM, 129: SIGHUP)            |
+
+The README's table is this one; a test keeps them equal.
+"""
+
+import os
 import reprlib
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 EXIT_OK = 0
-EXIT_USER_ERROR = 1
-"""Bad input (files, flags, config), an incomplete result (truncated video), or a bug."""
-EXIT_MISSING_ASSET = 2
-"""A required model or asset file was not found."""
+EXIT_BAD_INPUT = 1
+EXIT_USAGE = 2
+"""argparse's own code for usage errors; nothing else uses it."""
+EXIT_MISSING_ASSET = 3
+EXIT_INTERNAL = 4
 EXIT_SIGNAL_BASE = 128
-"""Killed by signal N: exit code 128 + N (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP), as shells do."""
+"""Stopped by signal N: exit code 128 + N, as shells report it."""
 
 QUOTE_LIMIT = 200
 """Most characters of a bad value that an error message repeats."""
@@ -22,7 +36,7 @@ QUOTE_LIMIT = 200
 class TrackerError(Exception):
     """An error caused by the user's input (files, flags, config); printed without a traceback."""
 
-    exit_code = EXIT_USER_ERROR
+    exit_code = EXIT_BAD_INPUT
 
 
 class MissingAssetError(TrackerError):
@@ -96,3 +110,26 @@ def run_reporting_errors(action: Callable[[], None]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     return EXIT_OK
+
+
+def report_failure(exc: BaseException, kept: str = "") -> int:
+    """One line on stderr for what ended a command, and its exit code: a TrackerError its own, a signal 128 + N
+    (Ctrl-C 130), a file the machine refused (a full disk, a permission) 1, any other exception (a bug) 4
+    (TRACKER_DEBUG=1 also prints the traceback). `kept` says what is on disk ("no frames were written", ...)."""
+    if isinstance(exc, TrackerError):
+        print(f"error: {exc}" + (f" ({kept})" if kept and not kept.startswith("no ") else ""), file=sys.stderr)
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+        print(f"interrupted by {stop.name}" + (f": {kept}" if kept else ""), file=sys.stderr)
+        return stop.exit_code
+    if isinstance(exc, OSError):  # the machine, not the tracker: a full disk, a file removed or locked
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot access{where} ({exc.strerror or exc})" + (f"; {kept}" if kept else ""),
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if os.environ.get("TRACKER_DEBUG"):
+        traceback.print_exc()
+    print(f"error: unexpected {type(exc).__name__} (a bug in the tracker): {str(exc)[:QUOTE_LIMIT]} "
+          f"({kept + '; ' if kept else ''}set TRACKER_DEBUG=1 for the traceback)", file=sys.stderr)
+    return EXIT_INTERNAL

@@ -6,6 +6,9 @@ Two detector schemes map onto FLAME:
   visible silhouette of the cheek moves over the surface as the head turns.
 - 'mediapipe478' (MediaPipe Face Landmarker): metrical-tracker's 105-point embedding; `landmark_indices`
   picks those 105 out of MediaPipe's 478.
+
+Each file is looked up under its shipped plain-array name (.npz, in flame_assets/) first, then under the
+name the original projects publish it with (.pkl / pickled .npy, read by the restricted readers).
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ import torch
 
 from tracker.detect.base import POINTS_PER_SCHEME, SCHEME_MEDIAPIPE
 from tracker.errors import MissingAssetError, TrackerError
-from tracker.flame.loading import read_pickle
+from tracker.flame.loading import read_array_dict
 from tracker.io.safe_load import read_npy, read_npz
 
-STATIC_68_FILE = "flame_static_embedding_68.pkl"
-DYNAMIC_CONTOUR_FILE = "flame_dynamic_embedding.npy"
+STATIC_68_FILES = ("flame_static_embedding_68.npz", "flame_static_embedding_68.pkl")
+DYNAMIC_CONTOUR_FILES = ("flame_dynamic_embedding.npz", "flame_dynamic_embedding.npy")
 MEDIAPIPE_FILE = "mediapipe_landmark_embedding.npz"
 N_CONTOUR = 17
 CONTOUR_MAX_YAW_DEG = 39
@@ -119,13 +122,32 @@ def _face_corners(faces: np.ndarray, face_idx: np.ndarray, path: Path | None = N
     return faces[face_idx]
 
 
-def _require(path: Path) -> Path:
-    if not path.is_file():
+def find_side_file(folder: Path, names: tuple[str, ...] | str) -> Path | None:
+    """The first of `names` (shipped plain-array name first) that exists in folder, else None."""
+    names = (names,) if isinstance(names, str) else names
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def _require(folder: Path, names: tuple[str, ...] | str) -> Path:
+    path = find_side_file(folder, names)
+    if path is None:
+        name = names if isinstance(names, str) else " or ".join(names)
         raise MissingAssetError(
-            f"landmark embedding {path.name} not found in {path.parent}: put FLAME's embedding files there "
+            f"landmark embedding {name} not found in {folder}: put FLAME's embedding files there "
             "or set --flame-assets / TRACKER_FLAME_ASSETS"
         )
     return path
+
+
+def read_dynamic_contour(path: Path) -> dict:
+    """The dynamic contour as a dict: plain .npz, or RingNet's original pickled .npy (its pickle read by the
+    restricted unpickler of tracker.io.safe_load, never np.load(allow_pickle=True))."""
+    if path.suffix == ".npz":
+        return read_array_dict(path, "landmark embedding")
+    dynamic = read_npy(path, "landmark embedding")
+    if not isinstance(dynamic, dict):
+        raise TrackerError(f"{path} does not hold a dict of arrays (found {type(dynamic).__name__})")
+    return dynamic
 
 
 def _build(scheme: str, faces: np.ndarray, tri_corners: list[np.ndarray], detector_index: np.ndarray,
@@ -151,11 +173,10 @@ def _build(scheme: str, faces: np.ndarray, tri_corners: list[np.ndarray], detect
 
 def load_ibug68(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
     """68 iBUG landmarks: static 68 embedding with the dynamic 17-point jaw contour."""
-    static_path, dynamic_path = _require(assets_dir / STATIC_68_FILE), _require(assets_dir / DYNAMIC_CONTOUR_FILE)
-    static = read_pickle(static_path, "landmark embedding")
-    dynamic = read_npy(dynamic_path, "landmark embedding")  # a pickled dict: read by the restricted unpickler
-    if not isinstance(dynamic, dict):
-        raise TrackerError(f"{dynamic_path} does not hold a dict of arrays (found {type(dynamic).__name__})")
+    static_path = _require(assets_dir, STATIC_68_FILES)
+    dynamic_path = _require(assets_dir, DYNAMIC_CONTOUR_FILES)
+    static = read_array_dict(static_path, "landmark embedding")
+    dynamic = read_dynamic_contour(dynamic_path)
     static_faces = _embedding_array(static_path, static, "lmk_face_idx", np.int64, (68,))
     static_bary = _embedding_array(static_path, static, "lmk_b_coords", np.float32, (68, 3))
     contour_faces = _embedding_array(dynamic_path, dynamic, "lmk_face_idx", np.int64, (79, N_CONTOUR))
@@ -168,7 +189,7 @@ def load_ibug68(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
 
 def load_mediapipe105(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
     """MediaPipe's 478 points, 105 of them embedded on FLAME."""
-    path = _require(assets_dir / MEDIAPIPE_FILE)
+    path = _require(assets_dir, MEDIAPIPE_FILE)
     stored = read_npz(path, "landmark embedding")
     face_idx = _embedding_array(path, stored, "lmk_face_idx", np.int64, (None,))
     n = len(face_idx)

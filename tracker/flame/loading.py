@@ -42,6 +42,14 @@ def read_pickle(path: Path, what: str = "FLAME/asset pickle") -> dict:
     return data
 
 
+def read_array_dict(path: Path, what: str = "FLAME/asset file") -> dict:
+    """A dict of arrays from a plain .npz (no pickles) or, for other suffixes, a pickle read by the restricted
+    unpickler (users' official FLAME files and side files); both through tracker.io.safe_load."""
+    if path.suffix != ".npz":
+        return read_pickle(path, what)
+    return safe_load.read_npz(path, what)
+
+
 @dataclass
 class FlameData:
     """Arrays of a FLAME model in numpy, with the shape/expression split already applied."""
@@ -68,6 +76,8 @@ class FlameData:
     """File name or the model's own name."""
     expression_names: list[str] = field(default_factory=list)
     """Names of the expression directions when the file has them (the stand-in's ARKit-style shapes)."""
+    license: str = ""
+    """The licence the file states (its `license` entry); empty when it states none (official FLAME files)."""
 
 
 REQUIRED_KEYS = ("v_template", "f", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table")
@@ -159,25 +169,23 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_flame_file(path: str | Path, n_shape: int = 300, n_expr: int = 100) -> FlameData:
-    """Read a FLAME .pkl or .npz; n_shape / n_expr are clipped to what the file holds."""
+def load_flame_file(path: str | Path, n_shape: int = 300, n_expr: int = 100, dtype=np.float32) -> FlameData:
+    """Read a FLAME .pkl or .npz; n_shape / n_expr are clipped to what the file holds. Arrays are cast to
+    `dtype` (float64 only to measure storage precision)."""
     path = Path(path)
     if not path.is_file():
         raise MissingAssetError(f"FLAME model not found at {path}: {FLAME_DOWNLOAD_HINT}")
-    if path.suffix == ".npz":
-        raw = safe_load.read_npz(path, "FLAME .npz")
-    else:
-        raw = read_pickle(path)
+    raw = read_array_dict(path)
     missing = [k for k in REQUIRED_KEYS if k not in raw]
     if missing:
         raise TrackerError(f"{path} is not a FLAME model: missing {', '.join(missing)}")
 
     arrays = _ModelArrays(path, raw)
-    v_template = arrays.array("v_template", 2)
+    v_template = arrays.array("v_template", 2, dtype)
     n_verts = v_template.shape[0]
     arrays.expect("v_template", v_template, (None, 3))
     parents = _parents(arrays)
-    shapedirs = arrays.array("shapedirs", 3)
+    shapedirs = arrays.array("shapedirs", 3, dtype)
     arrays.expect("shapedirs", shapedirs, (n_verts, 3, None))
     n_dirs = shapedirs.shape[2]
     # Official files split 300 identity + 100 expression directions; files that say otherwise win.
@@ -187,7 +195,7 @@ def load_flame_file(path: str | Path, n_shape: int = 300, n_expr: int = 100) -> 
     n_shape = max(0, min(n_shape, file_n_shape))
     n_expr = max(0, min(n_expr, file_n_expr))
 
-    posedirs = arrays.array("posedirs", (2, 3))
+    posedirs = arrays.array("posedirs", (2, 3), dtype)
     if posedirs.size != n_verts * 3 * 9 * (FLAME_JOINTS - 1):
         raise arrays.fail("posedirs", f"has shape {'x'.join(map(str, posedirs.shape))}, expected "
                                       f"{n_verts}x3x{9 * (FLAME_JOINTS - 1)}")
@@ -203,12 +211,13 @@ def load_flame_file(path: str | Path, n_shape: int = 300, n_expr: int = 100) -> 
         shape_dirs=shapedirs[:, :, :n_shape].copy(),
         expr_dirs=shapedirs[:, :, expr_start : expr_start + n_expr].copy(),
         posedirs=posedirs,
-        j_regressor=arrays.array("J_regressor", 2),
-        weights=arrays.array("weights", 2),
+        j_regressor=arrays.array("J_regressor", 2, dtype),
+        weights=arrays.array("weights", 2, dtype),
         parents=parents,
         sha256=file_sha256(path),
         name=str(raw.get("model_name", path.name))[:200],
         expression_names=names,
+        license=str(raw.get("license", "")),
     )
     validate_flame_data(data, path)
     return data

@@ -6,7 +6,6 @@ an interrupted or crashed run keeps its finished frames.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,13 +13,11 @@ import numpy as np
 import torch
 
 from tracker.camera import Camera, rotation_to_camera
-from tracker.errors import TrackerError
 from tracker.flame.model import FlameParams
 from tracker.io.files import atomic_write, strict_json
 from tracker.io.invariants import enforce_frame_invariants
-from tracker.io.safe_load import read_npz
+from tracker.result import PARAM_KEYS, read_npz
 
-PARAM_KEYS = ("shape", "expr", "jaw_pose", "neck_pose", "rotation", "translation", "eyes_pose", "eyelids")
 CAMERA_KEYS = ("K", "R", "t", "image_size", "fps")
 FRAME_KEYS = ("frame_index", "timestamp", "valid", "lmk_error_px")
 
@@ -38,6 +35,8 @@ class FrameTable:
     """(T,) bool."""
     lmk_error_px: np.ndarray
     """(T,) mean landmark reprojection error, pixels (NaN where invalid)."""
+    stage_energy: dict[str, np.ndarray] | None = None
+    """{stage: (T,) landmark + prior energy of each frame after that stage} (NaN where invalid), for report.png."""
     invalid_reason: np.ndarray | None = None
     """(T,) why each invalid frame is invalid (None: no face found); see tracker/io/invariants.py."""
 
@@ -60,6 +59,9 @@ def flame_arrays(table: FrameTable, camera: Camera, fps: float) -> dict[str, np.
         frame_index=table.frame_index.astype(np.int64), timestamp=table.timestamp.astype(np.float64),
         valid=table.valid.astype(bool), lmk_error_px=table.lmk_error_px.astype(np.float32),
     )
+    if table.stage_energy:
+        arrays["stage_names"] = np.array(list(table.stage_energy), dtype=str)
+        arrays["stage_energy"] = np.stack(list(table.stage_energy.values())).astype(np.float32)
     return enforce_frame_invariants(arrays, table.invalid_reason)
 
 
@@ -74,14 +76,7 @@ def write_params(path: Path, table: FrameTable, camera: Camera, fps: float, meta
 
 def read_params(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     """Load an exported npz: arrays and the metadata dict."""
-    arrays = read_npz(path, "parameter file")
-    try:
-        metadata = json.loads(str(arrays.pop("metadata"))) if "metadata" in arrays else {}
-    except ValueError:
-        raise TrackerError(f"{path}: its metadata is not JSON") from None
-    if not isinstance(metadata, dict):
-        raise TrackerError(f"{path}: its metadata is not a JSON object")
-    return arrays, metadata
+    return read_npz(path)
 
 
 def write_obj(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None:
