@@ -607,7 +607,7 @@ def test_bug_wording_never_claims_frames_were_written(tmp_path, capsys, clip, mo
     monkeypatch.setattr(tracker.pipeline, "detect_landmarks", bug)
     code, _, err = run_cli([clip, "--out", tmp_path, "--quiet"], capsys)
     line = one_line(err)
-    assert code == 1 and "unexpected ZeroDivisionError (a bug in the tracker)" in line
+    assert code == 4 and "unexpected ZeroDivisionError (a bug in the tracker)" in line
     assert "no frames were written" in line
 
 

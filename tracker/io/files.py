@@ -30,7 +30,7 @@ import numpy as np
 
 from tracker.errors import TrackerError
 
-RUN_OUTPUTS = ("flame_params.npz", "summary.json", "overlay.mp4", "texture.png", "lighting.json",
+RUN_OUTPUTS = ("flame_params.npz", "summary.json", "report.png", "overlay.mp4", "texture.png", "lighting.json",
                "vertex_colors.npy", "densemarks_canonical_map.npz", "densemarks_canonical_map.png", "meshes")
 """What a run writes into its folder (files or folders): removed when a new run starts there."""
 OWNER_FILE = ".tracker-video"
