@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.sparse
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import FLAME_ASSETS
@@ -168,27 +168,14 @@ def test_generated_videos(tmp_path_factory, spec):
     whole, at one size, with finite increasing times and a truthful report; or refused in one line."""
     folder = tmp_path_factory.mktemp("video")
     path = folder / f"v{spec['suffix']}"
-    width, height, n = spec["width"], spec["height"], spec["n"]
+    width, height = spec["width"], spec["height"]
     pix_fmt = "yuvj420p" if spec["codec"] == "mjpeg" else "yuv420p"
     if spec["codec"] != "libx264":
         width, height = width + width % 2, height + height % 2  # 4:2:0 sizes
-    with av.open(str(path), "w") as container:
-        streams = []
-        if spec["thumbnail"]:
-            thumb = container.add_stream(spec["codec"], rate=spec["rate"])
-            thumb.width, thumb.height, thumb.pix_fmt = 2, 2, pix_fmt
-            streams.append(thumb)
-        main = container.add_stream(spec["codec"], rate=spec["rate"])
-        main.width, main.height, main.pix_fmt = width, height, pix_fmt
-        streams.append(main)
-        for i in range(n):
-            for stream in streams:
-                rgb = np.full((stream.height, stream.width, 3), 40 * i, np.uint8)
-                for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                    container.mux(packet)
-        for stream in streams:
-            for packet in stream.encode():
-                container.mux(packet)
+    try:
+        write_generated(path, spec, width, height, pix_fmt)
+    except av.FFmpegError:
+        assume(False)  # an encoder that refuses this size: nothing to read
     if spec["cut"] is not None:
         truncated_copy(path, path, spec["cut"])
     report = DecodeReport()
@@ -201,11 +188,31 @@ def test_generated_videos(tmp_path_factory, spec):
         assert all(np.isfinite(times)) and all(b > a for a, b in zip(times, times[1:]))
         assert not (report.complete and report.declared) or report.decoded == report.declared
         if spec["cut"] is None:
-            assert report.complete and len(frames) == n
+            assert report.complete and len(frames) == spec["n"]
 
     frames = clear_or_valid(lambda: list(read_frames(path, report=report)), check)
     if spec["cut"] is None:  # an intact video is never refused, and its main stream is the one read
         assert frames is not None and (info.width, info.height) == (width, height) and info.rate == spec["rate"]
+
+
+def write_generated(path, spec: dict, width: int, height: int, pix_fmt: str) -> None:
+    with av.open(str(path), "w") as container:
+        streams = []
+        if spec["thumbnail"]:
+            thumb = container.add_stream(spec["codec"], rate=spec["rate"])
+            thumb.width, thumb.height, thumb.pix_fmt = 2, 2, pix_fmt
+            streams.append(thumb)
+        main = container.add_stream(spec["codec"], rate=spec["rate"])
+        main.width, main.height, main.pix_fmt = width, height, pix_fmt
+        streams.append(main)
+        for i in range(spec["n"]):
+            for stream in streams:
+                rgb = np.full((stream.height, stream.width, 3), 40 * i, np.uint8)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                    container.mux(packet)
+        for stream in streams:
+            for packet in stream.encode():
+                container.mux(packet)
 
 
 NUMBER_KEYS = [("fit", "lr"), ("fit", "shape_iters"), ("fit", "global_window"), ("camera", "focal"),
