@@ -498,7 +498,8 @@ def test_rotated_clip_at_an_exact_rate_with_stride(tmp_path, capsys):
     upright = [np.ascontiguousarray(f[16:176]) for f in face_frames(8, skip=10)]  # 224 wide, 160 high
     stored = [np.ascontiguousarray(np.rot90(f, -1)) for f in upright]
     video = encode(tmp_path / "phone.mp4", stored, rate=Fraction(30000, 1001), rotation=90)
-    code, out, err = run_cli([video, "--stride", "2", "--out", tmp_path, "--densemarks", "off", "--quiet"], capsys)
+    code, out, err = run_cli([video, "--stride", "2", "--out", tmp_path, "--densemarks", "off", "--no-report", "--quiet"],
+                             capsys)
     assert code == 0, err
     arrays, meta = read_params(tmp_path / "phone" / "flame_params.npz")
     assert arrays["image_size"].tolist() == [160, 224] and arrays["valid"].all()
@@ -520,8 +521,8 @@ def test_truncated_video_is_tracked_and_marked_incomplete(tmp_path, capsys, clip
     (folder / "overlay.mp4").write_bytes(b"an old overlay")
     (folder / "summary.json").write_text('{"complete": true}')
     (folder / ".tracker-video").write_bytes(os.fsencode(str(video.resolve())))
-    code, out, err = run_cli([video, "--out", tmp_path / "out", "--no-video", "--densemarks", "off", "--quiet"],
-                             capsys)
+    code, out, err = run_cli([video, "--out", tmp_path / "out", "--no-video", "--no-report", "--densemarks", "off",
+                              "--quiet"], capsys)
     line = one_line(err)
     assert code == 1 and "incomplete" in line and "truncated" in line
     arrays, meta = read_params(folder / "flame_params.npz")
@@ -563,7 +564,8 @@ def test_sigterm_and_sighup_stop_like_ctrl_c(tmp_path, capsys, clip, monkeypatch
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(sequence, "fit_lm", signalled_fit)
-    code, _, err = run_cli([clip, "--out", tmp_path, "--no-video", "--densemarks", "off", "--quiet"], capsys)
+    code, _, err = run_cli([clip, "--out", tmp_path, "--no-video", "--no-report", "--densemarks", "off", "--quiet"],
+                           capsys)
     arrays, meta = read_params(tmp_path / "clip" / "flame_params.npz")
     written = len(arrays["frame_index"])
     assert code == 128 + signum and 1 < written < 8 and calls["n"] == 6  # stopped at once
@@ -577,7 +579,7 @@ def test_sigterm_to_the_command(tmp_path, clip, cache_dir):
     143, one line saying what was written (and a written npz is marked incomplete)."""
     env = {**os.environ, "TRACKER_CACHE_DIR": str(cache_dir / "sigterm")}
     proc = subprocess.Popen([sys.executable, "-m", "tracker.run", str(clip), "--out", str(tmp_path), "--quiet",
-                             "--no-video"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--no-video", "--no-report"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 120
     while not (tmp_path / "clip" / ".tracker-video").exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -37,7 +37,7 @@ from tracker.flame.landmarks import LandmarkSet
 from tracker.flame.model import FlameModel
 from tracker.io.appearance import write_appearance
 from tracker.io.export import FrameTable, write_obj
-from tracker.io.files import RunFolder, write_json
+from tracker.io.files import RunFolder, printable, write_json
 from tracker.io.overlay_video import write_overlay_video
 from tracker.io.params_writer import OnDisk, OutputWriter
 from tracker.io.report import write_report
@@ -218,7 +218,7 @@ def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folde
                 out_dir / "overlay.mp4", read_frames(video, selection), model, landmarks, camera, result, obs,
                 info.rate / selection.stride, show_progress, textured))
         if cfg.output.report:
-            outputs["report"] = str(write_report(out_dir / "report.png", written, title=video.name))
+            outputs["report"] = str(write_report(out_dir / "report.png", written, title=printable(video.name)))
 
     # Every stage finished: the last write says whether the result covers the whole selection.
     arrays = writer.write(table, complete=decoding.complete)

@@ -98,6 +98,11 @@ def write_json(path: Path, data: Any) -> Path:
     return atomic_write(path, lambda fh: fh.write(text))
 
 
+def printable(path: Path | str) -> str:
+    """A path as text that any output accepts (bytes that are not UTF-8 as \\xNN)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def safe_name(video: Path) -> str:
     """A folder name from a video's file name: one path component, never empty or '.'/'..', no hidden name,
     bytes that are not UTF-8 escaped (as %NN), path separators and control characters replaced by '_'."""
