@@ -62,6 +62,15 @@ def save_track(path: Path, track: LandmarkTrack, key: str, report: DecodeReport 
         warn(f"cannot write the detection cache {path} ({error.strerror or error}); tracking goes on")
 
 
+def _decode_report(text: str) -> DecodeReport:
+    """The stored DecodeReport, its fields checked (ValueError when damaged)."""
+    values, blank = json.loads(text), DecodeReport()
+    if not isinstance(values, dict) or set(values) != set(blank.__dict__) or any(
+            type(values[name]) is not type(value) for name, value in blank.__dict__.items()):
+        raise ValueError("damaged decoding record")
+    return DecodeReport(**values)
+
+
 def load_track(path: Path, key: str, report: DecodeReport | None = None) -> LandmarkTrack | None:
     """The cached track at `path` if it exists, is readable and was stored under `key`; else None. `report` gets
     the decoding report stored with it."""
@@ -69,12 +78,12 @@ def load_track(path: Path, key: str, report: DecodeReport | None = None) -> Land
         return None
     try:
         stored = read_npz(path, "detection cache")
-        if str(stored["key"]) != key:
-            return None
+        if str(stored.get("key")) != key or "decode" not in stored:
+            return None  # another video, other settings, or an older layout: detect again
         track = LandmarkTrack(scheme=str(stored["scheme"]), **{name: stored[name] for name in TRACK_ARRAYS})
         if report is not None:
-            report.__dict__.update(json.loads(str(stored["decode"])))
+            report.__dict__.update(_decode_report(str(stored["decode"])).__dict__)
         return track
     except (TrackerError, KeyError, ValueError, TypeError) as error:
         warn(f"ignoring the detection cache {path} ({str(error)[-200:]}): detecting again")
-        return None  # unreadable or from an older layout: detect again
+        return None
