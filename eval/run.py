@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,7 @@ from eval.tracked import TrackedSequence, load_tracked
 from tracker.config import TrackerConfig, load_config
 from tracker.errors import TrackerError, run_reporting_errors
 from tracker.fit.sequence import evenly_spaced
+from tracker.io.files import strict_json
 from tracker.flame.model import FlameModel
 from tracker.io.video import FrameSelection, read_frames
 from tracker.render.texture import load_obj
@@ -194,18 +196,23 @@ def run_synthetic(result: ConfigResults, config: AblationConfig, ablation: Ablat
                          {"device": ctx.options.device}, {"ground_truth": str(sequence.ground_truth)})
         if not _record_run(result, config, run, sequence.name):
             return
-        gt = load_ground_truth(sequence.ground_truth)
-        tracked = load_tracked(run.params_path, ctx.model.n_shape, ctx.model.n_expr)
-        scores = score_sequence(gt, tracked, ctx.model, ctx.face_ids, ctx.assets.bundle.landmarks, ctx.atlas,
-                                str(sequence.video), ctx.options.photometric)
-        result.synthetic[sequence.name] = scores
-        frame = scores.per_frame
-        log(f"{config.name} / {sequence.name}: rigid vertex error {np.nanmean(frame['v2v_rigid_mm']):.2f} mm, "
-            f"NME {100 * np.nanmean(frame['nme68']):.2f} %, {run.summary['seconds_per_frame']['total']:.2f} s/frame")
-        result.baselines[sequence.name] = baseline_comparison(
-            sequence, gt, tracked, tracker_config(config, ablation, sequence, ctx), ctx)
-        print(comparison_markdown({f"{config.name} / {sequence.name}": result.baselines[sequence.name]}), flush=True)
-        _synthetic_overlays(result, sequence, gt, tracked, scores.per_frame["v2v_rigid_mm"], ctx)
+        if run.summary is None:  # this input failed (recorded): the next one
+            continue
+        with row_failures(result, config, sequence.name):
+            gt = load_ground_truth(sequence.ground_truth)
+            tracked = load_tracked(run.params_path, ctx.model.n_shape, ctx.model.n_expr)
+            scores = score_sequence(gt, tracked, ctx.model, ctx.face_ids, ctx.assets.bundle.landmarks, ctx.atlas,
+                                    str(sequence.video), ctx.options.photometric)
+            result.synthetic[sequence.name] = scores
+            frame = scores.per_frame
+            log(f"{config.name} / {sequence.name}: rigid vertex error {np.nanmean(frame['v2v_rigid_mm']):.2f} mm, "
+                f"NME {100 * np.nanmean(frame['nme68']):.2f} %, {run.summary['seconds_per_frame']['total']:.2f} "
+                "s/frame")
+            result.baselines[sequence.name] = baseline_comparison(
+                sequence, gt, tracked, tracker_config(config, ablation, sequence, ctx), ctx)
+            print(comparison_markdown({f"{config.name} / {sequence.name}": result.baselines[sequence.name]}),
+                  flush=True)
+            _synthetic_overlays(result, sequence, gt, tracked, scores.per_frame["v2v_rigid_mm"], ctx)
 
 
 def tracker_config(config: AblationConfig, ablation: Ablation, sequence: SyntheticSequence,
@@ -236,19 +243,33 @@ def run_real(result: ConfigResults, config: AblationConfig, ablation: Ablation, 
                          {"device": ctx.options.device, "video": {"max_frames": ctx.options.real_frames}})
         if not _record_run(result, config, run, video.stem):
             return
+        if run.summary is None:  # this input failed (recorded): the next one
+            continue
         if run.summary["valid_frames"] == 0:
             result.failures[video.stem] = "no face found in any frame"
             continue
-        tracked = load_tracked(run.params_path, ctx.model.n_shape, ctx.model.n_expr)
-        scores = score_video(video, tracked, _detector_of(config, ablation), ctx.model, ctx.assets.bundle.assets_dir,
-                             ctx.face_ids, ctx.atlas, selection, ctx.run_dir / "heldout", ctx.options.photometric,
-                             ctx.outline)
-        result.real[video.stem] = scores
-        log(f"{config.name} / {video.name}: held-out ({scores.heldout_detector}) NME "
-            f"{100 * np.nanmean(scores.per_frame['nme_heldout']):.2f} %, valid {100 * scores.valid_ratio:.0f} %, "
-            f"dlib jaw to outline {finite_median(scores.per_frame['jaw_iod']):.3f} IOD, inner 51 "
-            f"{finite_median(scores.per_frame['inner51_iod']):.3f} IOD (medians)")
-        _real_overlays(result, video, tracked, scores, selection, ctx)
+        with row_failures(result, config, video.stem):
+            tracked = load_tracked(run.params_path, ctx.model.n_shape, ctx.model.n_expr)
+            scores = score_video(video, tracked, _detector_of(config, ablation), ctx.model,
+                                 ctx.assets.bundle.assets_dir, ctx.face_ids, ctx.atlas, selection,
+                                 ctx.run_dir / "heldout", ctx.options.photometric, ctx.outline)
+            result.real[video.stem] = scores
+            log(f"{config.name} / {video.name}: held-out ({scores.heldout_detector}) NME "
+                f"{100 * np.nanmean(scores.per_frame['nme_heldout']):.2f} %, valid {100 * scores.valid_ratio:.0f} %, "
+                f"dlib jaw to outline {finite_median(scores.per_frame['jaw_iod']):.3f} IOD, inner 51 "
+                f"{finite_median(scores.per_frame['inner51_iod']):.3f} IOD (medians)")
+            _real_overlays(result, video, tracked, scores, selection, ctx)
+
+
+@contextmanager
+def row_failures(result: ConfigResults, config: AblationConfig, name: str) -> Iterator[None]:
+    """A broken input (a TrackerError while scoring it) fails its own row with a one-line reason; the
+    evaluation goes on with the rest."""
+    try:
+        yield
+    except TrackerError as error:
+        result.failures[name] = str(error)
+        log(f"{config.name} / {name}: failed ({error})")
 
 
 def _detector_of(config: AblationConfig, ablation: Ablation) -> str:
@@ -328,13 +349,17 @@ def run_dense(sequences: list[SyntheticSequence], ctx: Context) -> dict:
     except TrackerError as error:
         network, skipped["densemarks"] = None, str(error)
     for sequence in sequences:
-        gt = load_ground_truth(sequence.ground_truth)
-        rows = set(evenly_spaced(np.arange(gt.n_frames), options.frames).tolist())
-        frames = _frames_at(sequence.video, rows)
-        predictors = [oracle_predictor(name, model, sequence.ground_truth, noise) for name, noise in ORACLES.items()]
-        for predictor in predictors + ([network] if network else []):
-            errors.setdefault(predictor.name, []).append(
-                dense_scores(predictor, gt, frames, model, ctx.face_ids, candidates, geodesics, options))
+        try:
+            gt = load_ground_truth(sequence.ground_truth)
+            rows = set(evenly_spaced(np.arange(gt.n_frames), options.frames).tolist())
+            frames = _frames_at(sequence.video, rows)
+            predictors = [oracle_predictor(name, model, sequence.ground_truth, noise) for name, noise in ORACLES.items()]
+            for predictor in predictors + ([network] if network else []):
+                errors.setdefault(predictor.name, []).append(
+                    dense_scores(predictor, gt, frames, model, ctx.face_ids, candidates, geodesics, options))
+        except TrackerError as error:
+            skipped[sequence.name] = str(error)
+            log(f"dense correspondence / {sequence.name}: failed ({error})")
     scores = {name: summarise(np.concatenate(parts), options) for name, parts in errors.items()}
     for name, summary in scores.items():
         log(f"dense correspondence / {name}: PCK@10mm {summary['pck_10mm']:.3f}, GPS {summary['gps']:.3f}")
@@ -411,8 +436,8 @@ def run_evaluation(options: EvalOptions) -> Path:
         "real videos": f"{len(videos)} (first {options.real_frames} frames each)",
         "flame": str(assets.bundle.flame_file), "wall time (min)": round((time.perf_counter() - started) / 60, 1),
     }
-    (run_dir / "results.json").write_text(json.dumps({**results_json(results, run_info), "dense": dense,
-                                                      "bench": bench}, default=float))
+    (run_dir / "results.json").write_text(strict_json({**results_json(results, run_info), "dense": dense,
+                                                       "bench": bench}))
     report = write_report(results, run_dir, run_info, bench, dense)
     log(f"done in {run_info['wall time (min)']} min: {report}")
     return run_dir

@@ -4,6 +4,7 @@ default config, the exit-code table, plain `pytest`, the licence."""
 import dataclasses
 import logging
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -127,8 +128,14 @@ def test_licence_file():
 def test_report_failure_maps_exceptions_to_the_table(capsys):
     assert errors.report_failure(errors.TrackerError("bad flag")) == 1
     assert errors.report_failure(errors.MissingAssetError("no model")) == 3
-    assert errors.report_failure(KeyboardInterrupt(), kept="finished frames were written") == 130
-    assert errors.report_failure(ZeroDivisionError("boom")) == 4
+    assert errors.report_failure(KeyboardInterrupt(), kept="3 finished frames were written to x.npz") == 130
+    assert errors.report_failure(errors.Interrupted(signal.SIGTERM), kept="no frames were written") == 143
+    assert errors.report_failure(PermissionError(13, "Permission denied", "out/x.npz")) == 1
+    assert errors.report_failure(ZeroDivisionError("boom"), kept="no frames were written") == 4
     lines = capsys.readouterr().err.splitlines()
-    assert lines == ["error: bad flag", "error: no model", "interrupted: finished frames were written",
-                     "error: unexpected ZeroDivisionError: boom (set TRACKER_DEBUG=1 for the traceback)"]
+    assert lines == ["error: bad flag", "error: no model",
+                     "interrupted by SIGINT: 3 finished frames were written to x.npz",
+                     "interrupted by SIGTERM: no frames were written",
+                     "error: cannot access out/x.npz (Permission denied)",
+                     "error: unexpected ZeroDivisionError (a bug in the tracker): boom (no frames were written; set "
+                     "TRACKER_DEBUG=1 for the traceback)"]

@@ -162,7 +162,7 @@ def synthetic_run(tmp_path_factory):
     model_file = root / "posed_model.npz"
     np.savez(model_file, **model_arrays)
     data = load_flame_file(model_file, 100, 50)
-    model = FlameModel(data, load_eyelids(FLAME_ASSETS))
+    model = FlameModel(data, load_eyelids(FLAME_ASSETS, data.v_template.shape[0]))
     T, height, width = 6, 48, 64
     params = FlameParams.zeros(T, model.n_shape, model.n_expr)
     g = torch.Generator().manual_seed(0)

@@ -32,7 +32,7 @@ def export(run: str | Path, fmt: str, out: str | Path, video: str | Path | None 
     import numpy as np
 
     from tracker.io.avatar import EYELID_WARNING, check_model, consumer_frames
-    from tracker.io.export import write_json
+    from tracker.io.files import write_json
     from tracker.io.nerf_dataset import TRAIN_RATIO, write_nerf_dataset
     from tracker.io.vhap_params import VHAP_CAMERA_POSITION, write_vhap_params
     from tracker.result import load

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import tracker
-from tracker.camera import Camera
+from tracker.camera import Camera, check_focal
 from tracker.config import TrackerConfig, config_to_dict
 from tracker.detect.base import SCHEME_IBUG68, SCHEME_MEDIAPIPE, LandmarkTrack, make_detector
 from tracker.detect.sequence import detect_video
@@ -26,24 +26,24 @@ from tracker.energy.landmarks import LandmarkEnergy, landmark_group_weights
 from tracker.energy.photometric import Appearance, region_mesh
 from tracker.energy.priors import PriorEnergy
 from tracker.energy.temporal import TemporalEnergy
-from tracker.errors import TrackerError
+from tracker.errors import TrackerError, quote
 from tracker.densemarks.stage import run_densemarks_stage
 from tracker.fit.global_refine import refine_globally
 from tracker.fit.photometric import run_photometric_stage, stage_crop
 from tracker.fit.sequence import SequenceTracker, TrackResult
-from tracker.fit.solver import FRAME_FIELDS, Problem
+from tracker.fit.solver import Problem
 from tracker.flame.assets import DEFAULT_MODEL_NOTE, FlameBundle, load_flame_bundle
 from tracker.flame.landmarks import LandmarkSet
-from tracker.flame.model import FlameModel, FlameParams
+from tracker.flame.model import FlameModel
 from tracker.io.appearance import write_appearance
-from tracker.io.export import FrameTable, flame_arrays, write_json, write_obj, write_params
+from tracker.io.export import FrameTable, write_obj
+from tracker.io.files import RunFolder, printable, write_json
 from tracker.io.overlay_video import write_overlay_video
+from tracker.io.params_writer import OnDisk, OutputWriter
 from tracker.io.report import write_report
-from tracker.io.video import FrameSelection, probe_video, read_frames
+from tracker.io.video import DecodeReport, FrameSelection, probe_video, read_frames
 
 SCHEME_OF_DETECTOR = {"mediapipe": SCHEME_MEDIAPIPE, "dlib": SCHEME_IBUG68, "fan": SCHEME_IBUG68}
-PARTIAL_WRITE_EVERY = 25
-"""Frames between rewrites of the partial npz during tracking."""
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +54,10 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise TrackerError(f"--device {quote(name, 40)} is not a torch device: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrackerError(f"--device {name} asked for, but CUDA is not available in this torch build/machine")
     return device
@@ -110,44 +113,14 @@ class RunSummary:
     flame_model: dict = field(default_factory=dict)
     """The head model used: name, file, sha256, licence, whether it is the shipped default (not FLAME)."""
     complete: bool = True
-
-
-class OutputWriter:
-    """Collects finished frames and rewrites the npz every few frames (and at the end)."""
-
-    def __init__(self, out_dir: Path, camera: Camera, fps: float, metadata: dict, track: LandmarkTrack):
-        self.path = out_dir / "flame_params.npz"
-        self.camera, self.fps, self.metadata, self.track = camera, fps, metadata, track
-        self.done: dict[int, tuple] = {}
-
-    def add(self, t: int, params, err: float, _reinit: bool) -> None:
-        self.done[t] = (params, err)
-        if len(self.done) % PARTIAL_WRITE_EVERY == 0:
-            self.write_partial()
-
-    def write_partial(self) -> None:
-        """Finished frames only, marked incomplete."""
-        if not self.done:
-            return
-        ts = sorted(self.done)
-        params = [self.done[t][0] for t in ts]
-        stacked = FlameParams(shape=params[0].shape,
-                              **{n: torch.cat([getattr(p, n) for p in params]) for n in FRAME_FIELDS})
-        table = FrameTable(stacked, self.track.frame_indices[ts], self.track.timestamps[ts],
-                           np.ones(len(ts), bool), np.array([self.done[t][1] for t in ts], np.float32))
-        write_params(self.path, table, self.camera, self.fps, {**self.metadata, "complete": False})
-
-    def write_final(self, table: FrameTable) -> None:
-        write_params(self.path, table, self.camera, self.fps, {**self.metadata, "complete": True})
-
-    @contextmanager
-    def keep_partial_on_failure(self) -> Iterator[None]:
-        """On any failure or interrupt inside the block, write the finished frames, then re-raise."""
-        try:
-            yield
-        except BaseException:
-            self.write_partial()
-            raise
+    """Every stage finished and every selected frame the video declares was decoded."""
+    incomplete_reason: str = ""
+    """Why `complete` is false (e.g. the video is truncated)."""
+    input: dict = field(default_factory=dict)
+    """The tracked video stream (stream index, size as displayed, rotation, frame rate, timing) and how decoding
+    went (frames decoded and declared, why it stopped, frames rescaled)."""
+    invalid_reasons: dict[str, int] = field(default_factory=dict)
+    """How many frames are invalid for each reason ("no face found", "non-finite translation", ...)."""
 
 
 def build_metadata(cfg: TrackerConfig, bundle: FlameBundle, video: Path, detector_settings: dict) -> dict:
@@ -165,14 +138,23 @@ def build_metadata(cfg: TrackerConfig, bundle: FlameBundle, video: Path, detecto
 
 
 def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = True) -> RunSummary:
-    """Track one video with the given configuration and write all outputs; returns the summary."""
+    """Track one video with the given configuration and write all outputs; returns the summary.
+
+    Inputs are all checked (output folder, video, focal length, FLAME and its assets) before anything is
+    created; an exception that stops the run carries what is on disk (tracker.io.params_writer.OnDisk)."""
+    video, on_disk = Path(video), OnDisk()
+    run_folder = RunFolder(cfg.output.dir, video)  # refuses an unusable --out before any work
+    with on_disk.attached_to_errors(), run_folder.removed_if_refused(lambda: on_disk.frames):
+        return _track_video(video, cfg, show_progress, run_folder, on_disk)
+
+
+def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folder: RunFolder,
+                 on_disk: OnDisk) -> RunSummary:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    video = Path(video)
-    info = probe_video(video)
-    out_dir = Path(cfg.output.dir) / video.stem
-    out_dir.mkdir(parents=True, exist_ok=True)
-    selection = FrameSelection(cfg.video.start, cfg.video.max_frames, cfg.video.stride)
+    selection = FrameSelection(cfg.video.start, cfg.video.max_frames, cfg.video.stride, cfg.video.stream)
+    info = probe_video(video, selection.stream)
+    check_focal(cfg.camera.focal, info.width, info.height)
     timings: dict[str, float] = {}
 
     scheme = SCHEME_OF_DETECTOR[cfg.detect.landmarks]
@@ -182,23 +164,27 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
         print(DEFAULT_MODEL_NOTE, flush=True)
     model = bundle.model.to(device)
     landmarks = bundle.landmarks.to(device)
+    out_dir = run_folder.open()  # inputs accepted: now the folder is made, the previous run's outputs go
 
+    decoding = DecodeReport()
     with _timed(timings, "detection"):
-        track, detector_settings = detect_landmarks(video, cfg, selection, info.n_frames, out_dir, show_progress)
+        track, detector_settings = detect_landmarks(video, cfg, selection, info.n_frames, out_dir, show_progress,
+                                                    decoding)
     if len(track) == 0:
         raise TrackerError(f"{video}: no frames selected (start {cfg.video.start} is past the end?)")
 
     camera = Camera.from_image(info.height, info.width, cfg.camera.fov_init_deg, cfg.camera.focal, device)
     obs, problem = landmark_problem(track, model, landmarks, camera, cfg, scheme)
     metadata = build_metadata(cfg, bundle, video, detector_settings)
-    writer = OutputWriter(out_dir, camera, info.fps, metadata, track)
+    metadata["input"] = {**info.describe(), **decoding.describe()}
+    writer = OutputWriter(out_dir, camera, info.fps, metadata, track, on_disk)
 
     with writer.keep_partial_on_failure():
         result = fit_landmarks(problem, obs, track, cfg, writer, timings, show_progress)
     stage_energy = {"landmarks": frame_energy(problem, result, obs)}
-    # The landmark track is complete and safe on disk before the (slower) image stages refine it.
-    writer.write_final(FrameTable(result.params, track.frame_indices, track.timestamps, result.valid,
-                                  result.lmk_error_px, stage_energy))
+    # The landmark track is safe on disk before the (slower) image stages refine it.
+    writer.write(FrameTable(result.params, track.frame_indices, track.timestamps, result.valid, result.lmk_error_px,
+                            stage_energy=stage_energy), complete=False)
     outputs = {"params": str(writer.path)}
 
     frames = lambda: read_frames(video, selection)  # noqa: E731  (re-decodes the selected frames)
@@ -221,8 +207,8 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
     stages = {"densemarks": writer.metadata["densemarks"], "photometric": photometric}
     writer.metadata["stages"] = {name: bool(status.get("ran")) for name, status in stages.items()}
     table = FrameTable(result.params, track.frame_indices, track.timestamps, result.valid, result.lmk_error_px,
-                       stage_energy)
-    writer.write_final(table)
+                       stage_energy=stage_energy)
+    written = writer.write(table, complete=False)
 
     with _timed(timings, "outputs"):
         if cfg.output.save_meshes:
@@ -230,27 +216,28 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
         if cfg.output.video:
             outputs["overlay_video"] = str(write_overlay_video(
                 out_dir / "overlay.mp4", read_frames(video, selection), model, landmarks, camera, result, obs,
-                info.fps, show_progress, textured))
+                info.rate / selection.stride, show_progress, textured))
         if cfg.output.report:
-            outputs["report"] = str(write_report(out_dir / "report.png", flame_arrays(table, camera, info.fps),
-                                                 title=video.name))
+            outputs["report"] = str(write_report(out_dir / "report.png", written, title=printable(video.name)))
 
-    summary = _summarise(video, out_dir, track, result, timings, camera, outputs)
-    summary.stages = stages
-    summary.flame_model = bundle.model_record
+    # Every stage finished: the last write says whether the result covers the whole selection.
+    arrays = writer.write(table, complete=decoding.complete)
+    summary = _summarise(video, out_dir, arrays, result, timings, camera, outputs)
+    summary.stages, summary.flame_model, summary.input = stages, bundle.model_record, writer.metadata["input"]
+    summary.complete, summary.incomplete_reason = decoding.complete, "" if decoding.complete else decoding.stopped
     write_json(out_dir / "summary.json", summary.__dict__)
     return summary
 
 
 def detect_landmarks(video: Path, cfg: TrackerConfig, selection: FrameSelection, n_frames: int, out_dir: Path,
-                     show_progress: bool) -> tuple[LandmarkTrack, dict]:
+                     show_progress: bool, decoding: DecodeReport | None = None) -> tuple[LandmarkTrack, dict]:
     """Landmarks of the selected frames (cached per video) and the detector's settings."""
     detector = make_detector(cfg.detect.landmarks, **_detector_options(cfg))
     try:
         with tqdm(total=_expected_frames(n_frames, selection), desc="landmarks", unit="frame",
                   disable=not show_progress) as bar:
             track = detect_video(video, detector, selection, use_cache=cfg.detect.cache,
-                                 on_frame=lambda *_: bar.update(1))
+                                 on_frame=lambda *_: bar.update(1), report=decoding)
         return track, detector.settings()
     finally:
         if hasattr(detector, "close"):  # MediaPipe's native graph must be closed before exit
@@ -258,7 +245,7 @@ def detect_landmarks(video: Path, cfg: TrackerConfig, selection: FrameSelection,
 
 
 def fit_landmarks(problem: Problem, obs: Observations, track: LandmarkTrack, cfg: TrackerConfig,
-                  writer: "OutputWriter", timings: dict, show_progress: bool) -> TrackResult:
+                  writer: OutputWriter, timings: dict, show_progress: bool) -> TrackResult:
     """Identity and focal on keyframes, frame-by-frame tracking, optional global refinement."""
     fitter = SequenceTracker(problem, cfg)
     device = obs.landmarks.device
@@ -358,14 +345,17 @@ def _save_meshes(folder: Path, model, result: TrackResult, track: LandmarkTrack)
     return folder
 
 
-def _summarise(video: Path, out_dir: Path, track: LandmarkTrack, result: TrackResult, timings: dict,
+def _summarise(video: Path, out_dir: Path, arrays: dict[str, np.ndarray], result: TrackResult, timings: dict,
                camera: Camera, outputs: dict) -> RunSummary:
-    T = len(track)
-    errors = result.lmk_error_px[result.valid]
+    """The summary of what was written (`arrays`: flame_params.npz as written, invariants enforced)."""
+    valid, T = arrays["valid"], len(arrays["valid"])
+    errors = arrays["lmk_error_px"][valid]
     total = sum(timings.values())
+    reasons, counts = np.unique(arrays["invalid_reason"][~valid], return_counts=True)
     return RunSummary(
-        video=str(video), out_dir=str(out_dir), frames=T, valid_frames=int(result.valid.sum()),
-        invalid_frame_indices=[int(i) for i in track.frame_indices[~result.valid]],
+        video=str(video), out_dir=str(out_dir), frames=T, valid_frames=int(valid.sum()),
+        invalid_frame_indices=[int(i) for i in arrays["frame_index"][~valid]],
+        invalid_reasons={str(r): int(c) for r, c in zip(reasons, counts)},
         reinitialised_frames=int(result.reinitialised.sum()),
         seconds={k: round(v, 3) for k, v in timings.items()},
         seconds_per_frame={**{k: round(v / T, 4) for k, v in timings.items()}, "total": round(total / T, 4)},

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tracker.errors import MissingAssetError, TrackerError
+from tracker.io.safe_load import read_npz as read_arrays
 
 if TYPE_CHECKING:
     from tracker.flame.model import FlameModel, FlameParams
@@ -24,13 +25,14 @@ PARAM_KEYS = ("shape", "expr", "jaw_pose", "neck_pose", "rotation", "translation
 
 
 def read_npz(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """The arrays of a flame_params.npz and its metadata dict (never unpickles)."""
+    """The arrays of a flame_params.npz and its metadata dict (through tracker.io.safe_load: never unpickles)."""
+    arrays = read_arrays(path, "flame_params.npz")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files if k != "metadata"}
-            metadata = json.loads(str(z["metadata"])) if "metadata" in z.files else {}
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise TrackerError(f"{path} is not a readable flame_params.npz ({exc})") from None
+        metadata = json.loads(str(arrays.pop("metadata"))) if "metadata" in arrays else {}
+    except ValueError:
+        raise TrackerError(f"{path} is not a readable flame_params.npz (its metadata is not JSON)") from None
+    if not isinstance(metadata, dict):
+        raise TrackerError(f"{path} is not a readable flame_params.npz (its metadata is not a JSON object)")
     missing = [k for k in (*PARAM_KEYS, "K", "R", "t", "valid", "frame_index") if k not in arrays]
     if missing:
         raise TrackerError(f"{path} is not a tracker result: missing {', '.join(missing)}")
@@ -66,7 +68,7 @@ def load_run_model(metadata: dict, flame: str | os.PathLike | None = None,
     if metadata.get("eyelid_blendshapes"):
         folder = Path(assets or metadata.get("flame_assets_dir") or
                       find_assets_dir(metadata.get("config", {}).get("flame", {}).get("assets_dir"), path))
-        eyelids = load_eyelids(folder)
+        eyelids = load_eyelids(folder, data.v_template.shape[0])
         if eyelids is None:
             raise MissingAssetError(f"this run used eyelid blendshapes, but l_eyelid.npy / r_eyelid.npy are not in "
                                     f"{folder}: pass the FLAME assets folder (--flame-assets)")

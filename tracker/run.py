@@ -17,7 +17,7 @@ from typing import Any, Callable
 import yaml
 
 import tracker
-from tracker.errors import EXIT_OK, report_failure
+from tracker.errors import EXIT_BAD_INPUT, EXIT_OK, interrupt_on_signals, report_failure
 from tracker.resources import configs_dir
 
 EPILOG = """FLAME is looked up in this order: --flame, $FLAME_MODEL, flame_assets/, then the shipped open default
@@ -65,6 +65,8 @@ FLAGS = (
     Flag("--start", ("video", "start"), "first frame index", {"type": int}),
     Flag("--max-frames", ("video", "max_frames"), "track at most N frames (default: all)", {"type": int}),
     Flag("--stride", ("video", "stride"), "track every N-th frame", {"type": int}),
+    Flag("--stream", ("video", "stream"), "video stream to track, counted from 0 (default: the main one)",
+         {"type": int}),
     Flag("--focal", ("camera", "focal"), "fixed focal length in pixels (default: estimated)", {"type": float}),
     Flag("--global-iters", ("fit", "global_iters"), "steps of the joint refinement over all frames (0 = off)",
          {"type": int}),
@@ -159,8 +161,19 @@ def print_summary(summary: dict) -> None:
     print(f"DenseMarks: {dense_state}; photometric stage: "
           f"{'on' if photometric['ran'] else 'off: ' + photometric['reason']}")
     print("time per frame: " + ", ".join(f"{k} {v:.3f} s" for k, v in spf.items()))
+    stream = summary.get("input", {})
+    if stream.get("video_streams", 1) > 1 or stream.get("rotation_deg") or stream.get("frames_rescaled"):
+        print(f"input: video stream {stream['stream']} of {stream['video_streams']}, {stream['width']}x"
+              f"{stream['height']} as displayed (rotated {stream['rotation_deg']} degrees), "
+              f"{stream['frames_rescaled']} frames rescaled to the first frame's size")
     for name, path in summary["outputs"].items():
         print(f"{name}: {path}")
+
+
+def on_disk(exc: BaseException) -> str:
+    """What a stopped run left on disk, as a clause ("no frames were written" when nothing)."""
+    record = getattr(exc, "tracker_on_disk", None)
+    return record.describe() if record is not None else "no frames were written"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,19 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args)
     if args.video is None and not args.print_config:
         parser.error("the following arguments are required: video")  # exits with argparse's usage code 2
-    try:
-        from tracker.config import config_yaml, load_config  # heavy imports only after the arguments are valid
+    with interrupt_on_signals():  # SIGTERM and SIGHUP stop a run as Ctrl-C does
+        try:
+            from tracker.config import config_yaml, load_config  # heavy imports only after the arguments are valid
 
-        cfg = load_config(args.config, overrides_from_args(args))
-        if args.print_config:
-            print(config_yaml(cfg), end="")
-            return EXIT_OK
-        from tracker.api import track_with_config
+            cfg = load_config(args.config, overrides_from_args(args))
+            if args.print_config:
+                print(config_yaml(cfg), end="")
+                return EXIT_OK
+            from tracker.api import track_with_config
 
-        result = track_with_config(args.video, cfg, show_progress=not args.quiet)
-    except (Exception, KeyboardInterrupt) as exc:  # finished frames are on disk: one line, no traceback
-        return report_failure(exc, kept="finished frames were written")
+            result = track_with_config(args.video, cfg, show_progress=not args.quiet)
+        except (Exception, KeyboardInterrupt) as exc:  # one line, no traceback, and what is on disk
+            return report_failure(exc, kept=on_disk(exc))
     print_summary(result.summary)
+    if not result.summary["complete"]:
+        print(f"error: incomplete result: {result.summary['incomplete_reason']}; the {result.summary['frames']} "
+              "selected frames before that point were tracked and written with complete: false", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return EXIT_OK
 
 

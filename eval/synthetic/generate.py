@@ -258,12 +258,16 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
     arrays, metadata = read_params(path)
     if metadata.get("tool") not in GROUND_TRUTH_TOOLS:
         raise TrackerError(f"{path} is not a synthetic ground truth written by {' or '.join(GROUND_TRUTH_TOOLS)}")
-    params = params_from_arrays(arrays, arrays["shape"].size, arrays["expr"].shape[1])
-    return GroundTruth(
-        spec=SequenceSpec.from_dict(metadata["spec"]), params=params, camera=camera_from_arrays(arrays),
-        sh=arrays["sh"], occluder_px=arrays["occluder_px"], occluder_rgb=arrays["occluder_rgb"],
-        motion_blur_px=arrays["motion_blur_px"], defocus_px=arrays["defocus_px"], segment=arrays["segment"],
-    )
+    try:
+        params = params_from_arrays(arrays, arrays["shape"].size, arrays["expr"].shape[1])
+        return GroundTruth(
+            spec=SequenceSpec.from_dict(metadata["spec"]), params=params, camera=camera_from_arrays(arrays),
+            sh=arrays["sh"], occluder_px=arrays["occluder_px"], occluder_rgb=arrays["occluder_rgb"],
+            motion_blur_px=arrays["motion_blur_px"], defocus_px=arrays["defocus_px"], segment=arrays["segment"],
+        )
+    except (KeyError, IndexError, ValueError, TypeError) as error:
+        raise TrackerError(f"{path} is a damaged ground truth ({type(error).__name__}: {str(error)[:100]}): "
+                           "delete it to generate it again") from None
 
 
 @dataclass(frozen=True)
@@ -275,12 +279,20 @@ class SyntheticSequence:
     ground_truth: Path
 
 
+def _stored_key(gt_path: Path) -> str | None:
+    """The cache key a stored ground truth was generated under; None when it is unreadable (generated again)."""
+    try:
+        return read_params(gt_path)[1].get("key")
+    except TrackerError:
+        return None
+
+
 def generate_sequence(spec: SequenceSpec, assets: SyntheticAssets, out_dir: str | Path) -> SyntheticSequence:
     """Write `<name>.mp4` and `<name>.gt.npz` into out_dir; an identical existing pair is reused."""
     out_dir = Path(out_dir)
     video, gt_path = out_dir / f"{spec.name}.mp4", out_dir / f"{spec.name}{GT_SUFFIX}"
     key = spec_key(spec, assets)
-    if video.is_file() and gt_path.is_file() and read_params(gt_path)[1].get("key") == key:
+    if video.is_file() and gt_path.is_file() and _stored_key(gt_path) == key:
         return SyntheticSequence(spec.name, video, gt_path)
     gt = build_ground_truth(spec, assets)
     write_video(video, render_frames(gt, assets), spec.fps)

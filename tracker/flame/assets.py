@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tracker.errors import MissingAssetError, TrackerError
+from tracker.errors import MissingAssetError, TrackerError, quote
 from tracker.flame.landmarks import STATIC_68_FILES, LandmarkSet, find_side_file, load_landmark_set
 from tracker.flame.loading import FLAME_DOWNLOAD_HINT, load_flame_file, read_array_dict
 from tracker.flame.model import FlameModel
 from tracker.resources import shipped_assets_dir
+from tracker.io.safe_load import read_npy
 
 REPO_ASSETS = shipped_assets_dir()
 """The project's flame_assets/ (in a checkout or the installed package): the shipped default model and side
@@ -68,23 +69,41 @@ def find_assets_dir(explicit: str | os.PathLike | None, flame_file: Path) -> Pat
     return flame_file.parent
 
 
-def load_region_masks(assets_dir: Path) -> dict[str, np.ndarray]:
-    """FLAME vertex index arrays per region (face, forehead, nose, ears, neck, ...)."""
+def load_region_masks(assets_dir: Path, n_vertices: int) -> dict[str, np.ndarray]:
+    """FLAME vertex index arrays per region (face, forehead, nose, ears, neck, ...), checked against the model's
+    vertex count."""
     path = find_side_file(assets_dir, MASKS_FILES)
     if path is None:
         raise MissingAssetError(f"{MASKS_FILES[-1]} not found in {assets_dir}: needed for region masks")
-    return {k: np.asarray(v, dtype=np.int64) for k, v in read_array_dict(path).items()}
+    masks = {}
+    for name, value in read_array_dict(path, "region masks").items():
+        try:
+            indices = np.asarray(value, dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError, OverflowError):
+            raise TrackerError(f"{path}: array {quote(name, 40)} is not a list of vertex indices") from None
+        if indices.size and (indices.min() < 0 or indices.max() >= n_vertices):
+            raise TrackerError(f"{path}: array {quote(name, 40)} holds vertex indices outside 0..{n_vertices - 1}: "
+                               "the masks do not belong to this FLAME model")
+        masks[str(name)] = indices
+    return masks
 
 
-def load_eyelids(assets_dir: Path) -> np.ndarray | None:
+def load_eyelids(assets_dir: Path, n_vertices: int) -> np.ndarray | None:
     """(V, 3, 2) eyelid-closing blendshapes (left, right) when both files are present."""
     paths = [assets_dir / n for n in EYELID_FILES]
     if not all(p.is_file() for p in paths):
         return None
-    try:
-        return np.stack([np.load(p, allow_pickle=False) for p in paths], axis=2).astype(np.float32)
-    except (ValueError, OSError) as exc:
-        raise TrackerError(f"eyelid blendshapes in {assets_dir} are unreadable ({exc})") from None
+    arrays = []
+    for path in paths:
+        array = read_npy(path, "eyelid blendshape")
+        if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf" or array.shape != (n_vertices, 3):
+            shape = "x".join(map(str, getattr(array, "shape", ()))) or type(array).__name__
+            raise TrackerError(f"{path}: eyelid blendshape has shape {shape}, expected {n_vertices}x3 (the FLAME "
+                               "vertex count)")
+        if not np.isfinite(array).all():
+            raise TrackerError(f"{path}: eyelid blendshape holds non-finite values")
+        arrays.append(array)
+    return np.stack(arrays, axis=2).astype(np.float32)
 
 
 @dataclass
@@ -110,14 +129,12 @@ def load_flame_bundle(flame: str | None, assets: str | None, n_shape: int, n_exp
     flame_file = find_flame_file(flame)
     assets_dir = find_assets_dir(assets, flame_file)
     data = load_flame_file(flame_file, n_shape, n_expr)
-    eyelids = load_eyelids(assets_dir) if use_eyelids else None
-    if eyelids is not None and eyelids.shape[0] != data.v_template.shape[0]:
-        raise TrackerError(f"eyelid blendshapes in {assets_dir} do not match the FLAME vertex count")
+    eyelids = load_eyelids(assets_dir, data.v_template.shape[0]) if use_eyelids else None
     model = FlameModel(data, eyelids)
     return FlameBundle(
         model=model,
         landmarks=load_landmark_set(landmark_scheme, assets_dir, data.faces),
-        masks=load_region_masks(assets_dir),
+        masks=load_region_masks(assets_dir, data.v_template.shape[0]),
         flame_file=flame_file,
         assets_dir=assets_dir,
         model_record={

@@ -106,17 +106,12 @@ def consumer_frames(arrays: dict[str, np.ndarray], model: FlameModel, rows: np.n
 
 def expression_slot(flame_file: Path, n_shape_used: int) -> int:
     """Index of the first expression direction in the model file's shapedirs (300 in FLAME's files)."""
-    from tracker.flame.loading import read_pickle
+    from tracker.flame.loading import read_array_dict
 
-    if flame_file.suffix == ".npz":
-        with np.load(flame_file, allow_pickle=False) as z:
-            n_dirs = z["shapedirs"].shape[2]
-            n_shape = int(z["n_shape"]) if "n_shape" in z.files else min(300, n_dirs)
-    else:
-        raw = read_pickle(flame_file)
-        shapedirs = raw["shapedirs"]
-        n_dirs = (shapedirs.to_array() if hasattr(shapedirs, "to_array") else np.asarray(shapedirs)).shape[2]
-        n_shape = int(np.asarray(raw.get("n_shape", min(300, n_dirs))))
+    raw = read_array_dict(flame_file, "FLAME file")  # through the restricted loader, whatever the format
+    shapedirs = raw["shapedirs"]
+    n_dirs = (shapedirs.to_array() if hasattr(shapedirs, "to_array") else np.asarray(shapedirs)).shape[2]
+    n_shape = int(np.asarray(raw.get("n_shape", min(300, n_dirs))))
     return CONSUMER_EXPR_SLOT if n_dirs > CONSUMER_EXPR_SLOT else max(n_shape, n_shape_used)
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from tracker.errors import TrackerError
 from tracker.io.avatar import ConsumerFrames
-from tracker.io.export import write_json
+from tracker.io.files import write_json
 from tracker.io.video import FrameSelection, probe_video, read_frames
 from tracker.result import TrackingResult
 

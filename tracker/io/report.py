@@ -7,11 +7,12 @@ energy after each stage that ran. Frames without a face are shaded red in every 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from scipy.spatial.transform import Rotation
+
+from tracker.io.files import atomic_path
 
 NO_FACE_COLOUR = "tab:red"
 
@@ -91,8 +92,9 @@ def write_report(path: Path, arrays: dict[str, np.ndarray], title: str = "") -> 
     n_valid = int(valid.sum())
     fig.suptitle(f"{title}: {n_valid}/{len(valid)} frames tracked (no face: red)", fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.stem + ".partial.png")  # never a half-written report under the real name
-    fig.savefig(partial, dpi=80, format="png")
-    plt.close(fig)
-    os.replace(partial, path)
+    try:
+        with atomic_path(path) as partial:  # never a half-written report under the real name
+            fig.savefig(partial, dpi=80, format="png")
+    finally:
+        plt.close(fig)
     return path
