@@ -5,6 +5,9 @@
 
 1. Synthetic sequences with exact ground truth (eval.synthetic; generated once, cached, seeded) are tracked by
    every configuration of the ablation file (configs/ablation_default.yaml) and scored against the truth.
+   Beside every track, on the same frames: the mean face with the true pose and expression, the true shape with
+   expression 0, and the config's landmark stage fed exact projected landmarks (eval.baselines); printed and in
+   table.md.
 2. Real videos (default: the shared dev clips) are tracked and scored without 3D truth (eval.real).
 3. uvw predictors (the DenseMarks network when its weights and a canonical map are given; the tracker's oracle
    as calibration) are scored for dense correspondence on the synthetic frames (eval.synthetic.dense).
@@ -18,24 +21,36 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
+import functools
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from eval.ablation import DEFAULT_ABLATION, Ablation, AblationConfig, load_ablation, merge, run_config
+from eval.ablation import DEFAULT_ABLATION, Ablation, AblationConfig, load_ablation, merge, run_config, substitute
+from eval.baselines import SequenceScorer, fit_exact_landmarks, landmark_stage_key
 from eval.bench.machine import machine_name
 from eval.bench.stages import BenchOptions, run_bench
+from eval.metrics import finite_median
 from eval.photometric import PhotometricOptions
 from eval.real.evaluate import VideoScores, score_video
+from eval.real.jaw import ContourMesh
 from eval.real.videos import DEFAULT_VIDEO_DIR, REFERENCE_VIDEO, find_videos
-from eval.report import ConfigResults, mesh_overlay, save_panel, worst_and_median, write_report
+from eval.report import (
+    ConfigResults,
+    comparison_markdown,
+    mesh_overlay,
+    save_panel,
+    worst_and_median,
+    write_report,
+)
 from eval.synthetic.dense import (
     ORACLES,
     DenseOptions,
@@ -58,9 +73,10 @@ from eval.synthetic.scenario import SequenceSpec
 from eval.synthetic.suite import suite
 from eval.synthetic.uvmap import UvAtlas, uv_atlas
 from eval.tracked import TrackedSequence, load_tracked
-from tracker.config import load_config
+from tracker.config import TrackerConfig, load_config
 from tracker.errors import TrackerError, run_reporting_errors
 from tracker.fit.sequence import evenly_spaced
+from tracker.io.files import strict_json
 from tracker.flame.model import FlameModel
 from tracker.io.video import FrameSelection, read_frames
 from tracker.render.texture import load_obj
@@ -126,6 +142,10 @@ class Context:
     atlas: UvAtlas
     run_dir: Path
     options: EvalOptions
+    scorers: dict[str, SequenceScorer] = field(default_factory=dict)
+    """Per synthetic sequence: the truth's vertices and visibility, shared by every config's baselines."""
+    exact_fits: dict[tuple[str, str], TrackedSequence] = field(default_factory=dict)
+    """(sequence, landmark-stage key) -> the exact-landmark baseline fit, shared by configs with equal keys."""
 
     @property
     def model(self) -> FlameModel:
@@ -134,6 +154,11 @@ class Context:
     @property
     def face_ids(self) -> np.ndarray:
         return self.assets.bundle.masks["face"]
+
+    @functools.cached_property
+    def outline(self) -> ContourMesh:
+        """Where the model's jaw outline can lie, for the real videos' jaw metric."""
+        return ContourMesh.build(self.model, self.assets.bundle.masks)
 
 
 def log(message: str) -> None:
@@ -172,15 +197,43 @@ def run_synthetic(result: ConfigResults, config: AblationConfig, ablation: Ablat
                          {"device": ctx.options.device}, {"ground_truth": str(sequence.ground_truth)})
         if not _record_run(result, config, run, sequence.name):
             return
-        gt = load_ground_truth(sequence.ground_truth)
-        tracked = load_tracked(run.params_path, ctx.model.n_shape, ctx.model.n_expr)
-        scores = score_sequence(gt, tracked, ctx.model, ctx.face_ids, ctx.assets.bundle.landmarks, ctx.atlas,
-                                str(sequence.video), ctx.options.photometric)
-        result.synthetic[sequence.name] = scores
-        frame = scores.per_frame
-        log(f"{config.name} / {sequence.name}: rigid vertex error {np.nanmean(frame['v2v_rigid_mm']):.2f} mm, "
-            f"NME {100 * np.nanmean(frame['nme68']):.2f} %, {run.summary['seconds_per_frame']['total']:.2f} s/frame")
-        _synthetic_overlays(result, sequence, gt, tracked, scores.per_frame["v2v_rigid_mm"], ctx)
+        if run.summary is None:  # this input failed (recorded): the next one
+            continue
+        with row_failures(result, config, sequence.name):
+            gt = load_ground_truth(sequence.ground_truth)
+            tracked = load_tracked(run.params_path, ctx.model.n_shape, ctx.model.n_expr)
+            scores = score_sequence(gt, tracked, ctx.model, ctx.face_ids, ctx.assets.bundle.landmarks, ctx.atlas,
+                                    str(sequence.video), ctx.options.photometric)
+            result.synthetic[sequence.name] = scores
+            frame = scores.per_frame
+            log(f"{config.name} / {sequence.name}: rigid vertex error {np.nanmean(frame['v2v_rigid_mm']):.2f} mm, "
+                f"NME {100 * np.nanmean(frame['nme68']):.2f} %, {run.summary['seconds_per_frame']['total']:.2f} "
+                "s/frame")
+            result.baselines[sequence.name] = baseline_comparison(
+                sequence, gt, tracked, tracker_config(config, ablation, sequence, ctx), ctx)
+            print(comparison_markdown({f"{config.name} / {sequence.name}": result.baselines[sequence.name]}),
+                  flush=True)
+            _synthetic_overlays(result, sequence, gt, tracked, scores.per_frame["v2v_rigid_mm"], ctx)
+
+
+def tracker_config(config: AblationConfig, ablation: Ablation, sequence: SyntheticSequence,
+                   ctx: Context) -> TrackerConfig:
+    """The tracker configuration a config's synthetic runs use (as eval.ablation.run_config builds it)."""
+    own = substitute(config.overrides, {"ground_truth": str(sequence.ground_truth)}, f"ablation config {config.name}")
+    return load_config(None, merge(merge(ablation.base, own), {"device": ctx.options.device}))
+
+
+def baseline_comparison(sequence: SyntheticSequence, gt: GroundTruth, tracked: TrackedSequence, cfg: TrackerConfig,
+                        ctx: Context) -> list:
+    """The track's row and its baseline rows (eval.baselines) on the sequence's frames."""
+    if sequence.name not in ctx.scorers:
+        ctx.scorers[sequence.name] = SequenceScorer(gt, ctx.model, ctx.face_ids)
+    key = (sequence.name, landmark_stage_key(cfg))
+    if key not in ctx.exact_fits:
+        log(f"{sequence.name}: landmark stage on exact landmarks ({cfg.detect.landmarks} scheme)")
+        ctx.exact_fits[key] = fit_exact_landmarks(gt, cfg)
+    scorer = ctx.scorers[sequence.name]
+    return [scorer.score("tracker", tracked), *scorer.baseline_rows(ctx.exact_fits[key])]
 
 
 def run_real(result: ConfigResults, config: AblationConfig, ablation: Ablation, videos: list[Path],
@@ -191,16 +244,33 @@ def run_real(result: ConfigResults, config: AblationConfig, ablation: Ablation, 
                          {"device": ctx.options.device, "video": {"max_frames": ctx.options.real_frames}})
         if not _record_run(result, config, run, video.stem):
             return
+        if run.summary is None:  # this input failed (recorded): the next one
+            continue
         if run.summary["valid_frames"] == 0:
             result.failures[video.stem] = "no face found in any frame"
             continue
-        tracked = load_tracked(run.params_path, ctx.model.n_shape, ctx.model.n_expr)
-        scores = score_video(video, tracked, _detector_of(config, ablation), ctx.model, ctx.assets.bundle.assets_dir,
-                             ctx.face_ids, ctx.atlas, selection, ctx.run_dir / "heldout", ctx.options.photometric)
-        result.real[video.stem] = scores
-        log(f"{config.name} / {video.name}: held-out ({scores.heldout_detector}) NME "
-            f"{100 * np.nanmean(scores.per_frame['nme_heldout']):.2f} %, valid {100 * scores.valid_ratio:.0f} %")
-        _real_overlays(result, video, tracked, scores, selection, ctx)
+        with row_failures(result, config, video.stem):
+            tracked = load_tracked(run.params_path, ctx.model.n_shape, ctx.model.n_expr)
+            scores = score_video(video, tracked, _detector_of(config, ablation), ctx.model,
+                                 ctx.assets.bundle.assets_dir, ctx.face_ids, ctx.atlas, selection,
+                                 ctx.run_dir / "heldout", ctx.options.photometric, ctx.outline)
+            result.real[video.stem] = scores
+            log(f"{config.name} / {video.name}: held-out ({scores.heldout_detector}) NME "
+                f"{100 * np.nanmean(scores.per_frame['nme_heldout']):.2f} %, valid {100 * scores.valid_ratio:.0f} %, "
+                f"dlib jaw to outline {finite_median(scores.per_frame['jaw_iod']):.3f} IOD, inner 51 "
+                f"{finite_median(scores.per_frame['inner51_iod']):.3f} IOD (medians)")
+            _real_overlays(result, video, tracked, scores, selection, ctx)
+
+
+@contextmanager
+def row_failures(result: ConfigResults, config: AblationConfig, name: str) -> Iterator[None]:
+    """A broken input (a TrackerError while scoring it) fails its own row with a one-line reason; the
+    evaluation goes on with the rest."""
+    try:
+        yield
+    except TrackerError as error:
+        result.failures[name] = str(error)
+        log(f"{config.name} / {name}: failed ({error})")
 
 
 def _detector_of(config: AblationConfig, ablation: Ablation) -> str:
@@ -280,13 +350,17 @@ def run_dense(sequences: list[SyntheticSequence], ctx: Context) -> dict:
     except TrackerError as error:
         network, skipped["densemarks"] = None, str(error)
     for sequence in sequences:
-        gt = load_ground_truth(sequence.ground_truth)
-        rows = set(evenly_spaced(np.arange(gt.n_frames), options.frames).tolist())
-        frames = _frames_at(sequence.video, rows)
-        predictors = [oracle_predictor(name, model, sequence.ground_truth, noise) for name, noise in ORACLES.items()]
-        for predictor in predictors + ([network] if network else []):
-            errors.setdefault(predictor.name, []).append(
-                dense_scores(predictor, gt, frames, model, ctx.face_ids, candidates, geodesics, options))
+        try:
+            gt = load_ground_truth(sequence.ground_truth)
+            rows = set(evenly_spaced(np.arange(gt.n_frames), options.frames).tolist())
+            frames = _frames_at(sequence.video, rows)
+            predictors = [oracle_predictor(name, model, sequence.ground_truth, noise) for name, noise in ORACLES.items()]
+            for predictor in predictors + ([network] if network else []):
+                errors.setdefault(predictor.name, []).append(
+                    dense_scores(predictor, gt, frames, model, ctx.face_ids, candidates, geodesics, options))
+        except TrackerError as error:
+            skipped[sequence.name] = str(error)
+            log(f"dense correspondence / {sequence.name}: failed ({error})")
     scores = {name: summarise(np.concatenate(parts), options) for name, parts in errors.items()}
     for name, summary in scores.items():
         log(f"dense correspondence / {name}: PCK@10mm {summary['pck_10mm']:.3f}, GPS {summary['gps']:.3f}")
@@ -309,7 +383,9 @@ def results_json(results: list[ConfigResults], run_info: dict) -> dict:
                 for name, s in items.items()}
     return {"run": run_info, "configs": [
         {"name": r.name, "description": r.description, "skipped": r.skipped, "failures": r.failures,
-         "synthetic": scores(r.synthetic), "real": scores(r.real), "summaries": r.summaries} for r in results]}
+         "synthetic": scores(r.synthetic), "real": scores(r.real), "summaries": r.summaries,
+         "baselines": {name: [row.to_dict() for row in rows] for name, rows in r.baselines.items()}}
+        for r in results]}
 
 
 def run_evaluation(options: EvalOptions) -> Path:
@@ -361,8 +437,8 @@ def run_evaluation(options: EvalOptions) -> Path:
         "real videos": f"{len(videos)} (first {options.real_frames} frames each)",
         "flame": str(assets.bundle.flame_file), "wall time (min)": round((time.perf_counter() - started) / 60, 1),
     }
-    (run_dir / "results.json").write_text(json.dumps({**results_json(results, run_info), "dense": dense,
-                                                      "bench": bench}, default=float))
+    (run_dir / "results.json").write_text(strict_json({**results_json(results, run_info), "dense": dense,
+                                                       "bench": bench}))
     report = write_report(results, run_dir, run_info, bench, dense)
     log(f"done in {run_info['wall time (min)']} min: {report}")
     return run_dir

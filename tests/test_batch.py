@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import VIDEOS
-from tracker.batch import RayRunner, check_unique_stems, main, run_batch
+from tracker.batch import RayRunner, check_unique_names, main, run_batch
 from tracker.config import load_config
 from tracker.errors import TrackerError
 from tracker.io.export import read_params
@@ -77,7 +77,7 @@ def test_find_videos_folders_globs_lists(clips, tmp_path):
     with pytest.raises(TrackerError, match="no videos match"):
         find_videos([str(clips / "*.mkv")])
     with pytest.raises(TrackerError, match="share the name 'first'"):
-        check_unique_stems([clips / "first.mp4", tmp_path / "first.mov"])
+        check_unique_names([clips / "first.mp4", tmp_path / "first.mov"])
 
 
 def test_local_batch_records_failures_and_resumes(clips, tmp_path, capsys):

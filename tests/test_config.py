@@ -65,7 +65,7 @@ def test_overrides_and_types(tmp_path):
     ({"energy": {"priors": {"weight": -1}}}, "priors.weight"),
     ({"densemarks": {"mode": "maybe"}}, "densemarks.mode"),
     ({"photometric": {"appearance_refine_iters": -1}}, "appearance_refine_iters"),
-    ({"photometric": {"lr": 0.0}}, "learning rates"),
+    ({"photometric": {"lr": 0.0}}, "photometric.lr must be > 0"),
     ({"photometric": {"crop_margin": -0.1}}, "crop_margin"),
     ({"densemarks": {"map_rounds": -1}}, "map_rounds"),
 ])

@@ -1,10 +1,10 @@
 """Track many videos with one configuration: `python -m tracker.batch INPUTS... --out DIR`.
 
 INPUTS are video files, folders (their videos, non-recursively), glob patterns or list files (.txt: one input per
-line). Each video is tracked by `tracker.pipeline.track_video` into DIR/<video stem>/, exactly as
-`python -m tracker.run` would. Videos whose outputs are complete (summary.json written, flame_params.npz marked
-complete, same configuration) are skipped, so an interrupted batch resumes where it stopped. A failed video is
-retried once; failures are recorded and the batch goes on. DIR/batch_summary.csv (rewritten after every video)
+line). Each video is tracked by the Python API's `track_with_config` into its run folder DIR/<video name>/,
+exactly as `python -m tracker.run` would. Videos whose run finished with the same configuration (summary.json
+written) are skipped, so an interrupted batch resumes where it stopped. A failed video is retried once; failures
+are recorded and the batch goes on. DIR/batch_summary.csv (rewritten after every video)
 lists each video's status, frames, failures, seconds per frame, lost frames and landmark error.
 
 Locally the videos run in separate processes (a crash of one cannot take the batch down), several at once;
@@ -28,7 +28,8 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from tracker.config import TrackerConfig, config_to_dict, load_config
-from tracker.errors import TrackerError
+from tracker.errors import EXIT_BAD_INPUT, EXIT_OK, TrackerError, interrupt_on_signals, report_failure
+from tracker.io.files import RunFolder, safe_name
 from tracker.io.inputs import find_videos
 
 SUMMARY_CSV = "batch_summary.csv"
@@ -44,7 +45,7 @@ class VideoRecord:
 
     video: str
     status: str = "pending"
-    """done (tracked now) | skipped (complete outputs found) | failed | interrupted | pending."""
+    """done (tracked now) | skipped (finished before) | failed | interrupted | pending."""
     frames: int = 0
     failures: int = 0
     """Failed attempts (a video is tried at most twice)."""
@@ -55,9 +56,11 @@ class VideoRecord:
     lmk_error_px: float = math.nan
     """Mean landmark reprojection error, pixels."""
     error: str = ""
+    """Why it failed, or why its result is incomplete (a truncated video)."""
     out_dir: str = ""
 
     def update_from_summary(self, summary: dict) -> None:
+        self.error = "" if summary.get("complete", True) else f"incomplete: {summary.get('incomplete_reason', '')}"
         self.frames = int(summary["frames"])
         self.s_per_frame = float(summary["seconds_per_frame"]["total"])
         self.lost_frames = int(summary["frames"]) - int(summary["valid_frames"])
@@ -65,12 +68,13 @@ class VideoRecord:
 
 
 def output_dir(cfg: TrackerConfig, video: Path) -> Path:
-    return Path(cfg.output.dir) / video.stem  # where track_video writes
+    return RunFolder(cfg.output.dir, video).path  # where the run writes
 
 
-def completed_summary(out_dir: Path, cfg: TrackerConfig) -> dict | None:
-    """The summary of a finished run with this configuration in `out_dir`, else None (missing, partial, other
-    configuration, unreadable)."""
+def finished_summary(out_dir: Path, cfg: TrackerConfig) -> dict | None:
+    """The summary of a run that finished with this configuration in `out_dir`, else None (never run, stopped
+    before its end, other configuration, unreadable). summary.json is a run's last write, and a new run removes
+    it first."""
     from tracker.io.export import read_params
 
     try:
@@ -79,14 +83,14 @@ def completed_summary(out_dir: Path, cfg: TrackerConfig) -> dict | None:
     except (OSError, ValueError, KeyError, TrackerError):
         return None
     same_config = metadata.get("config") == json.loads(json.dumps(config_to_dict(cfg)))
-    return summary if metadata.get("complete") and same_config else None
+    return summary if same_config else None
 
 
 def track_one(video: str, cfg: TrackerConfig) -> dict:
-    """Track one video with the pipeline's entry point; its summary as a dict (raises on failure)."""
-    from tracker.pipeline import track_video
+    """Track one video through the Python API; its summary (raises on failure)."""
+    from tracker.api import track_with_config
 
-    return asdict(track_video(video, cfg, show_progress=False))
+    return track_with_config(video, cfg, show_progress=False).summary
 
 
 def one_line(error: BaseException) -> str:
@@ -153,7 +157,8 @@ def _child(video: str, cfg: TrackerConfig, threads: int, log: str, send) -> None
 
     torch.set_num_threads(threads)
     try:
-        send.send(("ok", track_one(video, cfg)))
+        with interrupt_on_signals():  # terminate() stops the run like Ctrl-C: finished frames are written
+            send.send(("ok", track_one(video, cfg)))
     except BaseException as error:  # noqa: BLE001 - every failure is reported, the batch goes on
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         send.send(("error", one_line(error)))
@@ -212,7 +217,7 @@ def run_batch(videos: Sequence[Path], cfg: TrackerConfig, runner, retries: int =
     csv_path = Path(cfg.output.dir) / SUMMARY_CSV
     todo: deque[Path] = deque()
     for video, record in records.items():
-        summary = completed_summary(output_dir(cfg, video), cfg)
+        summary = finished_summary(output_dir(cfg, video), cfg)
         if summary is None:
             todo.append(video)
         else:
@@ -260,22 +265,27 @@ def write_summary_csv(path: Path, records: Iterator[VideoRecord] | Sequence[Vide
     partial.replace(path)
 
 
-def check_unique_stems(videos: Sequence[Path]) -> None:
-    """Outputs go to one folder per video stem: two videos with one stem would overwrite each other."""
+def check_unique_names(videos: Sequence[Path]) -> None:
+    """Two videos of one name would claim one run folder at the same moment (a single run gives the second its
+    own folder, but concurrent workers could race for it): refused."""
     seen: dict[str, Path] = {}
     for video in videos:
-        if video.stem in seen:
-            raise TrackerError(f"two inputs share the name {video.stem!r} ({seen[video.stem]} and {video}); "
-                               "their outputs would collide: rename one or run them in separate batches")
-        seen[video.stem] = video
+        name = safe_name(video)
+        if name in seen:
+            raise TrackerError(f"two inputs share the name {name!r} ({seen[name]} and {video}); their run folders "
+                               "would collide: rename one or run them in separate batches")
+        seen[name] = video
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tracker.run import build_parser as run_parser
+    from tracker.run import FLAGS
 
     parser = argparse.ArgumentParser(prog="python -m tracker.batch", description=__doc__.split("\n", 1)[0],
-                                     epilog="Tracking options are those of python -m tracker.run.")
+                                     epilog="Tracking options are those of python -m tracker.run (same names and "
+                                            "meaning). Exit codes: 0 all tracked, 1 a video failed or bad input, "
+                                            "2 usage, 3 missing model/asset, 128+N signal N.")
     parser.add_argument("inputs", nargs="+", help="videos, folders, glob patterns or .txt lists of them")
+    parser.add_argument("--config", help="YAML config: a file, or a name in configs/ (e.g. default.yaml)")
     parser.add_argument("--workers", type=int, help=f"videos tracked at once locally (default: cores / "
                                                     f"{CORES_PER_VIDEO})")
     parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
@@ -284,10 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus-per-video", type=float, help="Ray: GPUs each task declares (default 1 with "
                                                               "--device cuda, else 0)")
     parser.add_argument("--retries", type=int, default=1, help="retries of a failed video (default: %(default)s)")
-    for action in run_parser()._actions:  # every tracking option of tracker.run, same names and meaning
-        if action.dest not in ("help", "video", "quiet"):
-            parser._add_action(action)
+    for flag in FLAGS:  # every tracking option of tracker.run
+        parser.add_argument(flag.option, dest=flag.dest, help=flag.help, **flag.kwargs)
     return parser
+
+
+def make_runner(args: argparse.Namespace, cfg: TrackerConfig) -> LocalRunner | RayRunner:
+    if args.ray is not None:
+        gpus = args.gpus_per_video if args.gpus_per_video is not None else float(cfg.device.startswith("cuda"))
+        return RayRunner(args.ray or None, args.cpus_per_video, gpus)
+    cores = os.cpu_count() or 1
+    workers = max(1, args.workers or cores // CORES_PER_VIDEO)
+    return LocalRunner(workers, threads=max(1, cores // workers))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,40 +313,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.out:
         parser.error("--out DIR is required")
-    try:
-        from tracker.run import overrides_from_args
+    with interrupt_on_signals():
+        try:
+            from tqdm import tqdm
 
-        cfg = load_config(args.config, overrides_from_args(args))
-        cfg.output.dir = str(Path(cfg.output.dir).resolve())  # the same folder for every worker
-        videos = find_videos(args.inputs)
-        check_unique_stems(videos)
-        if args.ray is not None:
-            gpus = args.gpus_per_video if args.gpus_per_video is not None else float(cfg.device.startswith("cuda"))
-            runner = RayRunner(args.ray or None, args.cpus_per_video, gpus)
-        else:
-            cores = os.cpu_count() or 1
-            workers = max(1, args.workers or cores // CORES_PER_VIDEO)
-            runner = LocalRunner(workers, threads=max(1, cores // workers))
-        from tqdm import tqdm
+            from tracker.run import overrides_from_args
 
-        with tqdm(total=len(videos), desc="videos", unit="video") as bar:
-            records = run_batch(videos, cfg, runner, args.retries,
-                                on_record=lambda r: (bar.update(1), bar.set_postfix_str(f"{Path(r.video).name}: "
-                                                                                        f"{r.status}")))
-    except TrackerError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print(f"interrupted: finished videos are recorded in {Path(args.out) / SUMMARY_CSV}; run the same command "
-              "again to resume", file=sys.stderr)
-        return 130
+            cfg = load_config(args.config, overrides_from_args(args))
+            cfg.output.dir = str(Path(cfg.output.dir).resolve())  # the same folder for every worker
+            videos = find_videos(args.inputs)
+            check_unique_names(videos)
+            runner = make_runner(args, cfg)
+            with tqdm(total=len(videos), desc="videos", unit="video") as bar:
+                def show(record: VideoRecord) -> None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"{Path(record.video).name}: {record.status}")
+
+                records = run_batch(videos, cfg, runner, args.retries, on_record=show)
+        except (Exception, KeyboardInterrupt) as exc:
+            return report_failure(exc, kept=f"finished videos are listed in {Path(args.out) / SUMMARY_CSV}; run "
+                                            "the same command again to resume")
     counts = {status: sum(r.status == status for r in records) for status in ("done", "skipped", "failed")}
-    print(f"{len(records)} videos: {counts['done']} tracked, {counts['skipped']} already complete, "
+    print(f"{len(records)} videos: {counts['done']} tracked, {counts['skipped']} finished before, "
           f"{counts['failed']} failed; summary: {Path(args.out) / SUMMARY_CSV}")
     for record in records:
-        if record.status == "failed":
-            print(f"  failed: {record.video}: {record.error}", file=sys.stderr)
-    return 1 if counts["failed"] else 0
+        if record.status == "failed" or record.error:
+            print(f"  {record.status}: {record.video}: {record.error}", file=sys.stderr)
+    return EXIT_BAD_INPUT if counts["failed"] else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tracker.errors import TrackerError
+
 WORLD_TO_CAMERA = torch.diag(torch.tensor([1.0, -1.0, -1.0]))
 """Rotation from FLAME's world (y up, face towards +z) to OpenCV camera axes."""
 
@@ -35,6 +37,23 @@ def project_points(points_cam: torch.Tensor, focal: torch.Tensor, center: torch.
     """
     z = points_cam[..., 2:3].clamp(min=1e-6)
     return points_cam[..., :2] / z * focal + center
+
+
+FOV_RANGE_DEG = (0.1, 170.0)
+"""Fields of view (over the longer image side) a fixed focal length may give: outside, it is a mistake."""
+
+
+def check_focal(focal: float | None, width: int, height: int) -> None:
+    """Refuse a fixed focal length (pixels) whose field of view over the image is outside FOV_RANGE_DEG: a
+    focal of 1e30 or 1e-30 px gives NaN parameters, not a result."""
+    if focal is None:
+        return
+    side = max(width, height)
+    low, high = (focal_from_fov(fov, side) for fov in reversed(FOV_RANGE_DEG))
+    if not low <= focal <= high:
+        raise TrackerError(f"camera.focal (--focal) {focal:.6g} px is not a focal length for a {width}x{height} "
+                           f"video: give {low:.0f} to {high:.0f} px (a field of view of {FOV_RANGE_DEG[1]:g} to "
+                           f"{FOV_RANGE_DEG[0]:g} degrees), or leave it out to estimate it")
 
 
 @dataclass

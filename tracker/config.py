@@ -7,6 +7,8 @@ per term, so adding a term touches that module and one line here.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +21,18 @@ from tracker.energy.landmarks import LandmarkEnergyConfig
 from tracker.energy.photometric import PhotometricConfig
 from tracker.energy.priors import PriorConfig
 from tracker.energy.temporal import TemporalConfig
-from tracker.errors import TrackerError
+from tracker.errors import TrackerError, quote
+from tracker.resources import configs_dir
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = configs_dir()
 
 
 @dataclass
 class FlameConfig:
     path: str | None = None
-    """FLAME model file (.pkl/.npz); None: $FLAME_MODEL, then flame_assets/."""
+    """FLAME model file (.pkl/.npz); None: $FLAME_MODEL, a FLAME file in flame_assets/, then the shipped default."""
     assets_dir: str | None = None
-    """Folder with landmark embeddings, FLAME_masks.pkl, eyelids; None: $TRACKER_FLAME_ASSETS, model's folder."""
+    """Folder with landmark embeddings, masks, eyelids; None: $TRACKER_FLAME_ASSETS, model's folder, flame_assets/."""
     n_shape: int = 100
     """Identity coefficients fitted (clipped to what the file holds)."""
     n_expr: int = 50
@@ -54,6 +57,9 @@ class VideoConfig:
     """Track at most this many frames (after stride)."""
     stride: int = 1
     """Track every n-th frame."""
+    stream: int | None = None
+    """Which video stream to track, counted among the file's video streams from 0; None: the main one (the
+    largest picture that is not a cover image)."""
 
 
 @dataclass
@@ -61,7 +67,7 @@ class DetectConfig:
     landmarks: str = "mediapipe"
     """Landmark detector: mediapipe | dlib | fan."""
     mediapipe_model: str | None = None
-    """MediaPipe face_landmarker .task file; None: $TRACKER_MEDIAPIPE_MODEL, then the download cache."""
+    """MediaPipe face_landmarker .task file; None: $TRACKER_MEDIAPIPE_MODEL, then the one in flame_assets/."""
     cache: bool = True
     """Cache detections per video so a re-run skips detection."""
 
@@ -194,6 +200,8 @@ class OutputConfig:
     """Write the overlay video."""
     save_meshes: bool = False
     """Write per-frame meshes (.obj)."""
+    report: bool = True
+    """Write report.png: per-frame landmark error, head pose, expression, energy after each stage."""
 
 
 @dataclass
@@ -239,7 +247,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if option in (int, str, bool) and type(value) is option:
             return value
     names = "/".join(getattr(o, "__name__", str(o)) for o in options)
-    raise TrackerError(f"config key {key} must be {names}, got {value!r}")
+    raise TrackerError(f"config key {key} must be {names}, got {quote(value)}")
 
 
 def update_dataclass(obj: Any, values: dict, prefix: str = "") -> Any:
@@ -249,9 +257,9 @@ def update_dataclass(obj: Any, values: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(type(obj))
     known = {f.name for f in dataclasses.fields(obj)}
     for key, value in values.items():
-        name = f"{prefix}{key}"
+        name = f"{prefix}{key[:60] if isinstance(key, str) else quote(key, 60)}"
         if key not in known:
-            raise TrackerError(f"unknown config key {name!r} (known here: {', '.join(sorted(known))})")
+            raise TrackerError(f"unknown config key '{name}' (known here: {', '.join(sorted(known))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             update_dataclass(current, value, f"{name}.")
@@ -260,53 +268,123 @@ def update_dataclass(obj: Any, values: dict, prefix: str = "") -> Any:
     return obj
 
 
+NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
+    # (key pattern, lowest, highest, lowest allowed itself); every other number must be finite and >= 0.
+    ("seed", 0, 2**32 - 1, True),
+    ("camera.focal", 0, math.inf, False),
+    ("camera.fov_init_deg", 0, 170, False),
+    ("video.max_frames", 1, math.inf, True), ("video.stride", 1, math.inf, True),
+    ("fit.keyframes", 1, math.inf, True), ("fit.shape_iters", 1, math.inf, True),
+    ("fit.frame_iters", 1, math.inf, True), ("fit.first_frame_iters", 1, math.inf, True),
+    ("fit.reinit_factor", 1, math.inf, False), ("fit.global_window", 2, math.inf, True),
+    ("*lr", 0, math.inf, False), ("*scale", 0, math.inf, False), ("*distance", 0, math.inf, False),
+    ("photometric.resolution", 32, math.inf, True), ("photometric.texture_size", 8, math.inf, True),
+    ("photometric.iters", 1, math.inf, True), ("photometric.keyframes", 1, math.inf, True),
+    ("photometric.pyramid_levels", 1, 8, True),
+    ("densemarks.crop_scale", 1, math.inf, True), ("densemarks.map_frames", 1, math.inf, True),
+    ("densemarks.min_inliers", 0, 1, True),
+    ("energy.*.resolution", 8, math.inf, True), ("energy.*.search_resolution", 8, math.inf, True),
+    ("energy.*.vertices", 1, math.inf, True), ("energy.*.min_facing", -1, 1, True),
+    ("energy.*.outlier_k", 0, math.inf, False),
+)
+"""Ranges of the config's numbers by dotted key (first match wins; fnmatch patterns)."""
+CHOICES = {"detect.landmarks": ("mediapipe", "dlib", "fan"), "photometric.renderer": ("torch", "pytorch3d", "nvdiffrast"),
+           "photometric.albedo": ("texture", "vertex"), "densemarks.mode": ("auto", "on", "off"),
+           "densemarks.backend": ("auto", "eager", "openvino"), "densemarks.precision": ("fp32", "bf16")}
+"""Keys whose value is one of a few names."""
+
+
+def _numbers(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, float]]:
+    """(dotted key, value) of every number in a config tree."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, f"{prefix}{f.name}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{f.name}", value
+
+
 def validate(cfg: TrackerConfig) -> None:
-    """Range checks that YAML types cannot express."""
-    checks = [
-        (cfg.flame.n_shape >= 0 and cfg.flame.n_expr >= 0, "flame.n_shape/n_expr must be >= 0"),
-        (cfg.video.start >= 0, "video.start must be >= 0"),
-        (cfg.video.stride >= 1, "video.stride must be >= 1"),
-        (cfg.video.max_frames is None or cfg.video.max_frames >= 1, "video.max_frames must be >= 1"),
-        (cfg.camera.focal is None or cfg.camera.focal > 0, "camera.focal must be > 0"),
-        (0 < cfg.camera.fov_init_deg < 170, "camera.fov_init_deg must be in (0, 170)"),
-        (cfg.fit.keyframes >= 1, "fit.keyframes must be >= 1"),
-        (cfg.fit.frame_iters >= 1 and cfg.fit.first_frame_iters >= 1, "fit iterations must be >= 1"),
-        (cfg.fit.lr > 0, "fit.lr must be > 0"),
-        (cfg.fit.reinit_factor > 1, "fit.reinit_factor must be > 1"),
-        (cfg.detect.landmarks in ("mediapipe", "dlib", "fan"), "detect.landmarks must be mediapipe|dlib|fan"),
-        (cfg.photometric.renderer in ("torch", "pytorch3d", "nvdiffrast"),
-         "photometric.renderer must be torch|pytorch3d|nvdiffrast"),
-        (cfg.photometric.resolution >= 32, "photometric.resolution must be >= 32"),
-        (cfg.photometric.appearance_refine_frames >= 0 and cfg.photometric.appearance_refine_iters >= 0,
-         "photometric.appearance_refine_frames and appearance_refine_iters must be >= 0"),
-        (cfg.photometric.lr > 0 and cfg.photometric.appearance_lr > 0, "photometric learning rates must be > 0"),
-        (cfg.photometric.crop_margin >= 0, "photometric.crop_margin must be >= 0"),
-        (cfg.densemarks.mode in ("auto", "on", "off"), "densemarks.mode must be auto|on|off"),
-        (cfg.densemarks.backend in ("auto", "eager", "openvino"), "densemarks.backend must be auto|eager|openvino"),
-        (cfg.densemarks.precision in ("fp32", "bf16"), "densemarks.precision must be fp32|bf16"),
-        (cfg.densemarks.map_rounds >= 0 and cfg.densemarks.map_affine_prior >= 0,
-         "densemarks.map_rounds and map_affine_prior must be >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise TrackerError(f"bad config: {message}")
-    for term in dataclasses.fields(cfg.energy):
-        if getattr(cfg.energy, term.name).weight < 0:
-            raise TrackerError(f"bad config: energy.{term.name}.weight must be >= 0")
+    """Range checks that YAML types cannot express: every number finite and in its range (NUMBER_RANGES, else
+    >= 0), names from their lists; the message names the key."""
+    for key, value in _numbers(cfg):
+        low, high, inclusive = next(((lo, hi, inc) for pattern, lo, hi, inc in NUMBER_RANGES
+                                     if fnmatch.fnmatchcase(key, pattern)), (0, math.inf, True))
+        if not math.isfinite(value):
+            raise TrackerError(f"bad config: {key} must be a finite number, got {value}")
+        if value < low or (value == low and not inclusive) or value > high:
+            bounds = f"{'>=' if inclusive else '>'} {low:g}" + (f" and <= {high:g}" if math.isfinite(high) else "")
+            raise TrackerError(f"bad config: {key} must be {bounds}, got {quote(value, 40)}")
+    for key, names in CHOICES.items():
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) not in names:
+            raise TrackerError(f"bad config: {key} must be {'|'.join(names)}, got "
+                               f"{quote(getattr(getattr(cfg, section), name), 60)}")
+
+
+MAX_YAML_BYTES = 1 << 20
+"""Largest YAML file read (a config is a few kB)."""
+MAX_YAML_NODES = 100_000
+"""Most values a YAML document may hold once its aliases are expanded (an alias bomb of a few hundred bytes
+would otherwise expand to gigabytes in any later copy or message)."""
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:
+    """Values in `node` with every alias expanded, counted without expanding (shared nodes counted once each
+    time they are used)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:  # a recursive structure expands without end
+        return MAX_YAML_NODES + 1
+    active.add(key)
+    count = 1
+    children = node.value if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) else ()
+    for child in children:
+        for item in (child if isinstance(child, tuple) else (child,)):
+            count += _expanded_nodes(item, memo, active)
+            if count > MAX_YAML_NODES:
+                break
+    active.discard(key)
+    memo[key] = count
+    return count
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text (safe types only) with bounded work: refused (TrackerError naming `where`) when it is not
+    YAML, nests too deeply, or expands beyond MAX_YAML_NODES values."""
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            if _expanded_nodes(node, {}, set()) > MAX_YAML_NODES:
+                raise TrackerError(f"{where} expands to more than {MAX_YAML_NODES} values (aliases): refused")
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise TrackerError(f"{where} is not valid YAML ({quote(str(exc).splitlines()[0], 160)})") from None
+    except RecursionError:
+        raise TrackerError(f"{where} nests too deeply") from None
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> tuple[Path, Any]:
     """(resolved path, contents) of a YAML file given as a path or a name in configs/; TrackerError (naming it
-    `what`) when it is missing or not YAML."""
+    `what`) when it is missing, too large or not YAML (see `parse_yaml`)."""
     path = Path(path)
     if not path.is_file() and (CONFIG_DIR / path).is_file():
         path = CONFIG_DIR / path
     if not path.is_file():
         raise TrackerError(f"{what} {path} not found")
     try:
-        return path, yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise TrackerError(f"{what} {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise TrackerError(f"{what} {path} is larger than {MAX_YAML_BYTES >> 20} MiB: not a config")
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrackerError(f"{what} {path} is unreadable ({type(exc).__name__})") from None
+    return path, parse_yaml(text, f"{what} {path}") or {}
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrackerConfig:
@@ -322,3 +400,36 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
 def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its attribute docstring} of a dataclass, read from its source ({} when the source is absent)."""
+    import ast
+    import inspect
+
+    try:
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+    except (OSError, TypeError):
+        return {}
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def config_yaml(cfg: Any, indent: str = "") -> str:
+    """The whole config as YAML that `load_config` reads back unchanged, each field with its docstring as a
+    comment (how configs/default.yaml is generated: `python -m tracker.run --print-config`)."""
+    docs = field_docs(type(cfg))
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value, doc = getattr(cfg, f.name), docs.get(f.name, "")
+        comment = f"  # {doc}" if doc else ""
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{indent}{f.name}:{comment}")
+            lines.append(config_yaml(value, indent + "  ").rstrip("\n"))
+        else:
+            text = yaml.safe_dump(value, default_flow_style=True, width=1 << 20).removesuffix("\n...\n")
+            lines.append(f"{indent}{f.name}: {text.strip()}{comment}")
+    return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@ around `track_video`."""
 
 from __future__ import annotations
 
+import logging
 import platform
 import random
 import time
@@ -16,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import tracker
-from tracker.camera import Camera
+from tracker.camera import Camera, check_focal
 from tracker.config import TrackerConfig, config_to_dict
 from tracker.detect.base import SCHEME_IBUG68, SCHEME_MEDIAPIPE, LandmarkTrack, make_detector
 from tracker.detect.sequence import detect_video
@@ -26,23 +27,25 @@ from tracker.energy.landmarks import LandmarkEnergy, landmark_group_weights
 from tracker.energy.photometric import Appearance, region_mesh
 from tracker.energy.priors import PriorEnergy
 from tracker.energy.temporal import TemporalEnergy
-from tracker.errors import TrackerError
+from tracker.errors import TrackerError, quote
 from tracker.densemarks.stage import run_densemarks_stage
 from tracker.fit.global_refine import refine_globally
 from tracker.fit.photometric import run_photometric_stage, stage_crop
 from tracker.fit.sequence import SequenceTracker, TrackResult, evenly_spaced
-from tracker.fit.solver import FRAME_FIELDS, Problem
-from tracker.flame.assets import FlameBundle, load_flame_bundle
+from tracker.fit.solver import Problem
+from tracker.flame.assets import DEFAULT_MODEL_NOTE, FlameBundle, load_flame_bundle
 from tracker.flame.landmarks import LandmarkSet
-from tracker.flame.model import FlameModel, FlameParams
+from tracker.flame.model import FlameModel
 from tracker.io.appearance import write_appearance
-from tracker.io.export import FrameTable, write_json, write_obj, write_params
+from tracker.io.export import FrameTable, write_obj
+from tracker.io.files import RunFolder, printable, write_json
 from tracker.io.overlay_video import write_overlay_video
-from tracker.io.video import FrameSelection, probe_video, read_frames
+from tracker.io.params_writer import OnDisk, OutputWriter
+from tracker.io.report import write_report
+from tracker.io.video import DecodeReport, FrameSelection, probe_video, read_frames
 
 SCHEME_OF_DETECTOR = {"mediapipe": SCHEME_MEDIAPIPE, "dlib": SCHEME_IBUG68, "fan": SCHEME_IBUG68}
-PARTIAL_WRITE_EVERY = 25
-"""Frames between rewrites of the partial npz during tracking."""
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -52,7 +55,10 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise TrackerError(f"--device {quote(name, 40)} is not a torch device: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrackerError(f"--device {name} asked for, but CUDA is not available in this torch build/machine")
     return device
@@ -110,52 +116,26 @@ class RunSummary:
     stages: dict = field(default_factory=dict)
     """Each refinement stage's status, {name: {"ran": bool, "reason": why not, ...}}; DenseMarks adds its
     predictor, licence, map and timings."""
+    flame_model: dict = field(default_factory=dict)
+    """The head model used: name, file, sha256, licence, whether it is the shipped default (not FLAME)."""
     complete: bool = True
-
-
-class OutputWriter:
-    """Collects finished frames and rewrites the npz every few frames (and at the end)."""
-
-    def __init__(self, out_dir: Path, camera: Camera, fps: float, metadata: dict, track: LandmarkTrack):
-        self.path = out_dir / "flame_params.npz"
-        self.camera, self.fps, self.metadata, self.track = camera, fps, metadata, track
-        self.done: dict[int, tuple] = {}
-
-    def add(self, t: int, params, err: float, _reinit: bool) -> None:
-        self.done[t] = (params, err)
-        if len(self.done) % PARTIAL_WRITE_EVERY == 0:
-            self.write_partial()
-
-    def write_partial(self) -> None:
-        """Finished frames only, marked incomplete."""
-        if not self.done:
-            return
-        ts = sorted(self.done)
-        params = [self.done[t][0] for t in ts]
-        stacked = FlameParams(shape=params[0].shape,
-                              **{n: torch.cat([getattr(p, n) for p in params]) for n in FRAME_FIELDS})
-        table = FrameTable(stacked, self.track.frame_indices[ts], self.track.timestamps[ts],
-                           np.ones(len(ts), bool), np.array([self.done[t][1] for t in ts], np.float32))
-        write_params(self.path, table, self.camera, self.fps, {**self.metadata, "complete": False})
-
-    def write_final(self, table: FrameTable) -> None:
-        write_params(self.path, table, self.camera, self.fps, {**self.metadata, "complete": True})
-
-    @contextmanager
-    def keep_partial_on_failure(self) -> Iterator[None]:
-        """On any failure or interrupt inside the block, write the finished frames, then re-raise."""
-        try:
-            yield
-        except BaseException:
-            self.write_partial()
-            raise
+    """Every stage finished and every selected frame the video declares was decoded."""
+    incomplete_reason: str = ""
+    """Why `complete` is false (e.g. the video is truncated)."""
+    input: dict = field(default_factory=dict)
+    """The tracked video stream (stream index, size as displayed, rotation, frame rate, timing) and how decoding
+    went (frames decoded and declared, why it stopped, frames rescaled)."""
+    invalid_reasons: dict[str, int] = field(default_factory=dict)
+    """How many frames are invalid for each reason ("no face found", "non-finite translation", ...)."""
 
 
 def build_metadata(cfg: TrackerConfig, bundle: FlameBundle, video: Path, detector_settings: dict) -> dict:
     return {
         "tool": "tracker", "tool_version": tracker.__version__, "torch_version": torch.__version__,
         "video": str(video), "flame_file": str(bundle.flame_file), "flame_sha256": bundle.model.sha256,
-        "flame_name": bundle.model.name, "n_shape": bundle.model.n_shape, "n_expr": bundle.model.n_expr,
+        "flame_assets_dir": str(bundle.assets_dir), "flame_vertices": bundle.model.n_vertices,
+        "flame_name": bundle.model.name, "flame_model": bundle.model_record,
+        "n_shape": bundle.model.n_shape, "n_expr": bundle.model.n_expr,
         "eyelid_blendshapes": bundle.model.has_eyelids, "landmark_scheme": bundle.landmarks.scheme,
         "detector": detector_settings, "config": config_to_dict(cfg), "machine": platform.platform(),
         "conventions": "world = FLAME(shape, expr, [rotation, neck_pose, jaw_pose, eyes_pose], eyelids) + "
@@ -164,22 +144,34 @@ def build_metadata(cfg: TrackerConfig, bundle: FlameBundle, video: Path, detecto
 
 
 def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = True) -> RunSummary:
-    """Track one video with the given configuration and write all outputs; returns the summary."""
+    """Track one video with the given configuration and write all outputs; returns the summary.
+
+    Inputs are all checked (output folder, video, focal length, FLAME and its assets) before anything is
+    created; an exception that stops the run carries what is on disk (tracker.io.params_writer.OnDisk)."""
+    video, on_disk = Path(video), OnDisk()
+    run_folder = RunFolder(cfg.output.dir, video)  # refuses an unusable --out before any work
+    with on_disk.attached_to_errors(), run_folder.removed_if_refused(lambda: on_disk.frames):
+        return _track_video(video, cfg, show_progress, run_folder, on_disk)
+
+
+def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folder: RunFolder,
+                 on_disk: OnDisk) -> RunSummary:
     started = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    video = Path(video)
-    info = probe_video(video)
-    out_dir = Path(cfg.output.dir) / video.stem
-    out_dir.mkdir(parents=True, exist_ok=True)
-    selection = FrameSelection(cfg.video.start, cfg.video.max_frames, cfg.video.stride)
+    selection = FrameSelection(cfg.video.start, cfg.video.max_frames, cfg.video.stride, cfg.video.stream)
+    info = probe_video(video, selection.stream)
+    check_focal(cfg.camera.focal, info.width, info.height)
     timings: dict[str, float] = {}
 
     scheme = SCHEME_OF_DETECTOR[cfg.detect.landmarks]
     bundle = load_flame_bundle(cfg.flame.path, cfg.flame.assets_dir, cfg.flame.n_shape, cfg.flame.n_expr,
                                scheme, cfg.flame.eyelids)
+    if bundle.is_default:
+        print(DEFAULT_MODEL_NOTE, flush=True)
     model = bundle.model.to(device)
     landmarks = bundle.landmarks.to(device)
+    out_dir = run_folder.open()  # inputs accepted: now the folder is made, the previous run's outputs go
 
     camera = Camera.from_image(info.height, info.width, cfg.camera.fov_init_deg, cfg.camera.focal, device)
     problem = landmark_terms_problem(model, landmarks, camera, cfg)
@@ -189,7 +181,10 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
         expected = _expected_frames(info.n_frames, selection)
         with LandmarkStream(video, detector, selection, keyframe_positions(expected, cfg.fit.keyframes),
                             use_cache=cfg.detect.cache) as stream:
-            writer = OutputWriter(out_dir, camera, info.fps, metadata, stream)
+            decoding = stream.report
+            metadata["input"] = {**info.describe(), **decoding.describe()}
+            # The writer reads frame indices and times off the stream, which grows as frames are detected.
+            writer = OutputWriter(out_dir, camera, info.fps, metadata, stream, on_disk)
             with writer.keep_partial_on_failure():
                 result = fit_landmarks(problem, stream, scheme, cfg, writer, timings, expected, show_progress)
             track = stream.track()
@@ -200,15 +195,19 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
     if len(track) == 0:
         raise TrackerError(f"{video}: no frames selected (start {cfg.video.start} is past the end?)")
     obs = landmark_problem(track, model, landmarks, camera, cfg, scheme)[0]
-    # The landmark track is complete and safe on disk before the (slower) image stages refine it.
-    writer.write_final(FrameTable(result.params, track.frame_indices, track.timestamps, result.valid,
-                                  result.lmk_error_px))
+    metadata["input"] = {**info.describe(), **decoding.describe()}
+    stage_energy = {"landmarks": frame_energy(problem, result, obs)}
+    # The landmark track is safe on disk before the (slower) image stages refine it.
+    writer.write(FrameTable(result.params, track.frame_indices, track.timestamps, result.valid, result.lmk_error_px,
+                            stage_energy=stage_energy), complete=False)
     outputs = {"params": str(writer.path)}
 
     frames = lambda: read_frames(video, selection)  # noqa: E731  (re-decodes the selected frames)
     with _timed(timings, "densemarks"):
         result, writer.metadata["densemarks"] = densemarks_stage(problem, result, obs, track, frames, bundle, cfg,
                                                                  out_dir, show_progress)
+    if writer.metadata["densemarks"].get("ran"):
+        stage_energy["densemarks"] = frame_energy(problem, result, obs)
     textured = None  # the photometric stage's appearance and regions, for the overlay
     photometric = {"ran": False, "reason": "photometric.enabled is off"}
     if cfg.photometric.enabled:
@@ -219,10 +218,12 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
         photometric = {"ran": appearance is not None, "reason": "" if appearance else "no frame has a landmark fit"}
         if appearance is not None:
             textured = (appearance, region_mesh(model, bundle.masks, cfg.energy.photometric.regions))
+            stage_energy["photometric"] = frame_energy(problem, result, obs)
     stages = {"densemarks": writer.metadata["densemarks"], "photometric": photometric}
     writer.metadata["stages"] = {name: bool(status.get("ran")) for name, status in stages.items()}
-    writer.write_final(FrameTable(result.params, track.frame_indices, track.timestamps, result.valid,
-                                  result.lmk_error_px))
+    table = FrameTable(result.params, track.frame_indices, track.timestamps, result.valid, result.lmk_error_px,
+                       stage_energy=stage_energy)
+    written = writer.write(table, complete=False)
 
     with _timed(timings, "outputs"):
         if cfg.output.save_meshes:
@@ -230,23 +231,28 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
         if cfg.output.video:
             outputs["overlay_video"] = str(write_overlay_video(
                 out_dir / "overlay.mp4", read_frames(video, selection), model, landmarks, camera, result, obs,
-                info.fps, show_progress, textured))
+                info.rate / selection.stride, show_progress, textured))
+        if cfg.output.report:
+            outputs["report"] = str(write_report(out_dir / "report.png", written, title=printable(video.name)))
 
-    summary = _summarise(video, out_dir, track, result, timings, time.perf_counter() - started, camera, outputs)
-    summary.stages = stages
+    # Every stage finished: the last write says whether the result covers the whole selection.
+    arrays = writer.write(table, complete=decoding.complete)
+    summary = _summarise(video, out_dir, arrays, result, timings, time.perf_counter() - started, camera, outputs)
+    summary.stages, summary.flame_model, summary.input = stages, bundle.model_record, writer.metadata["input"]
+    summary.complete, summary.incomplete_reason = decoding.complete, "" if decoding.complete else decoding.stopped
     write_json(out_dir / "summary.json", summary.__dict__)
     return summary
 
 
 def detect_landmarks(video: Path, cfg: TrackerConfig, selection: FrameSelection, n_frames: int, out_dir: Path,
-                     show_progress: bool) -> tuple[LandmarkTrack, dict]:
+                     show_progress: bool, decoding: DecodeReport | None = None) -> tuple[LandmarkTrack, dict]:
     """Landmarks of the selected frames (cached per video) and the detector's settings."""
     detector = make_detector(cfg.detect.landmarks, **_detector_options(cfg))
     try:
         with tqdm(total=_expected_frames(n_frames, selection), desc="landmarks", unit="frame",
                   disable=not show_progress) as bar:
             track = detect_video(video, detector, selection, use_cache=cfg.detect.cache,
-                                 on_frame=lambda *_: bar.update(1))
+                                 on_frame=lambda *_: bar.update(1), report=decoding)
         return track, detector.settings()
     finally:
         if hasattr(detector, "close"):  # MediaPipe's native graph must be closed before exit
@@ -260,7 +266,7 @@ def keyframe_positions(expected_frames: int | None, count: int) -> np.ndarray:
 
 
 def fit_landmarks(problem: Problem, stream: LandmarkStream, scheme: str, cfg: TrackerConfig,
-                  writer: "OutputWriter", timings: dict, expected_frames: int | None,
+                  writer: OutputWriter, timings: dict, expected_frames: int | None,
                   show_progress: bool) -> TrackResult:
     """Identity and focal on keyframes, then frame-by-frame tracking while the stream is still detecting (when
     fewer than half the keyframes show a face, the identity waits for the whole track and takes its keyframes
@@ -337,13 +343,23 @@ def photometric_stage(problem: Problem, result: TrackResult, obs: Observations, 
     return result, {name: str(path) for name, path in write_appearance(out_dir, appearance).items()}, appearance
 
 
+@torch.no_grad()
+def frame_energy(problem: Problem, result: TrackResult, obs: Observations) -> np.ndarray:
+    """(T,) landmark + prior energy of each frame's parameters (NaN where invalid): one yardstick measured after
+    every stage (each stage's own objective has other terms and scales), for the report's stage curves."""
+    energy = problem.energy(result.params, obs).cpu().numpy().astype(np.float32)
+    return np.where(result.valid, energy, np.nan)
+
+
 @contextmanager
 def _timed(timings: dict, name: str) -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
     finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        timings[name] = timings.get(name, 0.0) + elapsed
+        log.info("%s: %.2f s", name, elapsed)
 
 
 def _detector_options(cfg: TrackerConfig) -> dict:
@@ -370,14 +386,17 @@ def _save_meshes(folder: Path, model, result: TrackResult, track: LandmarkTrack)
     return folder
 
 
-def _summarise(video: Path, out_dir: Path, track: LandmarkTrack, result: TrackResult, timings: dict, total: float,
-               camera: Camera, outputs: dict) -> RunSummary:
-    """total: wall seconds of the whole run (stage seconds overlap: detection runs beside the fit)."""
-    T = len(track)
-    errors = result.lmk_error_px[result.valid]
+def _summarise(video: Path, out_dir: Path, arrays: dict[str, np.ndarray], result: TrackResult, timings: dict,
+               total: float, camera: Camera, outputs: dict) -> RunSummary:
+    """The summary of what was written (`arrays`: flame_params.npz as written, invariants enforced); `total`: wall
+    seconds of the whole run (stage seconds overlap: detection runs beside the fit)."""
+    valid, T = arrays["valid"], len(arrays["valid"])
+    errors = arrays["lmk_error_px"][valid]
+    reasons, counts = np.unique(arrays["invalid_reason"][~valid], return_counts=True)
     return RunSummary(
-        video=str(video), out_dir=str(out_dir), frames=T, valid_frames=int(result.valid.sum()),
-        invalid_frame_indices=[int(i) for i in track.frame_indices[~result.valid]],
+        video=str(video), out_dir=str(out_dir), frames=T, valid_frames=int(valid.sum()),
+        invalid_frame_indices=[int(i) for i in arrays["frame_index"][~valid]],
+        invalid_reasons={str(r): int(c) for r, c in zip(reasons, counts)},
         reinitialised_frames=int(result.reinitialised.sum()),
         seconds={k: round(v, 3) for k, v in timings.items()},
         seconds_per_frame={**{k: round(v / T, 4) for k, v in timings.items()}, "total": round(total / T, 4)},

@@ -32,6 +32,8 @@ from scipy.spatial import cKDTree
 from tracker.camera import Camera, to_camera
 from tracker.errors import TrackerError
 from tracker.flame.model import FlameModel, FlameParams
+from tracker.io.files import atomic_write, strict_json, write_image
+from tracker.io.safe_load import read_npy, read_npz
 from tracker.render import RasterSettings, interpolate, rasterize, vertex_normals
 from tracker.render.shading import lambert_headlight
 
@@ -118,11 +120,9 @@ def save_canonical_map(path: str | Path, cmap: CanonicalMap) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": MAP_FORMAT, "version": MAP_VERSION, "n_vertices": len(cmap.coords), **cmap.metadata}
-    partial = path.with_name(path.stem + ".partial.npz")
-    np.savez(partial, coords=cmap.coords.astype(np.float32), support=cmap.support.astype(np.float32),
-             metadata=np.array(json.dumps(metadata, default=str)))
-    partial.replace(path)
-    return path
+    return atomic_write(path, lambda fh: np.savez(fh, coords=cmap.coords.astype(np.float32),
+                                                  support=cmap.support.astype(np.float32),
+                                                  metadata=np.array(strict_json(metadata))))
 
 
 def load_canonical_map(path: str | Path, n_vertices: int | None = None) -> CanonicalMap:
@@ -133,14 +133,13 @@ def load_canonical_map(path: str | Path, n_vertices: int | None = None) -> Canon
                            "densemarks.canonical_map empty to estimate one from the video")
     try:
         if path.suffix == ".npy":
-            coords = np.load(path, allow_pickle=False)
+            coords = read_npy(path, "canonical map")
             cmap = CanonicalMap(coords.astype(np.float32), np.ones(len(coords), np.float32), {"source": str(path)})
         else:
-            with np.load(path, allow_pickle=False) as stored:
-                metadata = json.loads(str(stored["metadata"])) if "metadata" in stored.files else {}
-                cmap = CanonicalMap(stored["coords"].astype(np.float32), stored["support"].astype(np.float32),
-                                    metadata)
-    except (OSError, ValueError, KeyError) as error:
+            stored = read_npz(path, "canonical map")
+            metadata = json.loads(str(stored["metadata"])) if "metadata" in stored else {}
+            cmap = CanonicalMap(stored["coords"].astype(np.float32), stored["support"].astype(np.float32), metadata)
+    except (ValueError, KeyError, AttributeError) as error:
         raise TrackerError(f"canonical map {path} is unreadable ({error}): write it with save_canonical_map") from None
     if cmap.coords.ndim != 2 or cmap.coords.shape[1] != 3:
         raise TrackerError(f"canonical map {path} holds an array of shape {cmap.coords.shape}, expected (V, 3)")
@@ -430,6 +429,4 @@ def write_canonical_png(path: str | Path, model: FlameModel, cmap: CanonicalMap,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rgb = render_canonical_views(model, cmap.tensor(model.v_template.device), shape, size)
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise TrackerError(f"cannot write {path}")
-    return path
+    return write_image(path, rgb)

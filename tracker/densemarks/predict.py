@@ -19,7 +19,9 @@ import torch
 from tracker.densemarks.model import DenseMarksConfig, DenseMarksNet
 from tracker.densemarks.runtime import build_forward
 from tracker.densemarks.weights import LICENSE, file_sha256, load_densemarks, resolve_weights_path
-from tracker.errors import TrackerError
+from tracker.errors import TrackerError, warn
+from tracker.io.files import atomic_write, write_json
+from tracker.io.safe_load import read_npz
 
 
 @dataclass(frozen=True)
@@ -131,13 +133,24 @@ class UvwCache:
 
     def __init__(self, directory: str | Path, model_id: str, crop_size: int):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.writable = True
         meta = {"model_id": model_id, "crop_size": crop_size, "license": LICENSE}
         meta_path = self.directory / self.META
-        if not meta_path.is_file() or self._read_meta(meta_path) != meta:
-            for stale in self.directory.glob("frame_*.npz"):
-                stale.unlink()
-            meta_path.write_text(json.dumps(meta, indent=1))
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if not meta_path.is_file() or self._read_meta(meta_path) != meta:
+                for stale in self.directory.glob("frame_*.npz"):
+                    stale.unlink()
+                write_json(meta_path, meta)
+        except OSError as error:
+            self._skip(error)
+
+    def _skip(self, error: OSError) -> None:
+        """A cache that cannot be written only costs time: say so once and go on without it."""
+        if self.writable:
+            warn(f"cannot write the DenseMarks cache {self.directory} ({error.strerror or error}); tracking goes on "
+                 "without it")
+        self.writable = False
 
     @staticmethod
     def _read_meta(path: Path) -> dict | None:
@@ -157,14 +170,23 @@ class UvwCache:
         path = self._path(frame_index)
         if not path.is_file():
             return None
-        with np.load(path) as stored:
+        try:
+            stored = read_npz(path, "cached DenseMarks prediction")
             return UvwPrediction(uvw=stored["uvw"].astype(np.float32), frame_to_crop=stored["frame_to_crop"])
+        except (TrackerError, KeyError, ValueError) as error:
+            warn(f"{str(error)[:300]}: predicting that frame again")
+            return None
 
     def put(self, frame_index: int, prediction: UvwPrediction) -> None:
-        # Write-then-rename so an interrupted run never leaves a truncated entry behind.
-        partial = self.directory / f"partial_{frame_index:06d}.npz"
-        np.savez(partial, uvw=prediction.uvw.astype(np.float16), frame_to_crop=prediction.frame_to_crop)
-        partial.replace(self._path(frame_index))
+        # Atomic (unique temporary name, then rename): an interrupted or concurrent run never leaves or reads a
+        # truncated entry.
+        if not self.writable:
+            return
+        try:
+            atomic_write(self._path(frame_index), lambda out: np.savez(
+                out, uvw=prediction.uvw.astype(np.float16), frame_to_crop=prediction.frame_to_crop))
+        except OSError as error:
+            self._skip(error)
 
 
 def cached_predict(predictor: DenseMarksPredictor, cache: UvwCache, frame_index: int,

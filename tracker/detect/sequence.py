@@ -9,7 +9,7 @@ from pathlib import Path
 from tracker.detect.base import LandmarkDetector, Landmarks, LandmarkTrack
 from tracker.detect.boxes import BoxTrackerOptions, FaceBoxTracker
 from tracker.detect.cache import cache_file, cache_root, detection_cache_key, load_track, save_track
-from tracker.io.video import Frame, FrameSelection, probe_video, read_frames
+from tracker.io.video import DecodeReport, Frame, FrameSelection, probe_video, read_frames
 
 
 def detect_each(frames: Iterable[Frame], detector: LandmarkDetector,
@@ -53,19 +53,21 @@ def detect_video(video_path: str | Path, detector: LandmarkDetector,
                  selection: FrameSelection = FrameSelection(),
                  box_options: BoxTrackerOptions = BoxTrackerOptions(),
                  cache_dir: Path | None = None, use_cache: bool = True,
-                 on_frame: Callable[[Frame, Landmarks | None], None] | None = None) -> LandmarkTrack:
+                 on_frame: Callable[[Frame, Landmarks | None], None] | None = None,
+                 report: DecodeReport | None = None) -> LandmarkTrack:
     """Landmarks of the selected frames of a video, read from the cache when an identical run
     (same file, detector, settings and selection) was stored before. `on_frame` is called for
-    freshly detected frames only (progress reporting)."""
+    freshly detected frames only (progress reporting); `report` gets how decoding went (stored with the cache)."""
     video_path = Path(video_path)
-    probe_video(video_path)  # a missing or unreadable file fails here, before the cache lookup
-    frames = read_frames(video_path, selection)
+    report = report if report is not None else DecodeReport()
+    probe_video(video_path, selection.stream)  # a missing or unreadable file fails here, before the cache lookup
+    frames = read_frames(video_path, selection, report)
     if not use_cache:
         return detect_frames(frames, detector, box_options, on_frame)
     key = track_cache_key(video_path, detector, selection, box_options)
     path = cache_file(cache_dir or cache_root(), video_path, detector.name)
-    track = load_track(path, key)
+    track = load_track(path, key, report)
     if track is None:
         track = detect_frames(frames, detector, box_options, on_frame)
-        save_track(path, track, key)
+        save_track(path, track, key, report)
     return track

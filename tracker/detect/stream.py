@@ -29,7 +29,7 @@ from tracker.detect.base import LandmarkDetector, Landmarks, LandmarkTrack
 from tracker.detect.boxes import BoxTrackerOptions
 from tracker.detect.cache import cache_file, cache_root, detection_cache_key, load_track, save_track
 from tracker.detect.sequence import detect_each, track_cache_key
-from tracker.io.video import FrameSelection, probe_video, read_frames
+from tracker.io.video import DecodeReport, FrameSelection, probe_video, read_frames
 
 QUEUE_FRAMES = 256
 """Detections the producer may run ahead of the consumer (landmarks only, a few KB each: memory stays flat), enough
@@ -61,7 +61,9 @@ class LandmarkStream:
         self.keyframe_positions = sorted({int(p) for p in keyframe_positions})
         self.box_options, self.use_cache = box_options, use_cache
         self.cache_dir = cache_dir or cache_root()
-        probe_video(self.video)  # a missing or unreadable file fails here, before any thread starts
+        probe_video(self.video, selection.stream)  # a missing or unreadable file fails here, before any thread
+        self.report = DecodeReport()
+        """How decoding the selection went (stored with the cached track); final once the stream has ended."""
         self.detect_seconds = 0.0
         """Seconds the producer spent decoding and detecting (0 for cached passes); overlaps the consumer."""
         self._frames: list[DetectedFrame] = []
@@ -80,14 +82,14 @@ class LandmarkStream:
     def _produce(self) -> Iterator[tuple[str, object]]:
         """("keyframes", LandmarkTrack), then ("frame", DetectedFrame) per selected frame, then ("end", cached)."""
         yield "keyframes", self._keyframe_track()
-        track = self._cached(self._track_cache_path(), self._track_key())
+        track = load_track(self._track_cache_path(), self._track_key(), self.report) if self.use_cache else None
         if track is not None:
             for t in range(len(track)):
                 yield "frame", DetectedFrame(t, int(track.frame_indices[t]), float(track.timestamps[t]),
                                              track.landmarks(t))
             yield "end", True
             return
-        with closing(read_frames(self.video, self.selection)) as frames:
+        with closing(read_frames(self.video, self.selection, self.report)) as frames:
             detections = detect_each(frames, self.detector, self.box_options)
             for position in itertools.count():
                 start = time.perf_counter()
@@ -104,13 +106,13 @@ class LandmarkStream:
             "detector": self.detector.settings(), "selection": asdict(self.selection),
             "keyframe_positions": self.keyframe_positions})
         path = cache_file(self.cache_dir, self.video, self.detector.name + "-keyframes")
-        cached = self._cached(path, key)
+        cached = load_track(path, key) if self.use_cache else None
         if cached is not None:
             return cached
         start = time.perf_counter()
         indices, timestamps, detections = [], [], []
         if self.keyframe_positions:
-            with closing(read_frames(self.video, self.selection, self.keyframe_positions)) as frames:
+            with closing(read_frames(self.video, self.selection, positions=self.keyframe_positions)) as frames:
                 for frame in frames:
                     indices.append(frame.index)
                     timestamps.append(frame.timestamp)
@@ -120,9 +122,6 @@ class LandmarkStream:
         if self.use_cache:
             save_track(path, track, key)
         return track
-
-    def _cached(self, path: Path, key: str) -> LandmarkTrack | None:
-        return load_track(path, key) if self.use_cache else None
 
     def _track_cache_path(self) -> Path:
         return cache_file(self.cache_dir, self.video, self.detector.name)
@@ -173,7 +172,7 @@ class LandmarkStream:
             if kind == "end":
                 self._complete = True
                 if not payload and self.use_cache:
-                    save_track(self._track_cache_path(), self.track(), self._track_key())
+                    save_track(self._track_cache_path(), self.track(), self._track_key(), self.report)
                 return
             self._frames.append(payload)  # type: ignore[arg-type]
             yield payload  # type: ignore[misc]

@@ -6,22 +6,26 @@ Two detector schemes map onto FLAME:
   visible silhouette of the cheek moves over the surface as the head turns.
 - 'mediapipe478' (MediaPipe Face Landmarker): metrical-tracker's 105-point embedding; `landmark_indices`
   picks those 105 out of MediaPipe's 478.
+
+Each file is looked up under its shipped plain-array name (.npz, in flame_assets/) first, then under the
+name the original projects publish it with (.pkl / pickled .npy, read by the restricted readers).
 """
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tracker.detect.base import POINTS_PER_SCHEME, SCHEME_MEDIAPIPE
 from tracker.errors import MissingAssetError, TrackerError
-from tracker.flame.loading import read_pickle
+from tracker.flame.loading import read_array_dict
+from tracker.io.safe_load import read_npy, read_npz
 
-STATIC_68_FILE = "flame_static_embedding_68.pkl"
-DYNAMIC_CONTOUR_FILE = "flame_dynamic_embedding.npy"
+STATIC_68_FILES = ("flame_static_embedding_68.npz", "flame_static_embedding_68.pkl")
+DYNAMIC_CONTOUR_FILES = ("flame_dynamic_embedding.npz", "flame_dynamic_embedding.npy")
 MEDIAPIPE_FILE = "mediapipe_landmark_embedding.npz"
 N_CONTOUR = 17
 CONTOUR_MAX_YAW_DEG = 39
@@ -94,17 +98,56 @@ class LandmarkSet:
         return self.positions(vertices[:, self.vertex_ids], yaw_deg)
 
 
-def _face_corners(faces: np.ndarray, face_idx: np.ndarray) -> np.ndarray:
-    return faces[np.asarray(face_idx, dtype=np.int64)]
+def _embedding_array(path: Path, values: dict, key: str, dtype, shape: tuple) -> np.ndarray:
+    """values[key] as a finite array of `shape` (None: any size); one line naming the file and array otherwise."""
+    try:
+        array = np.asarray(values[key], dtype=np.float64)
+    except KeyError:
+        raise TrackerError(f"{path}: array {key} is missing") from None
+    except (TypeError, ValueError):
+        raise TrackerError(f"{path}: array {key} is not numeric") from None
+    if array.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, array.shape)):
+        wanted = "x".join("?" if s is None else str(s) for s in shape)
+        raise TrackerError(f"{path}: array {key} has shape {'x'.join(map(str, array.shape))}, expected {wanted}")
+    if not np.isfinite(array).all():
+        raise TrackerError(f"{path}: array {key} holds non-finite values")
+    return array.astype(dtype)
 
 
-def _require(path: Path) -> Path:
-    if not path.is_file():
+def _face_corners(faces: np.ndarray, face_idx: np.ndarray, path: Path | None = None) -> np.ndarray:
+    face_idx = np.asarray(face_idx, dtype=np.int64)
+    if face_idx.size and (face_idx.min() < 0 or face_idx.max() >= len(faces)):
+        raise TrackerError(f"{path}: array lmk_face_idx holds triangle indices outside 0..{len(faces) - 1}: "
+                           "the embedding does not belong to this FLAME mesh")
+    return faces[face_idx]
+
+
+def find_side_file(folder: Path, names: tuple[str, ...] | str) -> Path | None:
+    """The first of `names` (shipped plain-array name first) that exists in folder, else None."""
+    names = (names,) if isinstance(names, str) else names
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def _require(folder: Path, names: tuple[str, ...] | str) -> Path:
+    path = find_side_file(folder, names)
+    if path is None:
+        name = names if isinstance(names, str) else " or ".join(names)
         raise MissingAssetError(
-            f"landmark embedding {path.name} not found in {path.parent}: put FLAME's embedding files there "
+            f"landmark embedding {name} not found in {folder}: put FLAME's embedding files there "
             "or set --flame-assets / TRACKER_FLAME_ASSETS"
         )
     return path
+
+
+def read_dynamic_contour(path: Path) -> dict:
+    """The dynamic contour as a dict: plain .npz, or RingNet's original pickled .npy (its pickle read by the
+    restricted unpickler of tracker.io.safe_load, never np.load(allow_pickle=True))."""
+    if path.suffix == ".npz":
+        return read_array_dict(path, "landmark embedding")
+    dynamic = read_npy(path, "landmark embedding")
+    if not isinstance(dynamic, dict):
+        raise TrackerError(f"{path} does not hold a dict of arrays (found {type(dynamic).__name__})")
+    return dynamic
 
 
 def _build(scheme: str, faces: np.ndarray, tri_corners: list[np.ndarray], detector_index: np.ndarray,
@@ -130,29 +173,31 @@ def _build(scheme: str, faces: np.ndarray, tri_corners: list[np.ndarray], detect
 
 def load_ibug68(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
     """68 iBUG landmarks: static 68 embedding with the dynamic 17-point jaw contour."""
-    static = read_pickle(_require(assets_dir / STATIC_68_FILE))
-    try:
-        dynamic = np.load(_require(assets_dir / DYNAMIC_CONTOUR_FILE), allow_pickle=True, encoding="latin1")
-        dynamic = dynamic.item()
-    except (ValueError, OSError, pickle.UnpicklingError) as exc:
-        raise TrackerError(f"{DYNAMIC_CONTOUR_FILE} is unreadable ({exc})") from None
-    static_corners = _face_corners(faces, static["lmk_face_idx"])  # (68, 3)
-    contour_corners = _face_corners(faces, np.asarray(dynamic["lmk_face_idx"]))  # (79, 17, 3)
-    contour_bary = np.asarray(dynamic["lmk_b_coords"], dtype=np.float32)
-    if static_corners.shape[0] != 68 or contour_corners.shape[1:] != (N_CONTOUR, 3):
-        raise TrackerError("landmark embedding files do not have the 68 / 79x17 layout")
-    return _build("ibug68", faces, [static_corners, contour_corners], np.arange(68),
-                  np.asarray(static["lmk_b_coords"]), (contour_corners, contour_bary))
+    static_path = _require(assets_dir, STATIC_68_FILES)
+    dynamic_path = _require(assets_dir, DYNAMIC_CONTOUR_FILES)
+    static = read_array_dict(static_path, "landmark embedding")
+    dynamic = read_dynamic_contour(dynamic_path)
+    static_faces = _embedding_array(static_path, static, "lmk_face_idx", np.int64, (68,))
+    static_bary = _embedding_array(static_path, static, "lmk_b_coords", np.float32, (68, 3))
+    contour_faces = _embedding_array(dynamic_path, dynamic, "lmk_face_idx", np.int64, (79, N_CONTOUR))
+    contour_bary = _embedding_array(dynamic_path, dynamic, "lmk_b_coords", np.float32, (79, N_CONTOUR, 3))
+    static_corners = _face_corners(faces, static_faces, static_path)  # (68, 3)
+    contour_corners = _face_corners(faces, contour_faces, dynamic_path)  # (79, 17, 3)
+    return _build("ibug68", faces, [static_corners, contour_corners], np.arange(68), static_bary,
+                  (contour_corners, contour_bary))
 
 
 def load_mediapipe105(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
     """MediaPipe's 478 points, 105 of them embedded on FLAME."""
-    try:
-        with np.load(_require(assets_dir / MEDIAPIPE_FILE)) as z:
-            face_idx, bary, mp_idx = z["lmk_face_idx"], z["lmk_b_coords"], z["landmark_indices"]
-    except (KeyError, ValueError, OSError) as exc:
-        raise TrackerError(f"{MEDIAPIPE_FILE} is unreadable ({exc})") from None
-    corners = _face_corners(faces, face_idx)
+    path = _require(assets_dir, MEDIAPIPE_FILE)
+    stored = read_npz(path, "landmark embedding")
+    face_idx = _embedding_array(path, stored, "lmk_face_idx", np.int64, (None,))
+    n = len(face_idx)
+    bary = _embedding_array(path, stored, "lmk_b_coords", np.float32, (n, 3))
+    mp_idx = _embedding_array(path, stored, "landmark_indices", np.int64, (n,))
+    if n == 0 or mp_idx.min() < 0 or mp_idx.max() >= POINTS_PER_SCHEME[SCHEME_MEDIAPIPE]:
+        raise TrackerError(f"{path}: array landmark_indices must hold indices into MediaPipe's 478 points")
+    corners = _face_corners(faces, face_idx, path)
     return _build("mediapipe478", faces, [corners], mp_idx, bary, None)
 
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from tracker.flame.lbs import lbs
-from tracker.flame.loading import FlameData
+from tracker.flame.loading import FLAME_JOINTS, FlameData
 
-N_JOINTS = 5
+N_JOINTS = FLAME_JOINTS
 """global (root), neck, jaw, left eye, right eye."""
 
 

@@ -21,6 +21,8 @@ from tracker.energy.photometric import Appearance, RegionMesh
 from tracker.errors import MissingAssetError, TrackerError
 from tracker.fit.photometric import render_frames
 from tracker.flame.model import FlameParams
+from tracker.io.files import atomic_write, write_image, write_json
+from tracker.io.safe_load import read_npy
 from tracker.render.shading import sh_basis
 
 TEXTURE_FILE = "texture.png"
@@ -57,15 +59,13 @@ def write_appearance(folder: str | Path, appearance: Appearance) -> dict[str, Pa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = {"lighting": folder / LIGHTING_FILE}
-    written["lighting"].write_text(json.dumps(lighting_document(appearance.sh), indent=2))
+    write_json(written["lighting"], lighting_document(appearance.sh))
     if appearance.texture is not None:
         rgb = (appearance.texture.detach().clamp(0.0, 1.0) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        written["texture"] = folder / TEXTURE_FILE
-        if not cv2.imwrite(str(written["texture"]), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-            raise TrackerError(f"could not write {written['texture']}")
+        written["texture"] = write_image(folder / TEXTURE_FILE, rgb)
     else:
-        written["vertex_colors"] = folder / VERTEX_COLORS_FILE
-        np.save(written["vertex_colors"], appearance.vertex_colors.detach().cpu().numpy().astype(np.float32))
+        colors = appearance.vertex_colors.detach().cpu().numpy().astype(np.float32)
+        written["vertex_colors"] = atomic_write(folder / VERTEX_COLORS_FILE, lambda fh: np.save(fh, colors))
     return written
 
 
@@ -92,7 +92,7 @@ def read_appearance(folder: str | Path, corner_uvs: Tensor | None = None,
     colors_path = folder / VERTEX_COLORS_FILE
     if not colors_path.is_file():
         raise MissingAssetError(f"neither {TEXTURE_FILE} nor {VERTEX_COLORS_FILE} found in {folder}")
-    return Appearance(sh, vertex_colors=torch.from_numpy(np.load(colors_path)).to(device))
+    return Appearance(sh, vertex_colors=torch.from_numpy(read_npy(colors_path, "vertex colour file")).to(device))
 
 
 def draw_appearance(frame: np.ndarray, appearance: Appearance, mesh: RegionMesh, camera: Camera,

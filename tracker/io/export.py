@@ -6,8 +6,6 @@ an interrupted or crashed run keeps its finished frames.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +14,10 @@ import torch
 
 from tracker.camera import Camera, rotation_to_camera
 from tracker.flame.model import FlameParams
+from tracker.io.files import atomic_write, strict_json
+from tracker.io.invariants import enforce_frame_invariants
+from tracker.result import PARAM_KEYS, read_npz
 
-PARAM_KEYS = ("shape", "expr", "jaw_pose", "neck_pose", "rotation", "translation", "eyes_pose", "eyelids")
 CAMERA_KEYS = ("K", "R", "t", "image_size", "fps")
 FRAME_KEYS = ("frame_index", "timestamp", "valid", "lmk_error_px")
 
@@ -35,6 +35,10 @@ class FrameTable:
     """(T,) bool."""
     lmk_error_px: np.ndarray
     """(T,) mean landmark reprojection error, pixels (NaN where invalid)."""
+    stage_energy: dict[str, np.ndarray] | None = None
+    """{stage: (T,) landmark + prior energy of each frame after that stage} (NaN where invalid), for report.png."""
+    invalid_reason: np.ndarray | None = None
+    """(T,) why each invalid frame is invalid (None: no face found); see tracker/io/invariants.py."""
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -42,7 +46,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def flame_arrays(table: FrameTable, camera: Camera, fps: float) -> dict[str, np.ndarray]:
-    """The npz arrays (see README, 'Outputs')."""
+    """The npz arrays (see README, 'Outputs'), with the invariants of tracker/io/invariants.py enforced."""
     T = len(table.frame_index)
     p = table.params
     K = _np(camera.opencv_intrinsics())
@@ -55,36 +59,29 @@ def flame_arrays(table: FrameTable, camera: Camera, fps: float) -> dict[str, np.
         frame_index=table.frame_index.astype(np.int64), timestamp=table.timestamp.astype(np.float64),
         valid=table.valid.astype(bool), lmk_error_px=table.lmk_error_px.astype(np.float32),
     )
-    return arrays
+    if table.stage_energy:
+        arrays["stage_names"] = np.array(list(table.stage_energy), dtype=str)
+        arrays["stage_energy"] = np.stack(list(table.stage_energy.values())).astype(np.float32)
+    return enforce_frame_invariants(arrays, table.invalid_reason)
 
 
-def write_params(path: Path, table: FrameTable, camera: Camera, fps: float, metadata: dict) -> None:
-    """Atomically write flame_params.npz; metadata goes in as a JSON string under `metadata`."""
+def write_params(path: Path, table: FrameTable, camera: Camera, fps: float, metadata: dict) -> dict[str, np.ndarray]:
+    """Atomically write flame_params.npz (metadata as a strict JSON string under `metadata`); returns the
+    arrays as written (invariants enforced)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = flame_arrays(table, camera, fps)
-    arrays["metadata"] = np.array(json.dumps(metadata, default=str))
-    tmp = path.with_name(path.stem + ".partial.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: np.savez(fh, **arrays, metadata=np.array(strict_json(metadata))))
+    return arrays
 
 
 def read_params(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     """Load an exported npz: arrays and the metadata dict."""
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files if k != "metadata"}
-        metadata = json.loads(str(z["metadata"])) if "metadata" in z.files else {}
-    return arrays, metadata
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    return read_npz(path)
 
 
 def write_obj(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None:
     """Wavefront OBJ of one mesh (vertices (V, 3), faces (F, 3) zero-based)."""
     lines = [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in vertices]
     lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces]
-    path.write_text("\n".join(lines) + "\n")
+    text = ("\n".join(lines) + "\n").encode()
+    atomic_write(path, lambda fh: fh.write(text))

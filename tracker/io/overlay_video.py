@@ -4,6 +4,7 @@ its compared regions are drawn textured and lit with the sequence's appearance o
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
 
@@ -19,6 +20,7 @@ from tracker.fit.sequence import TrackResult
 from tracker.flame.landmarks import LandmarkSet
 from tracker.flame.model import FlameModel
 from tracker.io.appearance import draw_appearance
+from tracker.io.files import atomic_path
 from tracker.io.video import Frame
 from tracker.render.overlay import draw_landmarks, draw_mesh
 from tracker.render.shading import vertex_normals
@@ -27,12 +29,14 @@ from tracker.render.shading import vertex_normals
 class VideoWriter:
     """H.264 (or MPEG-4 when libx264 is missing) writer for RGB frames of any size."""
 
-    def __init__(self, path: Path, fps: float, width: int, height: int):
-        self.container = av.open(str(path), "w")
+    def __init__(self, path: Path, rate: Fraction | float, width: int, height: int):
+        """rate: frames per second, exactly (e.g. 30000/1001, or the video's rate over the tracking stride)."""
+        rate = Fraction(rate).limit_denominator(1_000_000)
+        self.container = av.open(str(path), "w", format="mp4")
         try:
-            self.stream = self.container.add_stream("libx264", rate=round(fps))
+            self.stream = self.container.add_stream("libx264", rate=rate)
         except (av.error.FFmpegError, ValueError):
-            self.stream = self.container.add_stream("mpeg4", rate=round(fps))
+            self.stream = self.container.add_stream("mpeg4", rate=rate)
         # yuv420p needs even sides: pad by one pixel where needed.
         self.stream.width, self.stream.height = width + width % 2, height + height % 2
         self.stream.pix_fmt = "yuv420p"
@@ -70,11 +74,19 @@ def render_overlay(rgb: np.ndarray, model: FlameModel, landmarks: LandmarkSet, c
 
 
 def write_overlay_video(path: Path, frames: Iterable[Frame], model: FlameModel, landmarks: LandmarkSet,
-                        camera: Camera, result: TrackResult, obs: Observations, fps: float,
+                        camera: Camera, result: TrackResult, obs: Observations, rate: Fraction | float,
                         show_progress: bool = True,
                         textured: tuple[Appearance, RegionMesh] | None = None) -> Path:
-    """Render the overlay for the tracked frames (in tracking order) into an mp4 (`textured`: see
-    `render_overlay`)."""
+    """Render the overlay for the tracked frames (in tracking order) into an mp4 at `rate` frames per second
+    (exact: the video's rate over the tracking stride), written atomically (`textured`: see `render_overlay`)."""
+    with atomic_path(path) as partial:
+        _write_overlay(partial, frames, model, landmarks, camera, result, obs, rate, show_progress, textured)
+    return path
+
+
+def _write_overlay(path: Path, frames: Iterable[Frame], model: FlameModel, landmarks: LandmarkSet, camera: Camera,
+                   result: TrackResult, obs: Observations, rate: Fraction | float, show_progress: bool,
+                   textured: tuple[Appearance, RegionMesh] | None) -> None:
     writer = None
     try:
         for t, frame in enumerate(tqdm(frames, total=len(result.valid), desc="overlay", unit="frame",
@@ -82,7 +94,7 @@ def write_overlay_video(path: Path, frames: Iterable[Frame], model: FlameModel, 
             if t >= len(result.valid):
                 break
             if writer is None:
-                writer = VideoWriter(path, fps, frame.rgb.shape[1], frame.rgb.shape[0])
+                writer = VideoWriter(path, rate, frame.rgb.shape[1], frame.rgb.shape[0])
             if result.valid[t]:
                 detected = obs.landmarks[t][obs.landmark_weights[t] > 0].cpu().numpy()
                 rgb = render_overlay(frame.rgb, model, landmarks, camera, result.params.frames(slice(t, t + 1)),
@@ -94,4 +106,3 @@ def write_overlay_video(path: Path, frames: Iterable[Frame], model: FlameModel, 
     finally:
         if writer is not None:
             writer.close()
-    return path
