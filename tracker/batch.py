@@ -22,7 +22,7 @@ import multiprocessing
 import os
 import sys
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -253,7 +253,7 @@ def run_batch(videos: Sequence[Path], cfg: TrackerConfig, runner, retries: int =
     return list(records.values())
 
 
-def write_summary_csv(path: Path, records: Iterator[VideoRecord] | Sequence[VideoRecord]) -> None:
+def write_summary_csv(path: Path, records: Iterable[VideoRecord]) -> None:
     """All records as CSV, written to a temporary file and renamed (never half written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
