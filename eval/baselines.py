@@ -100,8 +100,8 @@ def fit_exact_landmarks(gt: GroundTruth, cfg: TrackerConfig, show_progress: bool
     device = torch.device(cfg.device)
     model, landmarks = bundle.model.to(device), bundle.landmarks.to(device)
     camera = Camera.from_image(gt.camera.height, gt.camera.width, cfg.camera.fov_init_deg, cfg.camera.focal, device)
-    obs, problem = landmark_problem(track, model, landmarks, camera, cfg, scheme)
-    result = fit_landmarks(problem, obs, track, cfg, _DiscardFrames(), {}, show_progress)
+    problem = landmark_problem(track, model, landmarks, camera, cfg, scheme)[1]
+    result = fit_landmarks(problem, track, cfg, _DiscardFrames(), {}, show_progress)
     fitted_camera = Camera(problem.camera.focal.detach().cpu(), camera.center.cpu(), camera.height, camera.width)
     params = resized_params(result.params, gt.params.shape.shape[1], gt.params.expr.shape[1])
     return TrackedSequence(params, fitted_camera, track.frame_indices, result.valid.copy())

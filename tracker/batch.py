@@ -103,8 +103,8 @@ Outcome = tuple[Path, dict | None, str]
 
 
 class LocalRunner:
-    """Runs each video in its own spawned process, `workers` at a time; its stdout/stderr go to
-    <out>/<stem>/batch.log."""
+    """Runs each video in its own spawned process, `workers` at a time; its stdout/stderr go to batch.log in its
+    run folder."""
 
     def __init__(self, workers: int, threads: int):
         self.workers, self.threads = workers, threads

@@ -21,7 +21,7 @@ from tracker.camera import Camera, check_focal
 from tracker.config import TrackerConfig, config_to_dict
 from tracker.detect.base import SCHEME_IBUG68, SCHEME_MEDIAPIPE, LandmarkTrack, make_detector
 from tracker.detect.sequence import detect_video
-from tracker.detect.stream import LandmarkStream
+from tracker.detect.stream import KnownTrack, LandmarkStream
 from tracker.energy.base import Observations
 from tracker.energy.landmarks import LandmarkEnergy, landmark_group_weights
 from tracker.energy.photometric import Appearance, region_mesh
@@ -186,7 +186,7 @@ def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folde
             # The writer reads frame indices and times off the stream, which grows as frames are detected.
             writer = OutputWriter(out_dir, camera, info.fps, metadata, stream, on_disk)
             with writer.keep_partial_on_failure():
-                result = fit_landmarks(problem, stream, scheme, cfg, writer, timings, expected, show_progress)
+                result = fit_landmark_stream(problem, stream, scheme, cfg, writer, timings, expected, show_progress)
             track = stream.track()
             timings["detection"] = stream.detect_seconds
     finally:
@@ -265,9 +265,18 @@ def keyframe_positions(expected_frames: int | None, count: int) -> np.ndarray:
     return evenly_spaced(np.arange(expected_frames or 0), count)
 
 
-def fit_landmarks(problem: Problem, stream: LandmarkStream, scheme: str, cfg: TrackerConfig,
-                  writer: OutputWriter, timings: dict, expected_frames: int | None,
+def fit_landmarks(problem: Problem, track: LandmarkTrack, cfg: TrackerConfig, writer: OutputWriter, timings: dict,
                   show_progress: bool) -> TrackResult:
+    """The landmark stage on a track known beforehand (e.g. exact landmarks), exactly as a run fits a streamed
+    one (`fit_landmark_stream`)."""
+    keys = keyframe_positions(len(track), cfg.fit.keyframes)
+    return fit_landmark_stream(problem, KnownTrack(track, keys), track.scheme, cfg, writer, timings, len(track),
+                               show_progress)
+
+
+def fit_landmark_stream(problem: Problem, stream: LandmarkStream | KnownTrack, scheme: str, cfg: TrackerConfig,
+                        writer: OutputWriter, timings: dict, expected_frames: int | None,
+                        show_progress: bool) -> TrackResult:
     """Identity and focal on keyframes, then frame-by-frame tracking while the stream is still detecting (when
     fewer than half the keyframes show a face, the identity waits for the whole track and takes its keyframes
     from the valid frames, as a sequential run would), then the optional global refinement."""

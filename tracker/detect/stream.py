@@ -84,9 +84,8 @@ class LandmarkStream:
         yield "keyframes", self._keyframe_track()
         track = load_track(self._track_cache_path(), self._track_key(), self.report) if self.use_cache else None
         if track is not None:
-            for t in range(len(track)):
-                yield "frame", DetectedFrame(t, int(track.frame_indices[t]), float(track.timestamps[t]),
-                                             track.landmarks(t))
+            for frame in detected_frames(track):
+                yield "frame", frame
             yield "end", True
             return
         with closing(read_frames(self.video, self.selection, self.report)) as frames:
@@ -206,3 +205,31 @@ class LandmarkStream:
     def __exit__(self, *_exc) -> None:
         self.close()
 
+
+def detected_frames(track: LandmarkTrack) -> Iterator[DetectedFrame]:
+    """The frames of a known track, in order."""
+    for t in range(len(track)):
+        yield DetectedFrame(t, int(track.frame_indices[t]), float(track.timestamps[t]), track.landmarks(t))
+
+
+class KnownTrack:
+    """A track detected beforehand (or exact landmarks), served like a LandmarkStream: its frames at the keyframe
+    positions (those inside it), then every frame."""
+
+    def __init__(self, track: LandmarkTrack, keyframe_positions: Sequence[int]):
+        self._track = track
+        keys = [int(p) for p in sorted(set(keyframe_positions)) if p < len(track)]
+        self._keyframes = LandmarkTrack(track.scheme, track.frame_indices[keys], track.timestamps[keys],
+                                        track.points[keys], track.confidence[keys], track.valid[keys])
+        self.frame_indices, self.timestamps = track.frame_indices, track.timestamps
+        self.detect_seconds = 0.0
+        self.report = DecodeReport()
+
+    def keyframes(self) -> LandmarkTrack:
+        return self._keyframes
+
+    def __iter__(self) -> Iterator[DetectedFrame]:
+        return detected_frames(self._track)
+
+    def track(self) -> LandmarkTrack:
+        return self._track
