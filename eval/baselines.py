@@ -35,7 +35,7 @@ from tracker.detect.base import POINTS_PER_SCHEME, LandmarkTrack
 from tracker.flame.assets import load_flame_bundle
 from tracker.flame.landmarks import LandmarkSet
 from tracker.flame.model import FlameModel
-from tracker.pipeline import SCHEME_OF_DETECTOR, fit_landmarks, landmark_problem, seed_everything
+from tracker.pipeline import SCHEME_OF_DETECTOR, fit_known_track, landmark_problem, seed_everything
 
 ROW_LABELS = {
     "tracker": "tracker",
@@ -89,7 +89,7 @@ class _DiscardFrames:
 
 
 def fit_exact_landmarks(gt: GroundTruth, cfg: TrackerConfig, show_progress: bool = False) -> TrackedSequence:
-    """The tracker's landmark stage (tracker.pipeline.fit_landmarks, config `cfg`) on exact landmarks of the
+    """The tracker's landmark stage (tracker.pipeline.fit_known_track, config `cfg`) on exact landmarks of the
     scheme of `cfg.detect.landmarks`; parameters sized like the ground truth's."""
     seed_everything(cfg.seed)
     scheme = SCHEME_OF_DETECTOR[cfg.detect.landmarks]
@@ -101,7 +101,7 @@ def fit_exact_landmarks(gt: GroundTruth, cfg: TrackerConfig, show_progress: bool
     model, landmarks = bundle.model.to(device), bundle.landmarks.to(device)
     camera = Camera.from_image(gt.camera.height, gt.camera.width, cfg.camera.fov_init_deg, cfg.camera.focal, device)
     problem = landmark_problem(track, model, landmarks, camera, cfg, scheme)[1]
-    result = fit_landmarks(problem, track, cfg, _DiscardFrames(), {}, show_progress)
+    result = fit_known_track(problem, track, cfg, _DiscardFrames(), {}, show_progress)
     fitted_camera = Camera(problem.camera.focal.detach().cpu(), camera.center.cpu(), camera.height, camera.width)
     params = resized_params(result.params, gt.params.shape.shape[1], gt.params.expr.shape[1])
     return TrackedSequence(params, fitted_camera, track.frame_indices, result.valid.copy())

@@ -550,7 +550,7 @@ def test_interrupted_rerun_leaves_no_stale_complete(tmp_path, capsys, clip, monk
     code, _, _ = run_cli([clip, "--out", tmp_path, "--no-video", "--densemarks", "off", "--max-frames", "3",
                           "--quiet"], capsys)
     assert code == 0 and read_params(tmp_path / "clip" / "flame_params.npz")[1]["complete"] is True
-    monkeypatch.setattr(tracker.pipeline, "detect_landmarks", interrupted)
+    monkeypatch.setattr(tracker.pipeline, "LandmarkStream", interrupted)  # detection starts
     code, _, err = run_cli([clip, "--out", tmp_path, "--no-video", "--quiet"], capsys)
     assert code == 130 and one_line(err) == "interrupted by SIGINT: no frames were written"
     assert not (tmp_path / "clip" / "flame_params.npz").exists() and not (tmp_path / "clip" / "summary.json").exists()
@@ -612,7 +612,7 @@ def test_bug_wording_never_claims_frames_were_written(tmp_path, capsys, clip, mo
     def bug(*_args, **_kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(tracker.pipeline, "detect_landmarks", bug)
+    monkeypatch.setattr(tracker.pipeline, "LandmarkStream", bug)  # detection starts
     code, _, err = run_cli([clip, "--out", tmp_path, "--quiet"], capsys)
     line = one_line(err)
     assert code == 4 and "unexpected ZeroDivisionError (a bug in the tracker)" in line

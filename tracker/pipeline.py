@@ -186,7 +186,7 @@ def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folde
             # The writer reads frame indices and times off the stream, which grows as frames are detected.
             writer = OutputWriter(out_dir, camera, info.fps, metadata, stream, on_disk)
             with writer.keep_partial_on_failure():
-                result = fit_landmark_stream(problem, stream, scheme, cfg, writer, timings, expected, show_progress)
+                result = fit_landmarks(problem, stream, scheme, cfg, writer, timings, expected, show_progress)
             track = stream.track()
             timings["detection"] = stream.detect_seconds
     finally:
@@ -265,18 +265,17 @@ def keyframe_positions(expected_frames: int | None, count: int) -> np.ndarray:
     return evenly_spaced(np.arange(expected_frames or 0), count)
 
 
-def fit_landmarks(problem: Problem, track: LandmarkTrack, cfg: TrackerConfig, writer: OutputWriter, timings: dict,
-                  show_progress: bool) -> TrackResult:
+def fit_known_track(problem: Problem, track: LandmarkTrack, cfg: TrackerConfig, writer: OutputWriter,
+                    timings: dict, show_progress: bool) -> TrackResult:
     """The landmark stage on a track known beforehand (e.g. exact landmarks), exactly as a run fits a streamed
-    one (`fit_landmark_stream`)."""
+    one (`fit_landmarks`)."""
     keys = keyframe_positions(len(track), cfg.fit.keyframes)
-    return fit_landmark_stream(problem, KnownTrack(track, keys), track.scheme, cfg, writer, timings, len(track),
-                               show_progress)
+    return fit_landmarks(problem, KnownTrack(track, keys), track.scheme, cfg, writer, timings, len(track),
+                         show_progress)
 
 
-def fit_landmark_stream(problem: Problem, stream: LandmarkStream | KnownTrack, scheme: str, cfg: TrackerConfig,
-                        writer: OutputWriter, timings: dict, expected_frames: int | None,
-                        show_progress: bool) -> TrackResult:
+def fit_landmarks(problem: Problem, stream: LandmarkStream | KnownTrack, scheme: str, cfg: TrackerConfig,
+                  writer: OutputWriter, timings: dict, expected_frames: int | None, show_progress: bool) -> TrackResult:
     """Identity and focal on keyframes, then frame-by-frame tracking while the stream is still detecting (when
     fewer than half the keyframes show a face, the identity waits for the whole track and takes its keyframes
     from the valid frames, as a sequential run would), then the optional global refinement."""
