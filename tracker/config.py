@@ -20,6 +20,7 @@ from tracker.energy.photometric import PhotometricConfig
 from tracker.energy.priors import PriorConfig
 from tracker.energy.temporal import TemporalConfig
 from tracker.errors import TrackerError
+from tracker.fit.guard import GuardConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -172,14 +173,29 @@ class DenseMarksStageConfig:
     """Correspondence rounds per frame: visibility gates refreshed, then Levenberg-Marquardt steps."""
     lm_iters: int = 4
     """Levenberg-Marquardt iterations per round (landmark, prior, temporal and correspondence terms)."""
-    iters: int = 20
-    """Adam steps per frame with all terms (render-and-compare included) after the rounds (0 = skip)."""
+    iters: int = 0
+    """Adam steps per frame with all terms (render-and-compare included) after the rounds (0 = skip: with exact
+    correspondences they moved fits away from the truth, at ~1 s per frame)."""
     free_neck: bool = True
     """Fit the neck rotation too (DenseMarks sees the neck, landmarks do not)."""
     track_lost: bool = True
     """Also fit frames without landmarks from their predecessor, with the dense terms."""
     min_inliers: float = 0.1
     """Fraction of the sampled vertices with a kept correspondence needed to accept a frame without landmarks."""
+    landmark_weight: float = 0.0
+    """Landmark term's weight in this stage relative to the landmark stage's: detected landmarks carry the
+    detector's and the embedding's systematic offsets (a few pixels), which would pull a fit away from exact
+    dense correspondences."""
+    prior_weight: float = 1.0
+    """Prior term's weight in this stage relative to the landmark stage's."""
+    samples: int = 400
+    """Most correspondences (of those kept at the current pose) in a frame's Levenberg-Marquardt solve."""
+    identity_vertices: int = 600
+    """Candidates whose correspondences re-estimate the identity and focal length on keyframes."""
+    identity_rounds: int = 2
+    """Gate refreshes of the identity step, each followed by identity_iters Levenberg-Marquardt steps."""
+    identity_iters: int = 8
+    """Levenberg-Marquardt steps per identity round."""
 
 
 @dataclass
@@ -214,6 +230,8 @@ class TrackerConfig:
     """The photometric stage."""
     densemarks: DenseMarksStageConfig = field(default_factory=DenseMarksStageConfig)
     """The DenseMarks stage."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """When an image stage's refinement of a frame falls back to the landmark fit."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """What is written where."""
 
