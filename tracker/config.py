@@ -149,7 +149,11 @@ class DenseMarksStageConfig:
     weights: str | None = None
     """model.safetensors of DenseMarks; None: the Hugging Face cache."""
     canonical_map: str | None = None
-    """Per-vertex canonical cube coordinates (.npy); None: estimate from the video's well-fitted frames."""
+    """Per-vertex canonical cube coordinates (.npz/.npy); None: the predictor's per-network map in maps_dir when
+    one was built, else estimated from the video's well-fitted frames."""
+    maps_dir: str | None = None
+    """Folder of per-network maps (<predictor>.npz, written by python -m tracker.densemarks.build_map); None:
+    $TRACKER_CACHE_DIR/densemarks_maps (~/.cache/tracker/densemarks_maps); '' never looks there."""
     cache_dir: str | None = None
     """Where uvw predictions are cached; None: next to the outputs."""
     oracle: bool = False
@@ -188,10 +192,16 @@ class DenseMarksStageConfig:
     dense correspondences."""
     prior_weight: float = 1.0
     """Prior term's weight in this stage relative to the landmark stage's."""
+    temporal_weight: float = 0.1
+    """Temporal term's weight in this stage relative to the landmark stage's: its reference is a motion
+    prediction, which after a gap or a sudden turn is degrees off and would pull fits away from the evidence."""
     samples: int = 400
     """Most correspondences (of those kept at the current pose) in a frame's Levenberg-Marquardt solve."""
-    identity_vertices: int = 600
-    """Candidates whose correspondences re-estimate the identity and focal length on keyframes."""
+    keyframes: int = 8
+    """Frames (spread over the landmark-tracked ones) on which the identity and focal length are re-estimated."""
+    identity_vertices: int = 1000
+    """Candidates whose correspondences re-estimate the identity and focal length on keyframes (the head's size
+    is only weakly seen, so it takes many correspondences to pin it)."""
     identity_rounds: int = 2
     """Gate refreshes of the identity step, each followed by identity_iters Levenberg-Marquardt steps."""
     identity_iters: int = 8

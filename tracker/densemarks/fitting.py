@@ -44,9 +44,9 @@ less than a pixel)."""
 
 
 def stage_terms(terms: Iterable[EnergyTerm], stage: DenseMarksStageConfig) -> list[EnergyTerm]:
-    """The landmark stage's terms re-weighted for this stage (landmarks and priors by their stage factors; a
-    factor of 0 leaves the term out, which also saves its cost)."""
-    factors = {"landmarks": stage.landmark_weight, "priors": stage.prior_weight}
+    """The landmark stage's terms re-weighted for this stage (landmarks, priors and temporal by their stage
+    factors; a factor of 0 leaves the term out, which also saves its cost)."""
+    factors = {"landmarks": stage.landmark_weight, "priors": stage.prior_weight, "temporal": stage.temporal_weight}
     return [ScaledTerm(term, factors[term.name]) if factors.get(term.name, 1.0) != 1.0 else term for term in terms
             if factors.get(term.name, 1.0) > 0]
 
@@ -221,21 +221,29 @@ def rescale_to_camera(params: FlameParams, old_focal: float, new_focal: float) -
 
 
 def refine_identity(fitter: DenseFitter, params: FlameParams, obs: Observations, frames: list[DenseFrame],
-                    free_focal: bool, hold_size: bool) -> FlameParams:
-    """Keyframe parameters (B frames) with the shared identity (and, with free_focal, the focal length, written
-    into the fitter's camera) re-estimated from the correspondences: DenseMarks sees the whole head (profile,
-    ears, skull), which pins the shape far better than face landmarks, and its perspective pins the focal.
+                    free_focal: bool, hold_size: bool) -> tuple[FlameParams, np.ndarray]:
+    """Keyframe parameters with the shared identity (and, with free_focal, the focal length, written into the
+    fitter's camera) re-estimated from the correspondences: DenseMarks sees the whole head (profile, ears,
+    skull), which pins the shape far better than face landmarks, and its perspective pins the focal.
 
-    Each keyframe first gets its rigid pose from its matches when that agrees better. hold_size keeps the
+    params, obs, frames: B keyframes. Each keyframe first gets its rigid pose from its matches when that agrees
+    better; keyframes whose correspondences mostly fail the gates then (a wrong prediction) are left out. Returns
+    the used keyframes' parameters and which of the B were used (none: nothing changed). hold_size keeps the
     head's size (`HeadSizeEnergy`), for maps estimated from this video's own fits.
     """
     stage = fitter.stage
-    rows = []
+    rows, used = [], np.zeros(len(frames), bool)
     for i, frame in enumerate(frames):
         candidates = {"landmarks": params.frames(slice(i, i + 1))}
         name, _ = fitter.choose_start(frame, candidates)
         rows.append(candidates[name])
-    params = FlameParams(shape=params.shape, **{n: torch.cat([getattr(r, n) for r in rows]) for n in FRAME_FIELDS})
+        used[i] = fitter.gates(frame, rows[-1]) >= stage.min_inliers * len(fitter.vertex_ids)
+    if used.sum() < 2:
+        return params.frames(slice(0, 0)), np.zeros(len(frames), bool)
+    frames = [frame for frame, keep in zip(frames, used) if keep]
+    obs = obs.frames(torch.as_tensor(np.flatnonzero(used), device=obs.landmarks.device))
+    params = FlameParams(shape=params.shape, **{n: torch.cat([getattr(r, n) for r, keep in zip(rows, used) if keep])
+                                                for n in FRAME_FIELDS})
     positions = fitter.order[:stage.identity_vertices].sort().values
     term = fitter.correspondence_term(positions)
     terms = [*fitter.problem.terms, term] + ([HeadSizeEnergy(fitter.model, params.shape)] if hold_size else [])
@@ -247,9 +255,10 @@ def refine_identity(fitter: DenseFitter, params: FlameParams, obs: Observations,
                   CORR_WEIGHT: torch.cat([f.extras[CORR_WEIGHT][:, positions] for f in frames]),
                   CROP_PX: torch.cat([f.extras[CROP_PX] for f in frames])}
         params, focal = fitter.lm(problem, params, replace(obs, extras=extras), stage.identity_iters,
-                                  free_shape=True, free_focal=free_focal, focal_prior=FOCAL_PRIOR * len(frames))
+                                  free_shape=True, free_focal=free_focal, focal_prior=FOCAL_PRIOR * len(frames),
+                                  depth_follows_focal=True)
         fitter.camera.focal = focal
-    return params
+    return params, used
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from tracker.densemarks.canonical import (
     estimate_canonical_map,
     frame_fit_weights,
     load_canonical_map,
+    network_map_path,
     save_canonical_map,
     write_canonical_png,
 )
@@ -87,6 +88,8 @@ class UvwSource:
     """predict(video frame index, RGB frame or None, crop box)."""
     info: dict
     """What to report about the predictor (licence, weights)."""
+    map_key: str = ""
+    """Names the predictor's cube for per-network canonical maps (<maps_dir>/<map_key>.npz); '' for none."""
     check_video: Callable[[np.ndarray, int, int], None] = lambda _indices, _height, _width: None
     """check_video(frame indices, height, width) raises TrackerError when the source cannot serve this video
     (the oracle: another video than its ground truth's)."""
@@ -114,14 +117,15 @@ def choose_source(cfg: DenseMarksStageConfig, model: FlameModel, device: torch.d
     predictor = DenseMarksPredictor.from_weights(path, device)
     return UvwSource("network", predictor.model_id, predictor.crop_size, True,
                      lambda _index, rgb, box: predictor.predict(rgb, box),
-                     {"weights": str(path), "weights_sha256": predictor.model_id, "license": LICENSE}), ""
+                     {"weights": str(path), "weights_sha256": predictor.model_id, "license": LICENSE},
+                     map_key=f"densemarks-{predictor.model_id[:16]}"), ""
 
 
 def oracle_source(oracle: OracleDenseMarks) -> UvwSource:
     """The evaluation-only oracle as a uvw source (it renders from ground truth: no pixels needed)."""
     return UvwSource("oracle", oracle.model_id, oracle.crop_size, False,
                      lambda index, _rgb, box: oracle.predict(index, box), {"oracle_noise": asdict(oracle.noise)},
-                     oracle.check_video)
+                     check_video=oracle.check_video, map_key=oracle.map_key)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,17 +206,21 @@ def map_frames(result: TrackResult, count: int, max_error_factor: float = 2.0) -
 
 
 def initial_canonical_map(cfg: DenseMarksStageConfig, model: FlameModel, camera: Camera, result: TrackResult,
-                          prediction: Callable[[int], UvwPrediction], model_id: str) -> tuple[CanonicalMap, dict]:
-    """The configured map, or one estimated from the landmark fits of this video's well-fitted frames."""
+                          prediction: Callable[[int], UvwPrediction], source: UvwSource) -> tuple[CanonicalMap, dict]:
+    """The configured map, else the predictor's per-network map when one was built (`network_map_path`), else
+    one estimated from the landmark fits of this video's well-fitted frames (map_source "estimated")."""
     if cfg.canonical_map:
         return load_canonical_map(cfg.canonical_map, model.n_vertices), {"map_source": str(cfg.canonical_map)}
+    network_map = network_map_path(cfg.maps_dir, source.map_key)
+    if network_map is not None and network_map.is_file():
+        return load_canonical_map(network_map, model.n_vertices), {"map_source": f"per-network {network_map}"}
     frames = map_frames(result, cfg.map_frames)
     if not len(frames):
         raise MissingAssetError("no well-fitted frame to estimate the DenseMarks canonical map from: pass "
                                 "densemarks.canonical_map")
     cmap = estimate_canonical_map(model, camera, result.params.frames(torch.as_tensor(frames)),
                                   [prediction(int(t)) for t in frames], frame_fit_weights(result.lmk_error_px[frames]),
-                                  options=map_options(cfg), metadata={"predictor": model_id})
+                                  options=map_options(cfg), metadata={"predictor": source.model_id})
     return cmap, {"map_source": "estimated", "map_frames": len(frames)}
 
 
@@ -253,7 +261,8 @@ def run_densemarks_stage(problem: Problem, result: TrackResult, obs: Observation
     if source is None:
         return result, {"ran": False, "reason": reason}
     source.check_video(np.asarray(frame_indices), problem.camera.height, problem.camera.width)
-    info: dict = {"ran": False, "predictor": source.kind, "model_id": source.model_id, **source.info}
+    info: dict = {"ran": False, "predictor": source.kind, "model_id": source.model_id, "map_key": source.map_key,
+                  "crop_size": source.crop_size, **source.info}
     if cfg.energy.dense_corr.weight <= 0:
         return result, {**info, "reason": "energy.dense_corr.weight is 0"}
     out_dir = Path(out_dir)
@@ -266,6 +275,7 @@ def run_densemarks_stage(problem: Problem, result: TrackResult, obs: Observation
         return result, {**info, "reason": "no tracked frame to place a head crop on"}
     cache = UvwCache(Path(cfg.densemarks.cache_dir) if cfg.densemarks.cache_dir else out_dir / "cache" / "densemarks",
                      source.model_id, source.crop_size)
+    info["cache_dir"] = str(cache.directory)
     info["frames_predicted"] = predict_into_cache(source, cache, frame_indices, boxes, frames, progress)
     seconds["predict"] = time.perf_counter() - start
 
@@ -280,7 +290,7 @@ def run_densemarks_stage(problem: Problem, result: TrackResult, obs: Observation
     with torch_threads(1):
         start = time.perf_counter()
         cmap, map_info = initial_canonical_map(cfg.densemarks, problem.model, problem.camera, result, prediction,
-                                               source.model_id)
+                                               source)
         info.update(map_info)
         estimated = map_info["map_source"] == "estimated"
         excluded = np.concatenate([bundle.masks[r] for r in MATCH_EXCLUDED_REGIONS if r in bundle.masks] or [[]])
@@ -297,18 +307,22 @@ def run_densemarks_stage(problem: Problem, result: TrackResult, obs: Observation
         if cfg.densemarks.identity:
             # Identity and focal from keyframe correspondences; with a map estimated from this video, alternate
             # with re-estimating the map from those keyframe fits (the first map carries the landmark fits' error).
-            keyframes = choose_keyframes(result.valid, cfg.fit.keyframes)
+            keyframes = choose_keyframes(result.valid, cfg.densemarks.keyframes)
             key_obs = obs.frames(torch.as_tensor(keyframes, device=obs.landmarks.device))
             free_focal = cfg.densemarks.free_focal and cfg.camera.focal is None
             for round_ in range(max(cfg.densemarks.map_rounds, 1) if estimated else 1):
-                key_params = refine_identity(fitter, working.params.frames(torch.as_tensor(keyframes)), key_obs,
-                                             [dense_frame(int(t)) for t in keyframes], free_focal, estimated)
+                key_params, used = refine_identity(fitter, working.params.frames(torch.as_tensor(keyframes)),
+                                                   key_obs, [dense_frame(int(t)) for t in keyframes], free_focal,
+                                                   estimated)
+                info["identity_keyframes"] = int(used.sum())
+                if not used.any():
+                    break
                 focal = float(problem.camera.focal)
                 working = replace(working, params=rescale_to_camera(
                     replace(working.params, shape=key_params.shape), working.focal, focal), focal=focal)
                 if estimated and round_ + 1 < cfg.densemarks.map_rounds:
                     cmap = estimate_canonical_map(problem.model, problem.camera, key_params,
-                                                  [prediction(int(t)) for t in keyframes],
+                                                  [prediction(int(t)) for t in keyframes[used]],
                                                   options=map_options(cfg.densemarks),
                                                   metadata={"predictor": source.model_id})
                     fitter, dense_frame = setup(cmap)

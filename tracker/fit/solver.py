@@ -8,7 +8,7 @@ single forward-mode pass (`torch.func.jacfwd`).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -205,15 +205,18 @@ def levenberg_marquardt(residual_fn: Callable[[torch.Tensor, torch.Tensor], torc
 
 def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequence[str], iters: int,
            reference: FlameParams | None = None, free_shape: bool = False, free_focal: bool = False,
-           focal_prior: float = 0.0, contour_rounds: int = 2,
-           difference_step: float | None = None) -> tuple[FlameParams, torch.Tensor]:
+           focal_prior: float = 0.0, contour_rounds: int = 2, difference_step: float | None = None,
+           depth_follows_focal: bool = False) -> tuple[FlameParams, torch.Tensor]:
     """Levenberg-Marquardt over the per-frame fields `free` (and optionally the shared identity and log
     focal). Every residual must depend on one frame only. Returns params and the focal length.
 
     The jaw-contour landmarks are chosen from the yaw at the start of each round and held fixed inside it
     (switching them mid-solve makes the energy discontinuous); up to contour_rounds rounds run while a yaw bin
     moves (1: problems without contour landmarks). difference_step: per-frame Jacobian blocks by central
-    differences of that step (`central_difference_blocks`) instead of forward-mode AD.
+    differences of that step (`central_difference_blocks`) instead of forward-mode AD. depth_follows_focal
+    (with free_focal): translations scale with the focal length, so a focal change moves every head along its
+    viewing ray and keeps its image size; the focal then only trades perspective, and Levenberg-Marquardt need
+    not crawl along the focal/depth valley.
     """
     packer = ParamPacker(init, free, free_shape, free_focal)
     focal0 = problem.camera.focal.detach()
@@ -238,6 +241,8 @@ def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequenc
                     yaw[rows], len(rows)
             cam = Camera(focal0 * torch.exp(log_f), problem.camera.center, problem.camera.height,
                          problem.camera.width)
+            if depth_follows_focal:
+                p = replace(p, translation=p.translation * torch.exp(log_f))
             r = problem.residuals(p, o, ref, cam, contour_yaw=yaw_rows)
             if free_focal:  # the focal prior, shared out over the frames
                 r = torch.cat([r, (focal_prior / B) ** 0.5 * log_f.expand(count, 1)], dim=1)
@@ -253,6 +258,8 @@ def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequenc
         X, s, _ = levenberg_marquardt(residual_fn, X, s, iters,
                                       jacobians=difference_jacobians if difference_step is not None else None)
     params, log_f = packer.unpack(X, s)
+    if depth_follows_focal:
+        params = replace(params, translation=params.translation * torch.exp(log_f))
     return params.detach(), (focal0 * torch.exp(log_f)).detach()
 
 
