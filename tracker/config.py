@@ -160,6 +160,8 @@ class DenseMarksStageConfig:
     """Use the evaluation-only oracle predictor (synthetic data only; refused on real videos)."""
     oracle_ground_truth: str | None = None
     """Ground-truth npz of the synthetic sequence (metadata synthetic: true) that the oracle renders from."""
+    oracle_noise: str = "exact"
+    """The oracle's maps: exact | calibrated (degraded to the real network's point-matching accuracy)."""
     crop_scale: float = 1.5
     """Side of the square head crop over the side of the tracked head's bounding box."""
     map_frames: int = 60
@@ -308,6 +310,14 @@ def validate(cfg: TrackerConfig) -> None:
         (cfg.densemarks.mode in ("auto", "on", "off"), "densemarks.mode must be auto|on|off"),
         (cfg.densemarks.map_rounds >= 0 and cfg.densemarks.map_affine_prior >= 0,
          "densemarks.map_rounds and map_affine_prior must be >= 0"),
+        (cfg.densemarks.oracle_noise in ("exact", "calibrated"), "densemarks.oracle_noise must be exact|calibrated"),
+        (min(cfg.densemarks.landmark_weight, cfg.densemarks.prior_weight, cfg.densemarks.temporal_weight) >= 0,
+         "densemarks.landmark_weight, prior_weight and temporal_weight must be >= 0"),
+        (min(cfg.densemarks.samples, cfg.densemarks.identity_vertices, cfg.densemarks.keyframes) >= 1
+         and min(cfg.densemarks.identity_rounds, cfg.densemarks.identity_iters, cfg.densemarks.rounds) >= 1,
+         "densemarks.samples, identity_vertices, keyframes, identity_rounds, identity_iters and rounds must be >= 1"),
+        (cfg.guard.max_landmark_shift > 0 and 0 <= cfg.guard.max_failed_fraction <= 1,
+         "guard.max_landmark_shift must be > 0 and guard.max_failed_fraction in [0, 1]"),
     ]
     for ok, message in checks:
         if not ok:

@@ -105,9 +105,11 @@ def choose_source(cfg: DenseMarksStageConfig, model: FlameModel, device: torch.d
     if cfg.mode == "off":
         return None, "densemarks.mode is off"
     if cfg.oracle:
-        from tracker.densemarks.oracle import OracleDenseMarks, load_oracle_ground_truth
+        from tracker.densemarks.oracle import CALIBRATED_NOISE, OracleDenseMarks, OracleNoise, load_oracle_ground_truth
 
-        return oracle_source(OracleDenseMarks(model, load_oracle_ground_truth(cfg.oracle_ground_truth, device))), ""
+        noise = CALIBRATED_NOISE if cfg.oracle_noise == "calibrated" else OracleNoise()
+        return oracle_source(OracleDenseMarks(model, load_oracle_ground_truth(cfg.oracle_ground_truth, device),
+                                              noise)), ""
     try:
         path = resolve_weights_path(cfg.weights, offline=True if cfg.mode == "auto" and not cfg.weights else None)
     except MissingAssetError as error:
