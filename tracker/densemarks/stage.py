@@ -309,7 +309,9 @@ def run_densemarks_stage(problem: Problem, result: TrackResult, obs: Observation
         if cfg.densemarks.identity:
             # Identity and focal from keyframe correspondences; with a map estimated from this video, alternate
             # with re-estimating the map from those keyframe fits (the first map carries the landmark fits' error).
-            keyframes = choose_keyframes(result.valid, cfg.densemarks.keyframes)
+            # Frames without a landmark fit count too (posed from their matches): profiles show the most.
+            tracked = np.ones_like(result.valid) if cfg.densemarks.track_lost else result.valid
+            keyframes = choose_keyframes(tracked, cfg.densemarks.keyframes)
             key_obs = obs.frames(torch.as_tensor(keyframes, device=obs.landmarks.device))
             free_focal = cfg.densemarks.free_focal and cfg.camera.focal is None
             for round_ in range(max(cfg.densemarks.map_rounds, 1) if estimated else 1):

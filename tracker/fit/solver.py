@@ -206,7 +206,7 @@ def levenberg_marquardt(residual_fn: Callable[[torch.Tensor, torch.Tensor], torc
 def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequence[str], iters: int,
            reference: FlameParams | None = None, free_shape: bool = False, free_focal: bool = False,
            focal_prior: float = 0.0, contour_rounds: int = 2, difference_step: float | None = None,
-           depth_follows_focal: bool = False) -> tuple[FlameParams, torch.Tensor]:
+           depth_follows_focal: bool = False, rel_tol: float = 1e-4) -> tuple[FlameParams, torch.Tensor]:
     """Levenberg-Marquardt over the per-frame fields `free` (and optionally the shared identity and log
     focal). Every residual must depend on one frame only. Returns params and the focal length.
 
@@ -216,7 +216,7 @@ def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequenc
     differences of that step (`central_difference_blocks`) instead of forward-mode AD. depth_follows_focal
     (with free_focal): translations scale with the focal length, so a focal change moves every head along its
     viewing ray and keeps its image size; the focal then only trades perspective, and Levenberg-Marquardt need
-    not crawl along the focal/depth valley.
+    not crawl along the focal/depth valley. rel_tol: `levenberg_marquardt`'s stopping rule.
     """
     packer = ParamPacker(init, free, free_shape, free_focal)
     focal0 = problem.camera.focal.detach()
@@ -255,7 +255,7 @@ def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequenc
                 else J_frame.new_zeros(*J_frame.shape[:2], 0)
             return J_frame, J_shared
 
-        X, s, _ = levenberg_marquardt(residual_fn, X, s, iters,
+        X, s, _ = levenberg_marquardt(residual_fn, X, s, iters, rel_tol=rel_tol,
                                       jacobians=difference_jacobians if difference_step is not None else None)
     params, log_f = packer.unpack(X, s)
     if depth_follows_focal:
