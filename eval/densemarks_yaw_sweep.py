@@ -34,7 +34,7 @@ from eval.synthetic.generate import GroundTruth, euler_to_axis_angle, light_sh, 
 from eval.synthetic.scenario import Segment, SequenceSpec, blinks, talking
 from tracker.camera import Camera, focal_from_fov
 from tracker.config import load_config
-from tracker.densemarks.oracle import OracleDenseMarks, OracleGroundTruth, OracleNoise
+from tracker.densemarks.oracle import CALIBRATED_NOISE, OracleDenseMarks, OracleGroundTruth, OracleNoise
 from tracker.densemarks.stage import oracle_source, run_densemarks_stage
 from tracker.detect.base import SCHEME_MEDIAPIPE, make_detector
 from tracker.detect.sequence import detect_video
@@ -52,8 +52,6 @@ from tracker.pipeline import landmark_problem
 FPS = 25.0
 DISTANCE_M = 0.8
 FOV_DEG = 30.0
-REALISTIC_ORACLE = OracleNoise(noise_std=0.02, blur_fraction=0.004, dropout=0.03, bias_amplitude=0.01, seed=7)
-"""Degradations of the oracle's maps: ~4 mm per-pixel noise, 2-pixel blur at 512, 3% outliers, 2 mm bias."""
 YAW_EDGES = (0.0, 30.0, 45.0, 90.0)
 
 
@@ -203,7 +201,7 @@ def sweep(args: argparse.Namespace) -> None:
     landmark_result, obs, problem, track = track_landmarks(video, cfg, bundle, camera, args.mediapipe_model)
     seconds["landmark_tracking"] = time.perf_counter() - start
 
-    noise = OracleNoise() if args.exact_oracle else REALISTIC_ORACLE
+    noise = OracleNoise() if args.exact_oracle else CALIBRATED_NOISE
     oracle = OracleDenseMarks(bundle.model, OracleGroundTruth(truth, gt_camera, np.arange(args.frames),
                                                               {"synthetic": True, "path": str(gt_path)}), noise)
     start = time.perf_counter()

@@ -509,7 +509,7 @@ def _dense_section(doc: Report, dense: dict | None) -> None:
     doc.heading("Dense correspondence of uvw predictors (synthetic)")
     doc.text("Geodesic error between the vertex a predictor's uvw matches and the vertex the pixel shows; ratio of "
              "points within 5/10/20 mm and GPS (kappa 10 mm). oracle_exact is the ceiling of the measure (pixels "
-             "snap to vertices), oracle_degraded a calibration with known errors.")
+             "snap to vertices), oracle_calibrated the oracle degraded to the network's point-matching accuracy.")
     scores = dense["scores"]
     keys = list(next(iter(scores.values()))) if scores else []
     doc.table(["predictor", *keys], [[name, *[s[k] for k in keys]] for name, s in scores.items()])

@@ -14,27 +14,7 @@ from tracker.errors import TrackerError
 from tracker.flame.landmarks import LandmarkSet, yaw_degrees
 from tracker.flame.lbs import batch_rodrigues
 from tracker.flame.model import FlameModel, FlameParams
-from tracker.io.export import read_params
-
-PER_FRAME_KEYS = ("expr", "rotation", "neck_pose", "jaw_pose", "eyes_pose", "eyelids", "translation")
-
-
-def _fit_width(values: np.ndarray, width: int) -> np.ndarray:
-    """Zero-pad or cut the last axis to `width` (a model with a different basis size reads the same file)."""
-    if values.shape[-1] >= width:
-        return values[..., :width]
-    return np.concatenate([values, np.zeros((*values.shape[:-1], width - values.shape[-1]), values.dtype)], -1)
-
-
-def params_from_arrays(arrays: dict[str, np.ndarray], n_shape: int, n_expr: int) -> FlameParams:
-    """FlameParams of all frames in an exported npz, coefficient vectors fitted to the model's sizes."""
-    missing = [k for k in ("shape", *PER_FRAME_KEYS) if k not in arrays]
-    if missing:
-        raise TrackerError(f"parameter file lacks {', '.join(missing)}: not a tracker export")
-    to = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-    values = {k: to(arrays[k]) for k in PER_FRAME_KEYS if k not in ("expr",)}
-    return FlameParams(shape=to(_fit_width(arrays["shape"].reshape(1, -1), n_shape)),
-                       expr=to(_fit_width(arrays["expr"], n_expr)), **values)
+from tracker.io.export import camera_from_arrays, params_from_arrays, read_params
 
 
 def resized_params(params: FlameParams, n_shape: int, n_expr: int) -> FlameParams:
@@ -46,14 +26,6 @@ def resized_params(params: FlameParams, n_shape: int, n_expr: int) -> FlameParam
     moved = params.map(lambda t: t.detach().cpu())
     moved.shape, moved.expr = fit(params.shape, n_shape), fit(params.expr, n_expr)
     return moved
-
-
-def camera_from_arrays(arrays: dict[str, np.ndarray], frame: int = 0) -> Camera:
-    """The tracker's Camera from exported K (OpenCV: pixel centres at integers) and image_size."""
-    K = arrays["K"][frame].astype(np.float64)
-    height, width = (int(v) for v in arrays["image_size"])
-    return Camera(torch.tensor(float(K[0, 0])), torch.tensor([K[0, 2] + 0.5, K[1, 2] + 0.5], dtype=torch.float32),
-                  height, width)
 
 
 def head_yaw_deg(params: FlameParams) -> np.ndarray:

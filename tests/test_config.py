@@ -68,6 +68,10 @@ def test_overrides_and_types(tmp_path):
     ({"photometric": {"lr": 0.0}}, "photometric.lr must be > 0"),
     ({"photometric": {"crop_margin": -0.1}}, "crop_margin"),
     ({"densemarks": {"map_rounds": -1}}, "map_rounds"),
+    ({"densemarks": {"oracle_noise": "noisy"}}, "oracle_noise"),
+    ({"densemarks": {"temporal_weight": -0.1}}, "temporal_weight"),
+    ({"densemarks": {"samples": 0}}, "samples"),
+    ({"guard": {"max_failed_fraction": 1.5}}, "max_failed_fraction"),
 ])
 def test_out_of_range_values(overrides, message):
     with pytest.raises(TrackerError, match=message):

@@ -32,14 +32,8 @@ from tracker.densemarks.oracle import (
     template_cube_coordinates,
 )
 from tracker.densemarks.predict import CropBox, frame_to_crop_affine
-from tracker.densemarks.stage import (
-    choose_source,
-    head_boxes,
-    head_vertex_ids,
-    prepare_frame,
-    refresh_gates,
-    run_densemarks_stage,
-)
+from tracker.densemarks.frames import prepare_frame, refresh_gates
+from tracker.densemarks.stage import choose_source, head_boxes, head_vertex_ids, run_densemarks_stage
 from tracker.energy.base import Observations
 from tracker.energy.dense import (
     DenseCorrespondenceConfig,
@@ -288,7 +282,7 @@ def test_correspondence_term_alone_recovers_pose(bundle, single_frame):
     params = perturbed(truth, 20.0)
     assert rotation_error_deg(params.rotation, truth.rotation) == pytest.approx(20.0, abs=1e-3)
     for _ in range(3):
-        refresh_gates(frame, bundle.model, camera, params, ids, corr_cfg, 0.001)
+        refresh_gates(frame, bundle.model, camera, params, ids, corr_cfg, 96)
         params = fit_lm(problem, params, obs, ("rotation", "translation"), 5)[0]
     assert rotation_error_deg(params.rotation, truth.rotation) < 1.0
     assert (params.translation - truth.translation).norm() < 0.002

@@ -22,6 +22,7 @@ from tracker.energy.photometric import PhotometricConfig
 from tracker.energy.priors import PriorConfig
 from tracker.energy.temporal import TemporalConfig
 from tracker.errors import TrackerError, quote
+from tracker.fit.guard import GuardConfig
 from tracker.resources import configs_dir
 
 CONFIG_DIR = configs_dir()
@@ -154,7 +155,11 @@ class DenseMarksStageConfig:
     weights: str | None = None
     """model.safetensors of DenseMarks; None: the Hugging Face cache."""
     canonical_map: str | None = None
-    """Per-vertex canonical cube coordinates (.npy); None: estimate from the video's well-fitted frames."""
+    """Per-vertex canonical cube coordinates (.npz/.npy); None: the predictor's per-network map in maps_dir when
+    one was built, else estimated from the video's well-fitted frames."""
+    maps_dir: str | None = None
+    """Folder of per-network maps (<predictor>.npz, written by python -m tracker.densemarks.build_map); None:
+    $TRACKER_CACHE_DIR/densemarks_maps (~/.cache/tracker/densemarks_maps); '' never looks there."""
     cache_dir: str | None = None
     """Where uvw predictions are cached; None: next to the outputs."""
     backend: str = "auto"
@@ -165,6 +170,8 @@ class DenseMarksStageConfig:
     """Use the evaluation-only oracle predictor (synthetic data only; refused on real videos)."""
     oracle_ground_truth: str | None = None
     """Ground-truth npz of the synthetic sequence (metadata synthetic: true) that the oracle renders from."""
+    oracle_noise: str = "exact"
+    """The oracle's maps: exact | calibrated (degraded to the real network's point-matching accuracy)."""
     crop_scale: float = 1.5
     """Side of the square head crop over the side of the tracked head's bounding box."""
     map_frames: int = 60
@@ -182,14 +189,35 @@ class DenseMarksStageConfig:
     """Correspondence rounds per frame: visibility gates refreshed, then Levenberg-Marquardt steps."""
     lm_iters: int = 4
     """Levenberg-Marquardt iterations per round (landmark, prior, temporal and correspondence terms)."""
-    iters: int = 20
-    """Adam steps per frame with all terms (render-and-compare included) after the rounds (0 = skip)."""
+    iters: int = 0
+    """Adam steps per frame with all terms (render-and-compare included) after the rounds (0 = skip: with exact
+    correspondences they moved fits away from the truth, at ~1 s per frame)."""
     free_neck: bool = True
     """Fit the neck rotation too (DenseMarks sees the neck, landmarks do not)."""
     track_lost: bool = True
     """Also fit frames without landmarks from their predecessor, with the dense terms."""
     min_inliers: float = 0.1
     """Fraction of the sampled vertices with a kept correspondence needed to accept a frame without landmarks."""
+    landmark_weight: float = 0.0
+    """Landmark term's weight in this stage relative to the landmark stage's: detected landmarks carry the
+    detector's and the embedding's systematic offsets (a few pixels), which would pull a fit away from exact
+    dense correspondences."""
+    prior_weight: float = 1.0
+    """Prior term's weight in this stage relative to the landmark stage's."""
+    temporal_weight: float = 0.1
+    """Temporal term's weight in this stage relative to the landmark stage's: its reference is a motion
+    prediction, which after a gap or a sudden turn is degrees off and would pull fits away from the evidence."""
+    samples: int = 400
+    """Most correspondences (of those kept at the current pose) in a frame's Levenberg-Marquardt solve."""
+    keyframes: int = 8
+    """Frames (spread over the landmark-tracked ones) on which the identity and focal length are re-estimated."""
+    identity_vertices: int = 1000
+    """Candidates whose correspondences re-estimate the identity and focal length on keyframes (the head's size
+    is only weakly seen, so it takes many correspondences to pin it)."""
+    identity_rounds: int = 2
+    """Gate refreshes of the identity step, each followed by identity_iters Levenberg-Marquardt steps."""
+    identity_iters: int = 8
+    """Levenberg-Marquardt steps per identity round."""
 
 
 @dataclass
@@ -226,6 +254,8 @@ class TrackerConfig:
     """The photometric stage."""
     densemarks: DenseMarksStageConfig = field(default_factory=DenseMarksStageConfig)
     """The DenseMarks stage."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """When an image stage's refinement of a frame falls back to the landmark fit."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """What is written where."""
 
@@ -282,7 +312,11 @@ NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("photometric.iters", 1, math.inf, True), ("photometric.keyframes", 1, math.inf, True),
     ("photometric.pyramid_levels", 1, 8, True),
     ("densemarks.crop_scale", 1, math.inf, True), ("densemarks.map_frames", 1, math.inf, True),
-    ("densemarks.min_inliers", 0, 1, True),
+    ("densemarks.min_inliers", 0, 1, True), ("densemarks.samples", 1, math.inf, True),
+    ("densemarks.identity_vertices", 1, math.inf, True), ("densemarks.keyframes", 1, math.inf, True),
+    ("densemarks.identity_rounds", 1, math.inf, True), ("densemarks.identity_iters", 1, math.inf, True),
+    ("densemarks.rounds", 1, math.inf, True),
+    ("guard.max_landmark_shift", 0, math.inf, False), ("guard.max_failed_fraction", 0, 1, True),
     ("energy.*.resolution", 8, math.inf, True), ("energy.*.search_resolution", 8, math.inf, True),
     ("energy.*.vertices", 1, math.inf, True), ("energy.*.min_facing", -1, 1, True),
     ("energy.*.outlier_k", 0, math.inf, False),
@@ -290,7 +324,8 @@ NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
 """Ranges of the config's numbers by dotted key (first match wins; fnmatch patterns)."""
 CHOICES = {"detect.landmarks": ("mediapipe", "dlib", "fan"), "photometric.renderer": ("torch", "pytorch3d", "nvdiffrast"),
            "photometric.albedo": ("texture", "vertex"), "densemarks.mode": ("auto", "on", "off"),
-           "densemarks.backend": ("auto", "eager", "openvino"), "densemarks.precision": ("fp32", "bf16")}
+           "densemarks.backend": ("auto", "eager", "openvino"), "densemarks.precision": ("fp32", "bf16"),
+           "densemarks.oracle_noise": ("exact", "calibrated")}
 """Keys whose value is one of a few names."""
 
 

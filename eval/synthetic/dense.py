@@ -27,7 +27,7 @@ from eval.metrics import correct_point_ratio, geodesic_distances, geodesic_point
 from eval.synthetic.generate import GroundTruth
 from eval.synthetic.render import faces_in_region, region_mask, screen_vertices
 from tracker.densemarks.canonical import load_canonical_map
-from tracker.densemarks.oracle import OracleDenseMarks, OracleNoise, load_oracle_ground_truth
+from tracker.densemarks.oracle import CALIBRATED_NOISE, OracleDenseMarks, OracleNoise, load_oracle_ground_truth
 from tracker.densemarks.predict import CropBox, DenseMarksPredictor, UvwPrediction, apply_affine
 from tracker.densemarks.weights import resolve_weights_path
 from tracker.errors import TrackerError
@@ -126,8 +126,7 @@ def summarise(errors_mm: np.ndarray, options: DenseOptions) -> dict[str, float]:
             "points": float(len(errors_mm))}
 
 
-ORACLES = {"oracle_exact": OracleNoise(),
-           "oracle_degraded": OracleNoise(noise_std=0.02, blur_fraction=0.004, dropout=0.05, bias_amplitude=0.01)}
+ORACLES = {"oracle_exact": OracleNoise(), "oracle_calibrated": CALIBRATED_NOISE}
 """Calibration predictors: the exact oracle (the measure's ceiling: pixels snap to the nearest vertex), and one
 with per-pixel noise, blur, 5 % outliers and a small systematic bias (cube units; the cube spans the whole
 head, about 25 cm, so 0.02 is about 5 mm)."""

@@ -30,6 +30,7 @@ from scipy.sparse.linalg import spsolve
 from scipy.spatial import cKDTree
 
 from tracker.camera import Camera, to_camera
+from tracker.detect.cache import cache_root
 from tracker.errors import TrackerError
 from tracker.flame.model import FlameModel, FlameParams
 from tracker.io.files import atomic_write, strict_json, write_image
@@ -42,6 +43,8 @@ if TYPE_CHECKING:  # the predictor module imports transformers: keep it out of c
 
 MAP_FORMAT = "densemarks_canonical_map"
 MAP_VERSION = 1
+NETWORK_MAPS_DIR = "densemarks_maps"
+"""Folder of per-network maps under the tracker's cache root (see `network_map_path`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,6 +116,14 @@ class CanonicalMap:
     def tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(V, 3) float32 coordinates on a device."""
         return torch.as_tensor(self.coords, dtype=torch.float32, device=device)
+
+
+def network_map_path(maps_dir: str | None, map_key: str) -> Path | None:
+    """Where a predictor's per-network map lives: <maps_dir>/<map_key>.npz, maps_dir None meaning
+    $TRACKER_CACHE_DIR/densemarks_maps (~/.cache/tracker/...); None when maps_dir or map_key is ''."""
+    if maps_dir == "" or not map_key:
+        return None
+    return (Path(maps_dir) if maps_dir else cache_root() / NETWORK_MAPS_DIR) / f"{map_key}.npz"
 
 
 def save_canonical_map(path: str | Path, cmap: CanonicalMap) -> Path:
@@ -348,43 +359,67 @@ def regularise_to_template(coords: np.ndarray, support: np.ndarray, template: np
     return affine + diffuse_unknown(residual, known, graph)
 
 
+@dataclass
+class MapClip:
+    """Tracked frames of one video for map estimation: their camera, parameters, predictions and reliability."""
+
+    camera: Camera
+    params: FlameParams
+    """N frames (stacked)."""
+    predictions: Sequence[UvwPrediction]
+    """Their N uvw maps."""
+    frame_weights: np.ndarray | None = None
+    """(N,) fit reliability (see `frame_fit_weights`); ones when None."""
+
+
 def estimate_canonical_map(model: FlameModel, camera: Camera, params: FlameParams,
                            predictions: Sequence[UvwPrediction], frame_weights: np.ndarray | None = None,
                            options: CanonicalMapOptions = CanonicalMapOptions(),
                            metadata: dict | None = None) -> CanonicalMap:
-    """Canonical map from tracked frames and their predictions.
+    """Canonical map from the tracked frames of one video (see `estimate_map_from_clips`)."""
+    return estimate_map_from_clips(model, [MapClip(camera, params, predictions, frame_weights)], options, metadata)
 
-    params: N frames (stacked); predictions: their N uvw maps; frame_weights: (N,) fit reliability (see
-    `frame_fit_weights`), ones when None. Returns a complete map (see `regularise_to_template`).
-    """
+
+def estimate_map_from_clips(model: FlameModel, clips: Sequence[MapClip],
+                            options: CanonicalMapOptions = CanonicalMapOptions(),
+                            metadata: dict | None = None) -> CanonicalMap:
+    """Canonical map from tracked frames of one or many videos (each with its own camera): per vertex, the
+    weighted median of the predictions at its projection over every frame that sees it well, then a complete
+    map (see `regularise_to_template`). The network's cube is the same in every video, so many clips (many
+    people, poses and fits) average out what any one fit gets wrong."""
     device = model.v_template.device
-    count = params.batch_size
-    if len(predictions) != count:
-        raise ValueError(f"{len(predictions)} predictions for {count} frames")
-    weights_per_frame = np.ones(count, np.float32) if frame_weights is None else np.asarray(frame_weights, np.float32)
+    for clip in clips:
+        if len(clip.predictions) != clip.params.batch_size:
+            raise ValueError(f"{len(clip.predictions)} predictions for {clip.params.batch_size} frames")
+    count = sum(clip.params.batch_size for clip in clips)
     n_vertices = model.n_vertices
     samples = np.zeros((n_vertices, count, 3), np.float32)
     weights = np.zeros((n_vertices, count), np.float32)
     neighbourhood = surface_neighbourhood(model.faces, n_vertices)
-    for i, prediction in enumerate(predictions):
-        side = prediction.uvw.shape[-1]
-        size = min(options.map_resolution, side)  # upsampling would blend background into edge pixels
-        uvw = resize_uvw(prediction.uvw, size)
-        affine = crop_affine(prediction.frame_to_crop, size / side)
-        with torch.no_grad():
-            vertices = model(params.frames(slice(i, i + 1))).vertices[0]
-        frame_samples, frame_weight = vertex_observations(
-            vertices, model.faces, camera, torch.as_tensor(affine, dtype=torch.float32, device=device),
-            torch.from_numpy(uvw).to(device), options, neighbourhood)
-        samples[:, i] = frame_samples.cpu().numpy()
-        weights[:, i] = frame_weight.cpu().numpy() * weights_per_frame[i]
+    column = 0
+    for clip in clips:
+        frame_weights = np.ones(clip.params.batch_size, np.float32) if clip.frame_weights is None \
+            else np.asarray(clip.frame_weights, np.float32)
+        for i, prediction in enumerate(clip.predictions):
+            side = prediction.uvw.shape[-1]
+            size = min(options.map_resolution, side)  # upsampling would blend background into edge pixels
+            uvw = resize_uvw(prediction.uvw, size)
+            affine = crop_affine(prediction.frame_to_crop, size / side)
+            with torch.no_grad():
+                vertices = model(clip.params.frames(slice(i, i + 1))).vertices[0]
+            frame_samples, frame_weight = vertex_observations(
+                vertices, model.faces, clip.camera, torch.as_tensor(affine, dtype=torch.float32, device=device),
+                torch.from_numpy(uvw).to(device), options, neighbourhood)
+            samples[:, column] = frame_samples.cpu().numpy()
+            weights[:, column] = frame_weight.cpu().numpy() * frame_weights[i]
+            column += 1
     support = weights.sum(1)
     known = support > 0
     template = model.v_template.cpu().numpy()
     coords = regularise_to_template(weighted_median(samples, weights), support, template, options.affine_prior,
                                     vertex_graph(template, model.faces.cpu().numpy()))
-    info = {"source": "estimated", "frames_used": count, "observed_fraction": float(known.mean()),
-            "affine_prior": options.affine_prior,
+    info = {"source": "estimated", "frames_used": count, "clips": len(clips),
+            "observed_fraction": float(known.mean()), "affine_prior": options.affine_prior,
             "flame_name": model.name, "flame_sha256": model.sha256, **(metadata or {})}
     return CanonicalMap(coords.astype(np.float32), support.astype(np.float32), info)
 

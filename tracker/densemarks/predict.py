@@ -152,6 +152,16 @@ class UvwCache:
                  "without it")
         self.writable = False
 
+    @classmethod
+    def existing(cls, directory: str | Path, model_id: str, crop_size: int) -> UvwCache:
+        """Open a cache for reading what it holds; TrackerError (nothing deleted) when it is missing or was made
+        by another model or crop size."""
+        directory = Path(directory)
+        meta = cls._read_meta(directory / cls.META)
+        if meta is None or meta.get("model_id") != model_id or meta.get("crop_size") != crop_size:
+            raise TrackerError(f"no DenseMarks predictions of model {model_id} in {directory}")
+        return cls(directory, model_id, crop_size)
+
     @staticmethod
     def _read_meta(path: Path) -> dict | None:
         try:

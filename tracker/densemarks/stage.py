@@ -7,13 +7,15 @@
 2. Crops: square boxes around the tracked head, interpolated over frames without a fit.
 3. Predictions: uvw maps per frame, cached per video (float16 + crop affine), so re-runs skip the network.
 4. Canonical map and identity: the map is loaded (`densemarks.canonical_map`) or estimated from the landmark fits
-   of the well-fitted frames; then the shared identity is re-estimated on keyframes with the correspondence term,
-   alternating with re-estimating the map from those keyframe fits. An estimated map is saved with a PNG.
-5. Refinement, frame by frame in order: each sampled vertex is matched once to the pixel with the nearest uvw;
-   rounds of (visibility gates at the current pose, Levenberg-Marquardt on landmark + prior + temporal +
-   correspondence terms), then Adam with the render-and-compare term as well. Frames without landmarks are
-   fitted from their predecessor and kept when enough correspondences hold; landmarks that contradict the dense
-   evidence (detector failures near profile) are dropped for their frame.
+   of the well-fitted frames; then the shared identity and focal length are re-estimated on keyframes with the
+   correspondence term (tracker.densemarks.fitting), alternating, for an estimated map, with re-estimating the
+   map from those keyframe fits. An estimated map is saved with a PNG.
+5. Refinement, frame by frame in order (tracker.densemarks.fitting): each candidate vertex is matched once to
+   the sub-pixel position with the nearest uvw; rounds of (gates at the current pose, Levenberg-Marquardt on
+   sampled correspondences + the landmark stage's re-weighted terms). Frames without landmarks are fitted too
+   and kept when enough correspondences hold; landmarks that contradict the dense evidence (detector failures
+   near profile) are dropped for their frame. The image-stage guard (tracker.fit.guard) then returns frames the
+   refinement moved far from their landmark fit without cause to that fit.
 """
 
 from __future__ import annotations
@@ -33,44 +35,28 @@ from tracker.config import DenseMarksStageConfig, TrackerConfig
 from tracker.densemarks.canonical import (
     CanonicalMap,
     CanonicalMapOptions,
-    crop_affine,
     estimate_canonical_map,
     frame_fit_weights,
     load_canonical_map,
-    resize_uvw,
+    network_map_path,
     save_canonical_map,
-    vertex_visibility,
     write_canonical_png,
 )
+from tracker.densemarks.fitting import (
+    DenseFitter,
+    build_fitter,
+    guarded,
+    refine_identity,
+    refine_sequence_dense,
+    rescale_to_camera,
+)
+from tracker.densemarks.frames import DenseFrame, prepare_frame
 from tracker.densemarks.predict import CropBox, DenseMarksPredictor, UvwCache, UvwPrediction
 from tracker.densemarks.weights import LICENSE, resolve_weights_path
-from tracker.energy.base import EnergyTerm, Evaluation, Observations
-from tracker.energy.dense import (
-    CORR_TARGET,
-    CORR_WEIGHT,
-    CROP_PX,
-    TO_CROP,
-    UVW,
-    VALID,
-    DenseCorrespondenceConfig,
-    DenseCorrespondenceEnergy,
-    DenseRenderConfig,
-    DenseRenderEnergy,
-    correspondence_vertices,
-    correspondence_weights,
-    match_uvw,
-    prediction_validity,
-)
+from tracker.energy.base import Observations
 from tracker.errors import MissingAssetError
-from tracker.fit.sequence import (
-    FOCAL_PRIOR,
-    TrackResult,
-    choose_keyframes,
-    evenly_spaced,
-    landmark_error_px,
-    predict_next,
-)
-from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, fit_adam, fit_lm, torch_threads
+from tracker.fit.sequence import TrackResult, choose_keyframes, evenly_spaced
+from tracker.fit.solver import Problem, torch_threads
 from tracker.flame.assets import FlameBundle
 from tracker.flame.model import FlameModel, FlameParams
 from tracker.io.video import Frame
@@ -82,9 +68,6 @@ HEAD_EXCLUDED_REGIONS = ("neck", "boundary")
 """FLAME_masks regions left out of the crop box (the neck's lower edge is not part of the head)."""
 MATCH_EXCLUDED_REGIONS = ("left_eyeball", "right_eyeball")
 """Regions without correspondences: eyeballs turn with the gaze, so their canonical position is ambiguous."""
-LANDMARK_AGREEMENT = 0.5
-"""A frame's landmarks are ignored when fewer correspondences agree with their fit than this fraction of those
-agreeing with the motion prediction (MediaPipe returns confident garbage near profile views)."""
 MAP_FILE = "densemarks_canonical_map.npz"
 MAP_PNG = "densemarks_canonical_map.png"
 
@@ -105,6 +88,8 @@ class UvwSource:
     """predict(video frame index, RGB frame or None, crop box)."""
     info: dict
     """What to report about the predictor (licence, weights)."""
+    map_key: str = ""
+    """Names the predictor's cube for per-network canonical maps (<maps_dir>/<map_key>.npz); '' for none."""
     check_video: Callable[[np.ndarray, int, int], None] = lambda _indices, _height, _width: None
     """check_video(frame indices, height, width) raises TrackerError when the source cannot serve this video
     (the oracle: another video than its ground truth's)."""
@@ -120,9 +105,11 @@ def choose_source(cfg: DenseMarksStageConfig, model: FlameModel, device: torch.d
     if cfg.mode == "off":
         return None, "densemarks.mode is off"
     if cfg.oracle:
-        from tracker.densemarks.oracle import OracleDenseMarks, load_oracle_ground_truth
+        from tracker.densemarks.oracle import CALIBRATED_NOISE, OracleDenseMarks, OracleNoise, load_oracle_ground_truth
 
-        return oracle_source(OracleDenseMarks(model, load_oracle_ground_truth(cfg.oracle_ground_truth, device))), ""
+        noise = CALIBRATED_NOISE if cfg.oracle_noise == "calibrated" else OracleNoise()
+        return oracle_source(OracleDenseMarks(model, load_oracle_ground_truth(cfg.oracle_ground_truth, device),
+                                              noise)), ""
     try:
         path = resolve_weights_path(cfg.weights, offline=True if cfg.mode == "auto" and not cfg.weights else None)
     except MissingAssetError as error:
@@ -133,14 +120,15 @@ def choose_source(cfg: DenseMarksStageConfig, model: FlameModel, device: torch.d
     return UvwSource("network", predictor.model_id, predictor.crop_size, True,
                      lambda _index, rgb, box: predictor.predict(rgb, box),
                      {"weights": str(path), "weights_sha256": predictor.model_id, "license": LICENSE,
-                      "backend": predictor.backend, "precision": predictor.precision}), ""
+                      "backend": predictor.backend, "precision": predictor.precision},
+                     map_key=f"densemarks-{predictor.model_id[:16]}"), ""
 
 
 def oracle_source(oracle: OracleDenseMarks) -> UvwSource:
     """The evaluation-only oracle as a uvw source (it renders from ground truth: no pixels needed)."""
     return UvwSource("oracle", oracle.model_id, oracle.crop_size, False,
                      lambda index, _rgb, box: oracle.predict(index, box), {"oracle_noise": asdict(oracle.noise)},
-                     oracle.check_video)
+                     check_video=oracle.check_video, map_key=oracle.map_key)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,17 +209,21 @@ def map_frames(result: TrackResult, count: int, max_error_factor: float = 2.0) -
 
 
 def initial_canonical_map(cfg: DenseMarksStageConfig, model: FlameModel, camera: Camera, result: TrackResult,
-                          prediction: Callable[[int], UvwPrediction], model_id: str) -> tuple[CanonicalMap, dict]:
-    """The configured map, or one estimated from the landmark fits of this video's well-fitted frames."""
+                          prediction: Callable[[int], UvwPrediction], source: UvwSource) -> tuple[CanonicalMap, dict]:
+    """The configured map, else the predictor's per-network map when one was built (`network_map_path`), else
+    one estimated from the landmark fits of this video's well-fitted frames (map_source "estimated")."""
     if cfg.canonical_map:
         return load_canonical_map(cfg.canonical_map, model.n_vertices), {"map_source": str(cfg.canonical_map)}
+    network_map = network_map_path(cfg.maps_dir, source.map_key)
+    if network_map is not None and network_map.is_file():
+        return load_canonical_map(network_map, model.n_vertices), {"map_source": f"per-network {network_map}"}
     frames = map_frames(result, cfg.map_frames)
     if not len(frames):
         raise MissingAssetError("no well-fitted frame to estimate the DenseMarks canonical map from: pass "
                                 "densemarks.canonical_map")
     cmap = estimate_canonical_map(model, camera, result.params.frames(torch.as_tensor(frames)),
                                   [prediction(int(t)) for t in frames], frame_fit_weights(result.lmk_error_px[frames]),
-                                  options=map_options(cfg), metadata={"predictor": model_id})
+                                  options=map_options(cfg), metadata={"predictor": source.model_id})
     return cmap, {"map_source": "estimated", "map_frames": len(frames)}
 
 
@@ -245,237 +237,6 @@ def save_map_outputs(cmap: CanonicalMap, model: FlameModel, shape: torch.Tensor,
     return {"map_path": str(save_canonical_map(out_dir / MAP_FILE, cmap)),
             "map_png": str(write_canonical_png(out_dir / MAP_PNG, model, cmap, shape)),
             "map_observed_fraction": round(float(cmap.observed.mean()), 4)}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Per-frame observations
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DenseFrame:
-    """One frame's dense observations: the extras the terms read, and what refreshing the gates needs."""
-
-    extras: dict[str, torch.Tensor]
-    """Term inputs with a leading frame axis of 1 (keys in tracker.energy.dense)."""
-    match_distance: torch.Tensor
-    """(K,) cube distance of each sampled vertex's match."""
-
-
-def to_video_pixels(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Invert a (2, 3) video -> crop affine on (N, 2) crop points."""
-    return (points - affine[:, 2]) @ np.linalg.inv(affine[:, :2]).T
-
-
-def prepare_frame(prediction: UvwPrediction, canonical_tree: cKDTree, match_coords: np.ndarray,
-                  render_cfg: DenseRenderConfig, corr_cfg: DenseCorrespondenceConfig,
-                  device: torch.device) -> DenseFrame:
-    """Term inputs from one prediction: the map at the fitting resolution with its validity and affine, and each
-    sampled vertex's (K = len(match_coords)) nearest-uvw pixel in video pixels (gates still closed)."""
-    side = prediction.uvw.shape[-1]
-    uvw = resize_uvw(prediction.uvw, render_cfg.resolution)
-    search_size = min(corr_cfg.search_resolution, side)
-    search = resize_uvw(prediction.uvw, search_size)
-    pixels, distance = match_uvw(search, prediction_validity(search, canonical_tree, render_cfg.valid_distance),
-                                 match_coords)
-    targets = to_video_pixels(crop_affine(prediction.frame_to_crop, search_size / side), pixels)
-
-    def as_tensor(values) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(values, np.float32), device=device)
-
-    extras = {
-        UVW: as_tensor(uvw)[None],
-        VALID: as_tensor(prediction_validity(uvw, canonical_tree, render_cfg.valid_distance))[None],
-        TO_CROP: as_tensor(crop_affine(prediction.frame_to_crop, render_cfg.resolution / side))[None],
-        CROP_PX: as_tensor([side / prediction.frame_to_crop[0, 0]]),
-        CORR_TARGET: as_tensor(np.nan_to_num(targets))[None],
-        CORR_WEIGHT: torch.zeros(1, len(match_coords), device=device),
-    }
-    return DenseFrame(extras, as_tensor(distance))
-
-
-@torch.no_grad()
-def refresh_gates(frame: DenseFrame, model: FlameModel, camera: Camera, params: FlameParams, vertex_ids: torch.Tensor,
-                  corr_cfg: DenseCorrespondenceConfig, depth_tolerance_m: float) -> int:
-    """Re-open the correspondence gates for the current pose (visibility, facing, image distance); returns the
-    number kept."""
-    extras = frame.extras
-    vertices = model(params).vertices[0]
-    visible, facing, _, _ = vertex_visibility(vertices, model.faces, camera, extras[TO_CROP][0], extras[UVW].shape[1],
-                                              depth_tolerance_m)
-    projected, _ = camera.project(vertices[vertex_ids])
-    gate = correspondence_weights(extras[CORR_TARGET][0], frame.match_distance, projected, visible[vertex_ids],
-                                  facing[vertex_ids], float(extras[CROP_PX][0]), corr_cfg)
-    extras[CORR_WEIGHT] = gate[None]
-    return int(gate.sum())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Refinement
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DenseFitter:
-    """Fits single frames with the dense terms added to a landmark problem."""
-
-    lm_problem: Problem
-    """Landmark, prior, temporal and correspondence terms (residuals without rendering: LM can use them)."""
-    adam_problem: Problem
-    """All terms, render-and-compare included."""
-    vertex_ids: torch.Tensor
-    """(K,) vertices of the correspondence term."""
-    cfg: TrackerConfig
-    free: tuple[str, ...]
-
-    @property
-    def stage(self) -> DenseMarksStageConfig:
-        return self.cfg.densemarks
-
-    def gates(self, frame: DenseFrame, params: FlameParams) -> int:
-        return refresh_gates(frame, self.lm_problem.model, self.lm_problem.camera, params, self.vertex_ids,
-                             self.cfg.energy.dense_corr, CanonicalMapOptions().depth_tolerance_m)
-
-    def fit(self, start: FlameParams, obs: Observations, frame: DenseFrame,
-            reference: FlameParams | None) -> tuple[FlameParams, int]:
-        """Refined parameters of one frame and its number of kept correspondences."""
-        params = start
-        if self.cfg.energy.dense_corr.weight > 0:
-            for _ in range(self.stage.rounds):
-                self.gates(frame, params)
-                params = fit_lm(self.lm_problem, params, obs, self.free, self.stage.lm_iters, reference)[0]
-        inliers = self.gates(frame, params)
-        if self.stage.iters and self.cfg.energy.dense_render.weight > 0:
-            params = fit_adam(self.adam_problem, params, obs, self.free, self.stage.iters, self.cfg.fit.lr, reference)
-            inliers = self.gates(frame, params)
-        return params, inliers
-
-
-def build_fitter(problem: Problem, canonical: torch.Tensor, bundle: FlameBundle, cfg: TrackerConfig) -> DenseFitter:
-    """The dense terms (as configured) on top of `problem`'s terms."""
-    excluded = np.concatenate([bundle.masks[r] for r in MATCH_EXCLUDED_REGIONS if r in bundle.masks] or [[]])
-    ids = correspondence_vertices(problem.model.n_vertices, cfg.energy.dense_corr.vertices, excluded.astype(np.int64),
-                                  cfg.seed)
-    vertex_ids = torch.as_tensor(ids, device=canonical.device)
-    energy = cfg.energy
-    corr = [DenseCorrespondenceEnergy(energy.dense_corr, problem.model, vertex_ids)] if energy.dense_corr.weight else []
-    render = [DenseRenderEnergy(energy.dense_render, canonical)] if energy.dense_render.weight else []
-    base: list[EnergyTerm] = list(problem.terms)
-    free = tuple(LANDMARK_FIELDS) + (("neck_pose",) if cfg.densemarks.free_neck else ())
-    return DenseFitter(problem.with_terms(base + corr), problem.with_terms(base + corr + render), vertex_ids, cfg,
-                       tuple(f for f in FRAME_FIELDS if f in free))
-
-
-def head_size(model: FlameModel, shape: torch.Tensor) -> torch.Tensor:
-    """() RMS distance of the neutral head's vertices from their centroid for identity shape (1, n_shape)."""
-    vertices = model.v_template + model.dirs[:, :, :model.n_shape] @ shape[0]
-    return (vertices - vertices.mean(0)).square().sum(-1).mean().sqrt()
-
-
-class HeadSizeEnergy:
-    """Holds the neutral head's size at that of a reference identity while the identity is re-estimated.
-
-    A single camera sees size and distance only together, and an estimated canonical map is itself only known up
-    to an affine transform, so dense terms can trade head size against depth; the landmark stage's size (set by
-    the shape prior) is kept. Residual (B, 1): the relative size change, shared out over the frames.
-    """
-
-    name = "head_size"
-
-    def __init__(self, model: FlameModel, reference_shape: torch.Tensor, weight: float = 1e4):
-        self.model = model
-        self.reference = head_size(model, reference_shape).detach()
-        self.weight = weight
-
-    def __call__(self, ev: Evaluation) -> torch.Tensor:
-        batch = ev.params.batch_size
-        change = head_size(self.model, ev.params.shape) / self.reference - 1
-        return (self.weight / batch) ** 0.5 * change.expand(batch, 1)
-
-
-def refine_identity(fitter: DenseFitter, result: TrackResult, obs: Observations,
-                    dense_frame: Callable[[int], DenseFrame], keyframes: np.ndarray) -> FlameParams:
-    """Keyframe parameters with the shared identity re-estimated by the correspondence term: DenseMarks sees the
-    whole head (profile, ears, skull), which pins the shape far better than face landmarks do; the head's size
-    stays that of the landmark identity (`HeadSizeEnergy`). With densemarks.free_focal (and no configured
-    focal) the focal length is re-estimated too and written into the problem's camera, which every later step
-    shares."""
-    frames = [dense_frame(int(t)) for t in keyframes]
-    index = torch.as_tensor(keyframes, device=obs.landmarks.device)
-    params = result.params.frames(index)
-    problem = fitter.lm_problem
-    problem = problem.with_terms([*problem.terms, HeadSizeEnergy(problem.model, result.params.shape)])
-    free_focal = fitter.stage.free_focal and fitter.cfg.camera.focal is None
-    for _ in range(fitter.stage.rounds):
-        for i, frame in enumerate(frames):
-            fitter.gates(frame, params.frames(slice(i, i + 1)))
-        extras = {key: torch.cat([frame.extras[key] for frame in frames]) for key in frames[0].extras}
-        params, focal = fit_lm(problem, params, replace(obs.frames(index), extras=extras), fitter.free,
-                               fitter.stage.lm_iters, free_shape=True, free_focal=free_focal,
-                               focal_prior=FOCAL_PRIOR * len(keyframes))
-        problem.camera.focal = focal
-    return params
-
-
-def refine_sequence_dense(fitter: DenseFitter, result: TrackResult, obs: Observations,
-                          dense_frame: Callable[[int], DenseFrame | None],
-                          progress: Callable[[str], None] | None = None) -> tuple[TrackResult, dict]:
-    """Refine every frame that has dense observations, in order (temporal reference: the refined predecessors).
-
-    Each frame starts from its landmark fit or the constant-velocity prediction from its refined predecessors,
-    whichever more correspondences agree with; frames without landmarks (fitted when densemarks.track_lost)
-    become valid when at least min_inliers of the sampled vertices keep a correspondence.
-    """
-    stage = fitter.stage
-    T = len(result.valid)
-    K = len(fitter.vertex_ids)
-    refined: list[FlameParams] = []
-    valid = result.valid.copy()
-    errors = result.lmk_error_px.copy()
-    inlier_fraction = np.full(T, np.nan, np.float32)
-    rejected = np.zeros(T, bool)
-    prev = prev2 = None
-    for t in range(T):
-        landmark_fit = result.params.frames(slice(t, t + 1))
-        frame = dense_frame(t) if (result.valid[t] or (stage.track_lost and prev is not None)) else None
-        if frame is None:
-            refined.append(landmark_fit)
-            prev = prev2 = None
-        else:
-            frame_obs = obs.frames(slice(t, t + 1))
-            frame_obs = replace(frame_obs, extras=frame.extras)  # the same dict: gate refreshes reach the terms
-            reference = predict_next(prev, prev2) if prev is not None else None
-            # Landmark fits fail at steep yaw: start from whichever of it and the motion prediction more
-            # correspondences agree with (the landmark fit on ties). Landmarks whose own fit far fewer
-            # correspondences agree with are detector failures: the frame is fitted without them.
-            agree = [fitter.gates(frame, landmark_fit) if result.valid[t] else -1,
-                     fitter.gates(frame, reference) if reference is not None else -1]
-            start = landmark_fit if agree[0] >= agree[1] else reference
-            if 0 <= agree[0] < LANDMARK_AGREEMENT * agree[1]:
-                frame_obs = replace(frame_obs, landmark_weights=torch.zeros_like(frame_obs.landmark_weights))
-                rejected[t] = True
-            params, inliers = fitter.fit(start, frame_obs, frame, reference)
-            inlier_fraction[t] = inliers / max(K, 1)
-            if result.valid[t] or inlier_fraction[t] >= stage.min_inliers:
-                valid[t] = True
-                has_landmarks = bool((frame_obs.landmark_weights > 0).any())
-                errors[t] = float(landmark_error_px(fitter.lm_problem, params, frame_obs)[0]) if has_landmarks \
-                    else np.nan
-                refined.append(params)
-                prev2, prev = prev, params
-            else:
-                refined.append(landmark_fit)
-                prev = prev2 = None
-        if progress:
-            progress("refine")
-    stacked = FlameParams(shape=result.params.shape,
-                          **{n: torch.cat([getattr(p, n) for p in refined]) for n in FRAME_FIELDS})
-    counts = {"frames_refined": int(np.isfinite(inlier_fraction).sum()),
-              "frames_without_landmarks_tracked": int((valid & ~result.valid).sum()),
-              "landmark_detections_rejected": int(rejected.sum()),
-              "inlier_fraction_mean": round(float(np.nanmean(inlier_fraction)), 4) if np.isfinite(inlier_fraction).any()
-              else None}
-    return replace(result, params=stacked, valid=valid, lmk_error_px=np.asarray(errors, np.float32)), counts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -503,9 +264,10 @@ def run_densemarks_stage(problem: Problem, result: TrackResult, obs: Observation
     if source is None:
         return result, {"ran": False, "reason": reason}
     source.check_video(np.asarray(frame_indices), problem.camera.height, problem.camera.width)
-    info: dict = {"ran": False, "predictor": source.kind, "model_id": source.model_id, **source.info}
-    if cfg.energy.dense_corr.weight <= 0 and cfg.energy.dense_render.weight <= 0:
-        return result, {**info, "reason": "energy.dense_corr.weight and energy.dense_render.weight are both 0"}
+    info: dict = {"ran": False, "predictor": source.kind, "model_id": source.model_id, "map_key": source.map_key,
+                  "crop_size": source.crop_size, **source.info}
+    if cfg.energy.dense_corr.weight <= 0:
+        return result, {**info, "reason": "energy.dense_corr.weight is 0"}
     out_dir = Path(out_dir)
     seconds: dict[str, float] = {}
 
@@ -516,6 +278,7 @@ def run_densemarks_stage(problem: Problem, result: TrackResult, obs: Observation
         return result, {**info, "reason": "no tracked frame to place a head crop on"}
     cache = UvwCache(Path(cfg.densemarks.cache_dir) if cfg.densemarks.cache_dir else out_dir / "cache" / "densemarks",
                      source.model_id, source.crop_size)
+    info["cache_dir"] = str(cache.directory)
     info["frames_predicted"] = predict_into_cache(source, cache, frame_indices, boxes, frames, progress)
     seconds["predict"] = time.perf_counter() - start
 
@@ -530,38 +293,57 @@ def run_densemarks_stage(problem: Problem, result: TrackResult, obs: Observation
     with torch_threads(1):
         start = time.perf_counter()
         cmap, map_info = initial_canonical_map(cfg.densemarks, problem.model, problem.camera, result, prediction,
-                                               source.model_id)
+                                               source)
         info.update(map_info)
+        estimated = map_info["map_source"] == "estimated"
+        excluded = np.concatenate([bundle.masks[r] for r in MATCH_EXCLUDED_REGIONS if r in bundle.masks] or [[]])
 
         def setup(cmap: CanonicalMap) -> tuple[DenseFitter, Callable[[int], DenseFrame]]:
-            fitter = build_fitter(problem, cmap.tensor(device), bundle, cfg)
+            fitter = build_fitter(problem, cmap.tensor(device), excluded.astype(np.int64), cfg)
             tree = cKDTree(cmap.coords)
             match_coords = cmap.coords[fitter.vertex_ids.cpu().numpy()]
             return fitter, lambda t: prepare_frame(prediction(t), tree, match_coords, cfg.energy.dense_render,
-                                                   cfg.energy.dense_corr, device)
+                                                   cfg.energy.dense_corr, device, fitter.render is not None)
 
         fitter, dense_frame = setup(cmap)
-        if cfg.densemarks.identity and cfg.energy.dense_corr.weight > 0:
-            # Alternate identity (keyframes, dense correspondences) and map (re-estimated from those fits): the
-            # map made from landmark fits carries their shape error, which the better identity then removes.
-            keyframes = choose_keyframes(result.valid, cfg.fit.keyframes)
-            for _ in range(cfg.densemarks.map_rounds):
-                key_params = refine_identity(fitter, result, obs, dense_frame, keyframes)
-                result = replace(result, params=replace(result.params, shape=key_params.shape),
-                                 focal=float(problem.camera.focal))
-                if not cfg.densemarks.canonical_map:
+        working = result  # the landmark fits, moved to the stage's identity and camera as they change
+        if cfg.densemarks.identity:
+            # Identity and focal from keyframe correspondences; with a map estimated from this video, alternate
+            # with re-estimating the map from those keyframe fits (the first map carries the landmark fits' error).
+            # Frames without a landmark fit count too (posed from their matches): profiles show the most.
+            tracked = np.ones_like(result.valid) if cfg.densemarks.track_lost else result.valid
+            keyframes = choose_keyframes(tracked, cfg.densemarks.keyframes)
+            key_obs = obs.frames(torch.as_tensor(keyframes, device=obs.landmarks.device))
+            free_focal = cfg.densemarks.free_focal and cfg.camera.focal is None
+            for round_ in range(max(cfg.densemarks.map_rounds, 1) if estimated else 1):
+                key_params, used = refine_identity(fitter, working.params.frames(torch.as_tensor(keyframes)),
+                                                   key_obs, [dense_frame(int(t)) for t in keyframes], free_focal,
+                                                   estimated)
+                info["identity_keyframes"] = int(used.sum())
+                if not used.any():
+                    break
+                focal = float(problem.camera.focal)
+                working = replace(working, params=rescale_to_camera(
+                    replace(working.params, shape=key_params.shape), working.focal, focal), focal=focal)
+                if estimated and round_ + 1 < cfg.densemarks.map_rounds:
                     cmap = estimate_canonical_map(problem.model, problem.camera, key_params,
-                                                  [prediction(int(t)) for t in keyframes],
+                                                  [prediction(int(t)) for t in keyframes[used]],
                                                   options=map_options(cfg.densemarks),
                                                   metadata={"predictor": source.model_id})
                     fitter, dense_frame = setup(cmap)
         info["focal_px"] = round(float(problem.camera.focal), 2)
-        if not cfg.densemarks.canonical_map:
-            info.update(save_map_outputs(cmap, problem.model, result.params.shape, out_dir))
+        if estimated:
+            info.update(save_map_outputs(cmap, problem.model, working.params.shape, out_dir))
         seconds["identity_and_map"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        refined, counts = refine_sequence_dense(fitter, result, obs, dense_frame, progress)
+        refined, evidence = refine_sequence_dense(fitter, working, obs, dense_frame, progress)
+        refined, report = guarded(fitter, problem, result, refined, obs, evidence, cfg.guard,
+                                  cfg.fit.first_frame_iters)
+        if report.sequence_fallback:  # the landmark track stands, with its own focal length
+            problem.camera.focal = torch.as_tensor(result.focal, dtype=problem.camera.focal.dtype, device=device)
+            info["focal_px"] = round(float(result.focal), 2)
         seconds["refine"] = time.perf_counter() - start
-    info.update(counts, ran=True, seconds={k: round(v, 2) for k, v in seconds.items()})
+    info.update(evidence["counts"], guard=report.to_dict(), ran=True,
+                seconds={k: round(v, 2) for k, v in seconds.items()})
     return refined, info

@@ -125,6 +125,19 @@ class EnergyTerm(Protocol):
         """(B, N) weighted residuals; the energy is their sum of squares."""
 
 
+class ScaledTerm:
+    """Another term with its energy multiplied by `factor` (a stage re-weighting a shared term without
+    touching its configuration)."""
+
+    def __init__(self, term: EnergyTerm, factor: float):
+        self.term = term
+        self.factor = factor
+        self.name = term.name
+
+    def __call__(self, ev: Evaluation) -> torch.Tensor:
+        return self.term(ev) * self.factor ** 0.5
+
+
 ROBUST_KINDS = ("l2", "l1", "huber", "cauchy", "gm")
 
 

@@ -148,18 +148,58 @@ def correspondence_vertices(n_vertices: int, count: int, exclude: np.ndarray | N
     return np.sort(np.random.default_rng(seed).choice(candidates, count, replace=False))
 
 
-def match_uvw(uvw: np.ndarray, valid: np.ndarray, canonical: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def match_uvw(uvw: np.ndarray, valid: np.ndarray, canonical: np.ndarray,
+              subpixel: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """For each canonical coordinate (K, 3), the valid pixel of the map (S, S, 3) with the nearest uvw.
 
-    Returns pixel centres (K, 2) in map pixels (centres at +0.5; NaN when no pixel is valid) and the cube
-    distances (K,).
+    With `subpixel`, the match moves within a pixel to where the map's local linear model (finite differences
+    over valid neighbours) comes nearest to the coordinate: nearest pixel centres alone carry up to half a
+    pixel of error, which biases fits near silhouettes. Returns positions (K, 2) in map pixels (centres at
+    +0.5; NaN when no pixel is valid) and the cube distances (K,) of the matched pixels.
     """
     rows, cols = np.nonzero(valid > 0)
     if len(rows) == 0:
         return np.full((len(canonical), 2), np.nan, np.float32), np.full(len(canonical), np.inf, np.float32)
     distance, nearest = cKDTree(uvw[rows, cols]).query(canonical)
-    pixels = np.stack([cols[nearest] + 0.5, rows[nearest] + 0.5], axis=-1)
+    row, col = rows[nearest], cols[nearest]
+    pixels = np.stack([col + 0.5, row + 0.5], axis=-1)
+    if subpixel:
+        pixels = pixels + subpixel_offsets(uvw, valid > 0, row, col, canonical)
     return pixels.astype(np.float32), distance.astype(np.float32)
+
+
+def map_gradient(uvw: np.ndarray, valid: np.ndarray, row: np.ndarray, col: np.ndarray,
+                 axis: int) -> np.ndarray:
+    """(K, 3) derivative of the map along `axis` (0 rows, 1 columns) at pixels (row, col): central differences
+    where both neighbours are valid, one-sided where one is, 0 where none is."""
+    size = uvw.shape[axis]
+    step = np.array([1, 0]) if axis == 0 else np.array([0, 1])
+    ahead = np.stack([row, col]) + step[:, None]
+    behind = np.stack([row, col]) - step[:, None]
+    ahead_ok = (ahead[axis] < size) & valid[ahead[0].clip(0, size - 1), ahead[1].clip(0, size - 1)]
+    behind_ok = (behind[axis] >= 0) & valid[behind[0].clip(0, size - 1), behind[1].clip(0, size - 1)]
+    centre = uvw[row, col]
+    forward = uvw[ahead[0].clip(0, size - 1), ahead[1].clip(0, size - 1)] - centre
+    backward = centre - uvw[behind[0].clip(0, size - 1), behind[1].clip(0, size - 1)]
+    both = (ahead_ok & behind_ok)[:, None]
+    return np.where(both, (forward + backward) / 2,
+                    np.where(ahead_ok[:, None], forward, np.where(behind_ok[:, None], backward, 0.0)))
+
+
+def subpixel_offsets(uvw: np.ndarray, valid: np.ndarray, row: np.ndarray, col: np.ndarray,
+                     target: np.ndarray) -> np.ndarray:
+    """(K, 2) x, y offsets (within +-0.5 pixel) from pixel centres (row, col) that bring the map's linear model
+    uvw + J d nearest to target (K, 3) (least squares; 0 where the local map is degenerate)."""
+    jacobian = np.stack([map_gradient(uvw, valid, row, col, 1), map_gradient(uvw, valid, row, col, 0)], -1)
+    normal = np.einsum("kci,kcj->kij", jacobian, jacobian)
+    rhs = np.einsum("kci,kc->ki", jacobian, target - uvw[row, col])
+    det = normal[:, 0, 0] * normal[:, 1, 1] - normal[:, 0, 1] ** 2
+    scale = np.einsum("kii->k", normal)
+    ok = det > 1e-6 * scale ** 2 + 1e-20
+    inverse = np.stack([np.stack([normal[:, 1, 1], -normal[:, 0, 1]], -1),
+                        np.stack([-normal[:, 0, 1], normal[:, 0, 0]], -1)], -2) / np.where(ok, det, 1.0)[:, None, None]
+    offset = np.einsum("kij,kj->ki", inverse, rhs)
+    return np.where(ok[:, None], offset.clip(-0.5, 0.5), 0.0)
 
 
 def correspondence_weights(target: torch.Tensor, cube_distance: torch.Tensor, projected: torch.Tensor,

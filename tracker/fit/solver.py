@@ -8,7 +8,7 @@ single forward-mode pass (`torch.func.jacfwd`).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -122,6 +122,25 @@ def block_jacobians(residual_fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
     return J_frame, jacfwd(lambda v: residual_fn(X, s + v))(s.new_zeros(s.shape[0]))
 
 
+def central_difference_blocks(residual_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                              X: torch.Tensor, s: torch.Tensor, step: float) -> torch.Tensor:
+    """Per-frame Jacobian blocks (B, N, Pf) by central differences, every perturbation in one batched call.
+
+    residual_rows(rows, X_rows, s) -> (R, N): the residuals of frame rows[i] at per-frame parameters X_rows[i].
+    One evaluation of 2 * B * Pf rows costs far less than forward-mode AD's Pf tangent passes, whose per-op
+    overhead dominates on small per-frame problems; the error (~step^2) does not matter to Levenberg-Marquardt,
+    which accepts a step only when the true cost falls.
+    """
+    B, Pf = X.shape
+    eye = torch.eye(Pf, dtype=X.dtype, device=X.device) * step
+    shifts = torch.cat([eye, -eye])  # (2 Pf, Pf)
+    rows = torch.arange(B, device=X.device).repeat_interleave(2 * Pf)
+    perturbed = X[rows] + shifts.repeat(B, 1)
+    with torch.no_grad():
+        r = residual_rows(rows, perturbed, s).view(B, 2, Pf, -1)
+    return ((r[:, 0] - r[:, 1]) / (2 * step)).transpose(1, 2)
+
+
 def normal_equations(r: torch.Tensor, J_frame: torch.Tensor, J_shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense J^T J and J^T r over [X (frame-major), s] from the block Jacobians.
 
@@ -143,13 +162,15 @@ def normal_equations(r: torch.Tensor, J_frame: torch.Tensor, J_shared: torch.Ten
 
 
 def levenberg_marquardt(residual_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], X: torch.Tensor,
-                        s: torch.Tensor, iters: int, damping: float = 1e-3,
-                        rel_tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, float]:
+                        s: torch.Tensor, iters: int, damping: float = 1e-3, rel_tol: float = 1e-4,
+                        jacobians: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
+                        = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Minimise ||residual_fn(X, s)||^2 over per-frame X (B, Pf) and shared s (Ps,).
 
     Marquardt's scaled damping (diag of J^T J) makes steps invariant to each parameter's units. Stops when
     a step lowers the cost by less than rel_tol (relative): on tracked frames that halves the iterations
-    without a measurable change in accuracy. Returns X, s and the final cost.
+    without a measurable change in accuracy. jacobians(X, s) -> (J_frame, J_shared) replaces the forward-mode
+    `block_jacobians` of residual_fn. Returns X, s and the final cost.
     """
     X, s = X.detach().clone(), s.detach().clone()
     B, Pf = X.shape
@@ -161,7 +182,7 @@ def levenberg_marquardt(residual_fn: Callable[[torch.Tensor, torch.Tensor], torc
     cost = cost_of(X, s)
     for _ in range(iters):
         r = residual_fn(X, s).detach()
-        A, g = normal_equations(r, *block_jacobians(residual_fn, X, s))
+        A, g = normal_equations(r, *(jacobians(X, s) if jacobians else block_jacobians(residual_fn, X, s)))
         diag = A.diagonal().clamp(min=1e-9)
         improved = False
         for _ in range(8):
@@ -184,36 +205,61 @@ def levenberg_marquardt(residual_fn: Callable[[torch.Tensor, torch.Tensor], torc
 
 def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequence[str], iters: int,
            reference: FlameParams | None = None, free_shape: bool = False, free_focal: bool = False,
-           focal_prior: float = 0.0) -> tuple[FlameParams, torch.Tensor]:
+           focal_prior: float = 0.0, contour_rounds: int = 2, difference_step: float | None = None,
+           depth_follows_focal: bool = False, rel_tol: float = 1e-4) -> tuple[FlameParams, torch.Tensor]:
     """Levenberg-Marquardt over the per-frame fields `free` (and optionally the shared identity and log
     focal). Every residual must depend on one frame only. Returns params and the focal length.
 
     The jaw-contour landmarks are chosen from the yaw at the start of each round and held fixed inside it
-    (switching them mid-solve makes the energy discontinuous); a second round runs if a yaw bin moved.
+    (switching them mid-solve makes the energy discontinuous); up to contour_rounds rounds run while a yaw bin
+    moves (1: problems without contour landmarks). difference_step: per-frame Jacobian blocks by central
+    differences of that step (`central_difference_blocks`) instead of forward-mode AD. depth_follows_focal
+    (with free_focal): translations scale with the focal length, so a focal change moves every head along its
+    viewing ray and keeps its image size; the focal then only trades perspective, and Levenberg-Marquardt need
+    not crawl along the focal/depth valley. rel_tol: `levenberg_marquardt`'s stopping rule.
     """
     packer = ParamPacker(init, free, free_shape, free_focal)
     focal0 = problem.camera.focal.detach()
     X, s = packer.pack(init)
     B = X.shape[0]
     yaw = None
-    for _ in range(2):
+    for _ in range(contour_rounds):
         params, _ = packer.unpack(X, s)
         new_yaw = problem.evaluation(params, obs).yaw_deg
         if yaw is not None and torch.equal(torch.round(new_yaw), torch.round(yaw)):
             break
         yaw = new_yaw
 
-        def residual_fn(X_: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
-            p, log_f = packer.unpack(X_, s_)
+        def residual_fn(X_: torch.Tensor, s_: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+            """Residuals of all frames, or (rows) of frame rows[i] at X_[i] for each row."""
+            if rows is None:
+                p, log_f = packer.unpack(X_, s_)
+                o, ref, yaw_rows, count = obs, reference, yaw, B
+            else:
+                p, log_f = ParamPacker(init.frames(rows), free, free_shape, free_focal).unpack(X_, s_)
+                o, ref, yaw_rows, count = obs.frames(rows), None if reference is None else reference.frames(rows), \
+                    yaw[rows], len(rows)
             cam = Camera(focal0 * torch.exp(log_f), problem.camera.center, problem.camera.height,
                          problem.camera.width)
-            r = problem.residuals(p, obs, reference, cam, contour_yaw=yaw)
+            if depth_follows_focal:
+                p = replace(p, translation=p.translation * torch.exp(log_f))
+            r = problem.residuals(p, o, ref, cam, contour_yaw=yaw_rows)
             if free_focal:  # the focal prior, shared out over the frames
-                r = torch.cat([r, (focal_prior / B) ** 0.5 * log_f.expand(B, 1)], dim=1)
+                r = torch.cat([r, (focal_prior / B) ** 0.5 * log_f.expand(count, 1)], dim=1)
             return r
 
-        X, s, _ = levenberg_marquardt(residual_fn, X, s, iters)
+        def difference_jacobians(X_: torch.Tensor, s_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            J_frame = central_difference_blocks(lambda rows, X_rows, s_rows: residual_fn(X_rows, s_rows, rows),
+                                                X_, s_, difference_step)
+            J_shared = jacfwd(lambda v: residual_fn(X_, s_ + v))(s_.new_zeros(s_.shape[0])) if s_.numel() \
+                else J_frame.new_zeros(*J_frame.shape[:2], 0)
+            return J_frame, J_shared
+
+        X, s, _ = levenberg_marquardt(residual_fn, X, s, iters, rel_tol=rel_tol,
+                                      jacobians=difference_jacobians if difference_step is not None else None)
     params, log_f = packer.unpack(X, s)
+    if depth_follows_focal:
+        params = replace(params, translation=params.translation * torch.exp(log_f))
     return params.detach(), (focal0 * torch.exp(log_f)).detach()
 
 

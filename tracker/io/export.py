@@ -13,11 +13,13 @@ import numpy as np
 import torch
 
 from tracker.camera import Camera, rotation_to_camera
+from tracker.errors import TrackerError
 from tracker.flame.model import FlameParams
 from tracker.io.files import atomic_write, strict_json
 from tracker.io.invariants import enforce_frame_invariants
 from tracker.result import PARAM_KEYS, read_npz
 
+FRAME_PARAM_KEYS = tuple(key for key in PARAM_KEYS if key != "shape")
 CAMERA_KEYS = ("K", "R", "t", "image_size", "fps")
 FRAME_KEYS = ("frame_index", "timestamp", "valid", "lmk_error_px")
 
@@ -85,3 +87,29 @@ def write_obj(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None:
     lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces]
     text = ("\n".join(lines) + "\n").encode()
     atomic_write(path, lambda fh: fh.write(text))
+
+
+def _fit_width(values: np.ndarray, width: int) -> np.ndarray:
+    """Zero-pad or cut the last axis to `width` (a model with a different basis size reads the same file)."""
+    if values.shape[-1] >= width:
+        return values[..., :width]
+    return np.concatenate([values, np.zeros((*values.shape[:-1], width - values.shape[-1]), values.dtype)], -1)
+
+
+def params_from_arrays(arrays: dict[str, np.ndarray], n_shape: int, n_expr: int) -> FlameParams:
+    """FlameParams of all frames in an exported npz, coefficient vectors fitted to the model's sizes."""
+    missing = [k for k in ("shape", *FRAME_PARAM_KEYS) if k not in arrays]
+    if missing:
+        raise TrackerError(f"parameter file lacks {', '.join(missing)}: not a tracker export")
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    values = {k: to(arrays[k]) for k in FRAME_PARAM_KEYS if k not in ("expr",)}
+    return FlameParams(shape=to(_fit_width(arrays["shape"].reshape(1, -1), n_shape)),
+                       expr=to(_fit_width(arrays["expr"], n_expr)), **values)
+
+
+def camera_from_arrays(arrays: dict[str, np.ndarray], frame: int = 0) -> Camera:
+    """The tracker's Camera from exported K (OpenCV: pixel centres at integers) and image_size."""
+    K = arrays["K"][frame].astype(np.float64)
+    height, width = (int(v) for v in arrays["image_size"])
+    return Camera(torch.tensor(float(K[0, 0])), torch.tensor([K[0, 2] + 0.5, K[1, 2] + 0.5], dtype=torch.float32),
+                  height, width)
