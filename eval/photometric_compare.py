@@ -107,7 +107,7 @@ def compare(video: Path, max_frames: int, out_dir: Path) -> None:
     images, crop = stage_inputs(video, cfg, obs, result)
     T = len(result.valid)
     start, cpu_start = time.perf_counter(), time.process_time()
-    refined, _ = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg)
+    refined, _, report = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg)
     stage_seconds, stage_cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
     # Each track rendered with the appearance the stage's procedure gives under its own poses (estimated on

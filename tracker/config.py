@@ -23,6 +23,7 @@ from tracker.energy.priors import PriorConfig
 from tracker.energy.temporal import TemporalConfig
 from tracker.errors import TrackerError, quote
 from tracker.resources import configs_dir
+from tracker.fit.guard import GuardConfig
 
 CONFIG_DIR = configs_dir()
 
@@ -116,8 +117,20 @@ class PhotometricStageConfig:
     """Rasteriser backend: torch | pytorch3d | nvdiffrast."""
     resolution: int = 256
     """Longer side of the images compared in the photometric stage."""
-    iters: int = 20
-    """Photometric optimiser steps per frame."""
+    landmark_weight: float = 0.03
+    """Weight of the landmark term inside the stage, relative to the landmark stage's (landmarks disagree with
+    FLAME by a few pixels even at the true parameters: at full weight they outweigh the images)."""
+    identity_rounds: int = 2
+    """Rounds re-estimating the shared identity on the keyframes, each followed by an appearance refit (0 = keep
+    the landmark stage's identity)."""
+    identity_iters: int = 3
+    """Levenberg-Marquardt iterations per pyramid level of each identity round."""
+    identity_appearance_iters: int = 60
+    """Steps refitting texture and lighting after each identity round."""
+    frame_iters: int = 2
+    """Levenberg-Marquardt iterations per pyramid level and frame."""
+    samples: int = 2000
+    """Most surface points compared per frame and pyramid level (every k-th covered pixel)."""
     texture_size: int = 256
     """Albedo texture resolution."""
     texture_keyframe_iters: int = 200
@@ -126,8 +139,8 @@ class PhotometricStageConfig:
     """head_template.obj with FLAME UVs; None: the FLAME assets folder."""
     albedo: str = "texture"
     """Albedo model: texture (in FLAME's UV layout, needs uv_obj) | vertex (per-vertex colours)."""
-    keyframes: int = 8
-    """Frames (spread over the sequence) on which albedo and lighting are estimated."""
+    keyframes: int = 6
+    """Frames (spread over the sequence) on which albedo, lighting and identity are estimated."""
     appearance_refine_frames: int = 16
     """Frames (spread over the sequence) on which albedo and lighting are refined after the per-frame pass,
     with the refined poses (0 = keep the keyframe estimate)."""
@@ -139,12 +152,13 @@ class PhotometricStageConfig:
     """Weight of the albedo's total variation (texture) or edge differences (vertex colours)."""
     albedo_symmetry: float = 0.0
     """Weight of the texture's left-right symmetry prior (0 = off)."""
-    pyramid_levels: int = 3
-    """Coarse-to-fine levels of the per-frame refinement, each half the size of the next (1 = full size only)."""
-    lr: float = 0.004
-    """Adam learning rate of the per-frame refinement (small: frames start at their landmark fit)."""
+    pyramid_levels: int = 2
+    """Coarse-to-fine levels of the identity and per-frame refinements, each half the size of the next (1 = full
+    size only)."""
     crop_margin: float = 0.3
     """Margin of the compared square around the sequence's landmarks, as a fraction of their extent per side."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """When a refined frame counts as carried away from its landmarks (it then keeps its landmark fit)."""
 
 
 @dataclass
@@ -275,7 +289,9 @@ NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("fit.reinit_factor", 1, math.inf, False), ("fit.global_window", 2, math.inf, True),
     ("*lr", 0, math.inf, False), ("*scale", 0, math.inf, False), ("*distance", 0, math.inf, False),
     ("photometric.resolution", 32, math.inf, True), ("photometric.texture_size", 8, math.inf, True),
-    ("photometric.iters", 1, math.inf, True), ("photometric.keyframes", 1, math.inf, True),
+    ("photometric.frame_iters", 1, math.inf, True), ("photometric.keyframes", 1, math.inf, True),
+    ("photometric.identity_iters", 1, math.inf, True), ("photometric.samples", 1, math.inf, True),
+    ("photometric.guard.max_shift", 0, math.inf, False), ("photometric.guard.max_rejected", 0, 1, True),
     ("photometric.pyramid_levels", 1, 8, True),
     ("densemarks.crop_scale", 1, math.inf, True), ("densemarks.map_frames", 1, math.inf, True),
     ("densemarks.min_inliers", 0, 1, True),

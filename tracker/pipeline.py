@@ -197,10 +197,12 @@ def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folde
     photometric = {"ran": False, "reason": "photometric.enabled is off"}
     if cfg.photometric.enabled:
         with _timed(timings, "photometric"):
-            result, files, appearance = photometric_stage(problem, result, obs, frames, (info.height, info.width),
-                                                          bundle, cfg, out_dir, show_progress)
+            result, files, appearance, report = photometric_stage(problem, result, obs, frames,
+                                                                  (info.height, info.width), bundle, cfg, out_dir,
+                                                                  show_progress)
         outputs.update(files)
-        photometric = {"ran": appearance is not None, "reason": "" if appearance else "no frame has a landmark fit"}
+        photometric = {"ran": appearance is not None, "reason": "" if appearance else "no frame has a landmark fit",
+                       **report}
         if appearance is not None:
             textured = (appearance, region_mesh(model, bundle.masks, cfg.energy.photometric.regions))
             stage_energy["photometric"] = frame_energy(problem, result, obs)
@@ -289,17 +291,19 @@ def densemarks_stage(problem: Problem, result: TrackResult, obs: Observations, t
 
 def photometric_stage(problem: Problem, result: TrackResult, obs: Observations, frames, frame_size: tuple[int, int],
                       bundle: FlameBundle, cfg: TrackerConfig, out_dir: Path,
-                      show_progress: bool) -> tuple[TrackResult, dict, Appearance | None]:
+                      show_progress: bool) -> tuple[TrackResult, dict, Appearance | None, dict]:
     """Photometric refinement on a face crop; writes the texture and lighting next to the parameters.
-    Returns the refined track, the written files and the appearance (None when no frame had a fit)."""
+    Returns the refined track, the written files, the appearance (None when no frame had a fit) and the stage's
+    report (identity change, guard)."""
     if not result.valid.any():
-        return result, {}, None
+        return result, {}, None, {}
     crop = stage_crop(obs, result.valid, frame_size, cfg.photometric.resolution, cfg.photometric.crop_margin)
     images = np.stack([crop.image(frame.rgb) for frame in frames()])
     with tqdm(total=len(result.valid), desc="photometric", unit="frame", disable=not show_progress) as bar:
-        result, appearance = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg,
-                                                   progress=lambda: bar.update(1))
-    return result, {name: str(path) for name, path in write_appearance(out_dir, appearance).items()}, appearance
+        result, appearance, report = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg,
+                                                           progress=lambda: bar.update(1))
+    files = {name: str(path) for name, path in write_appearance(out_dir, appearance).items()}
+    return result, files, appearance, report
 
 
 @torch.no_grad()
