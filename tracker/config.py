@@ -23,7 +23,6 @@ from tracker.energy.priors import PriorConfig
 from tracker.energy.temporal import TemporalConfig
 from tracker.errors import TrackerError, quote
 from tracker.resources import configs_dir
-from tracker.fit.guard import GuardConfig
 
 CONFIG_DIR = configs_dir()
 
@@ -107,6 +106,36 @@ class FitConfig:
     """Steps of the optional joint refinement over all frames (0 = off)."""
     global_window: int = 64
     """Frames per chunk in the global refinement."""
+
+
+@dataclass
+class GuardConfig:
+    max_shift: float = 0.05
+    """A refined frame is rejected when its mean landmark error exceeds the landmark stage's by this fraction
+    of the face size (landmark bounding-box diagonal)."""
+    max_rejected: float = 0.5
+    """When more than this fraction of the refined frames is rejected, the whole refinement is dropped."""
+
+
+@dataclass
+class BridgeConfig:
+    enabled: bool = True
+    """Fit frames without landmarks inside short detector gaps from points tracked by optical flow."""
+    max_gap: int = 12
+    """Longest run of frames without landmarks that is bridged (longer gaps stay invalid)."""
+    points: int = 400
+    """Mesh vertices (face, forehead, nose) tracked into the gap from each neighbouring fitted frame."""
+    flow_size: int = 640
+    """Longer side (pixels) of the frames the optical flow runs on."""
+    max_flow_error: float = 1.0
+    """A point is dropped when forward and backward flow disagree by more than this (flow pixels)."""
+    min_points: int = 30
+    """Frames keeping fewer tracked points stay unfitted."""
+    min_facing: float = 0.3
+    """Tracked vertices face the camera at least this much (cosine) in their anchor frame, and half of it in the
+    bridged frame."""
+    iters: int = 10
+    """Levenberg-Marquardt iterations fitting each bridged frame's rotation and translation."""
 
 
 @dataclass
@@ -232,6 +261,8 @@ class TrackerConfig:
     """Energy terms and their weights."""
     fit: FitConfig = field(default_factory=FitConfig)
     """Optimisation schedule of the landmark stage and the global refinement."""
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    """Short detector gaps bridged by optical flow."""
     photometric: PhotometricStageConfig = field(default_factory=PhotometricStageConfig)
     """The photometric stage."""
     densemarks: DenseMarksStageConfig = field(default_factory=DenseMarksStageConfig)
@@ -292,6 +323,8 @@ NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("photometric.frame_iters", 1, math.inf, True), ("photometric.keyframes", 1, math.inf, True),
     ("photometric.identity_iters", 1, math.inf, True), ("photometric.samples", 1, math.inf, True),
     ("photometric.guard.max_shift", 0, math.inf, False), ("photometric.guard.max_rejected", 0, 1, True),
+    ("bridge.flow_size", 32, math.inf, True), ("bridge.max_flow_error", 0, math.inf, False),
+    ("bridge.min_points", 3, math.inf, True), ("bridge.min_facing", -1, 1, True), ("bridge.points", 3, math.inf, True), ("bridge.iters", 1, math.inf, True),
     ("photometric.pyramid_levels", 1, 8, True),
     ("densemarks.crop_scale", 1, math.inf, True), ("densemarks.map_frames", 1, math.inf, True),
     ("densemarks.min_inliers", 0, 1, True),

@@ -28,6 +28,7 @@ from tracker.energy.priors import PriorEnergy
 from tracker.energy.temporal import TemporalEnergy
 from tracker.errors import TrackerError, quote
 from tracker.densemarks.stage import run_densemarks_stage
+from tracker.fit.bridge import bridge_gaps
 from tracker.fit.global_refine import refine_globally
 from tracker.fit.photometric import run_photometric_stage, stage_crop
 from tracker.fit.sequence import SequenceTracker, TrackResult
@@ -101,6 +102,8 @@ class RunSummary:
     valid_frames: int
     invalid_frame_indices: list[int]
     reinitialised_frames: int
+    bridged_frames: int = 0
+    """Frames without landmarks fitted from optical flow across a short detector gap (`bridged` in the npz)."""
     seconds: dict[str, float] = field(default_factory=dict)
     seconds_per_frame: dict[str, float] = field(default_factory=dict)
     lmk_error_px_mean: float = float("nan")
@@ -188,6 +191,8 @@ def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folde
     outputs = {"params": str(writer.path)}
 
     frames = lambda: read_frames(video, selection)  # noqa: E731  (re-decodes the selected frames)
+    with _timed(timings, "bridge"):
+        result, bridged, bridge = bridge_gaps(problem, result, obs, frames, bundle.masks, cfg.bridge)
     with _timed(timings, "densemarks"):
         result, writer.metadata["densemarks"] = densemarks_stage(problem, result, obs, track, frames, bundle, cfg,
                                                                  out_dir, show_progress)
@@ -206,10 +211,10 @@ def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folde
         if appearance is not None:
             textured = (appearance, region_mesh(model, bundle.masks, cfg.energy.photometric.regions))
             stage_energy["photometric"] = frame_energy(problem, result, obs)
-    stages = {"densemarks": writer.metadata["densemarks"], "photometric": photometric}
+    stages = {"bridge": bridge, "densemarks": writer.metadata["densemarks"], "photometric": photometric}
     writer.metadata["stages"] = {name: bool(status.get("ran")) for name, status in stages.items()}
     table = FrameTable(result.params, track.frame_indices, track.timestamps, result.valid, result.lmk_error_px,
-                       stage_energy=stage_energy)
+                       stage_energy=stage_energy, bridged=bridged)
     written = writer.write(table, complete=False)
 
     with _timed(timings, "outputs"):
@@ -353,12 +358,13 @@ def _summarise(video: Path, out_dir: Path, arrays: dict[str, np.ndarray], result
                camera: Camera, outputs: dict) -> RunSummary:
     """The summary of what was written (`arrays`: flame_params.npz as written, invariants enforced)."""
     valid, T = arrays["valid"], len(arrays["valid"])
-    errors = arrays["lmk_error_px"][valid]
+    errors = arrays["lmk_error_px"][valid & ~arrays["bridged"]]  # bridged frames have no landmarks
     total = sum(timings.values())
     reasons, counts = np.unique(arrays["invalid_reason"][~valid], return_counts=True)
     return RunSummary(
         video=str(video), out_dir=str(out_dir), frames=T, valid_frames=int(valid.sum()),
         invalid_frame_indices=[int(i) for i in arrays["frame_index"][~valid]],
+        bridged_frames=int((valid & arrays["bridged"]).sum()),
         invalid_reasons={str(r): int(c) for r, c in zip(reasons, counts)},
         reinitialised_frames=int(result.reinitialised.sum()),
         seconds={k: round(v, 3) for k, v in timings.items()},

@@ -15,25 +15,14 @@ sub-pixel landmark error; a fit that moved by 5% of the face is wrong.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import replace
 
 import numpy as np
 import torch
 
+from tracker.config import GuardConfig
+from tracker.fit.sequence import TrackResult
 from tracker.fit.solver import FRAME_FIELDS
-
-if TYPE_CHECKING:  # fit.sequence imports the config, which holds GuardConfig
-    from tracker.fit.sequence import TrackResult
-
-
-@dataclass
-class GuardConfig:
-    max_shift: float = 0.05
-    """A refined frame is rejected when its mean landmark error exceeds the landmark stage's by this fraction
-    of the face size (landmark bounding-box diagonal)."""
-    max_rejected: float = 0.5
-    """When more than this fraction of the refined frames is rejected, the whole refinement is dropped."""
 
 
 def guard_refinement(landmark_result: TrackResult, refined_result: TrackResult, face_size: np.ndarray,

@@ -422,7 +422,8 @@ def refine_frames(problem: Problem, mesh: RegionMesh, appearance: Appearance, re
             reference = predict_next(prev, prev2) if prev is not None else None
             params = fit_photometric(problem, mesh, appearance, params, frame_obs, frame_images(images, t, device),
                                      cfg, free, cfg.photometric.frame_iters, reference)
-            errors[t] = float(landmark_error_px(problem, params, frame_obs)[0])
+            if bool((frame_obs.landmark_weights > 0).any()):  # bridged frames have none: their error stays
+                errors[t] = float(landmark_error_px(problem, params, frame_obs)[0])
             prev2, prev = prev, params
         else:
             prev = prev2 = None
@@ -488,9 +489,9 @@ def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observatio
 
 
 def with_landmark_errors(problem: Problem, result: TrackResult, obs: Observations) -> TrackResult:
-    """result with the landmark errors (video pixels) of its valid frames recomputed."""
-    errors = np.full(len(result.valid), np.nan, np.float32)
-    valid = np.flatnonzero(result.valid)
+    """result with the landmark errors (video pixels) of its valid frames that have landmarks recomputed."""
+    errors = result.lmk_error_px.copy()
+    valid = np.flatnonzero(result.valid & (obs.landmark_weights > 0).any(dim=1).cpu().numpy())
     index = torch.as_tensor(valid, device=obs.landmarks.device)
     errors[valid] = landmark_error_px(problem, result.params.frames(index), obs.frames(index)).cpu().numpy()
     return replace(result, lmk_error_px=errors)
