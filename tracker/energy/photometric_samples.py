@@ -13,8 +13,10 @@ normals over the mesh, which would make the Jacobians several times dearer. Only
 sampled faces are evaluated (`model`).
 
 Robust loss and outlier rejection follow energy.photometric: Huber (or L1) on the colour residual at scale
-`robust_scale`; samples whose starting residual exceeds `outlier_k` x their frame's median (and the floor) are
-dropped for the round; each frame's residuals are a mean over its kept samples, times `weight`.
+`robust_scale`; samples whose residual exceeds `outlier_k` x their frame's median (and the floor) are dropped,
+re-decided at every evaluation (an occluder only stands out once the face around it is aligned); each frame's
+residuals are a mean over its kept samples, times `weight`. In the Jacobians the robust factor and the
+outlier mask are held at their values (iteratively reweighted least squares).
 """
 
 from __future__ import annotations
@@ -35,14 +37,12 @@ from tracker.render.shading import sh_basis, sh_basis_jacobian
 
 @dataclass(frozen=True)
 class SurfaceSamples:
-    """N fixed surface points per frame of B frames (padded: `weight` is 0 on padding and dropped samples).
+    """N fixed surface points per frame of B frames (padded to the same N: `real` tells the points from padding).
 
     model: FLAME restricted to the vertices of the sampled faces; corners: (B, N, 3) long, the rows of `model`'s
     vertices at each point's face corners; bary: (B, N, 3) the point's barycentric weights; albedo: (B, N, 3) its
     albedo; normal_offset: (B, N, 3) its smooth (rendered) normal minus its triangle's unit normal, in the head's
-    frame (world vectors with the head's rotation undone);
-    weight: (B, N) the share of the frame's energy each point carries (term weight / kept samples, 0 for
-    padding and outliers).
+    frame (world vectors with the head's rotation undone); real: (B, N) bool, False on padding.
     """
 
     model: FlameModel
@@ -50,7 +50,7 @@ class SurfaceSamples:
     bary: Tensor
     albedo: Tensor
     normal_offset: Tensor
-    weight: Tensor
+    real: Tensor
 
 
 def bilinear(images: Tensor, pixels: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,14 +85,14 @@ class ColourModel:
     """What a sample's colour residual depends on besides its position, normal and the focal length.
 
     albedo: (B, N, 3); sh: (9, 3) lighting in camera coordinates; images: (B, H, W, 3) the frames, whose pixels
-    are image_scale x the camera's; weight: (B, N) energy shares.
+    are image_scale x the camera's; real: (B, N) bool, False on padding.
     """
 
     albedo: Tensor
     sh: Tensor
     images: Tensor
     image_scale: float
-    weight: Tensor
+    real: Tensor
     cfg: PhotometricConfig
 
     def residuals(self, points: Tensor, raw_normals: Tensor, focal: Tensor,
@@ -124,10 +124,17 @@ class ColourModel:
         return self.albedo * shading - observed, d_points, d_normals, d_focal
 
     def robust_weights(self, residual: Tensor) -> Tensor:
-        """(B, N, 1) factors turning colour residuals into the term's weighted robust residuals."""
-        scale = self.cfg.robust_scale
-        robust = torch.sqrt(robust_ratio(residual.pow(2).sum(-1) / scale ** 2, self.cfg.robust)) / scale
-        return (robust * self.weight.sqrt()).unsqueeze(-1)
+        """(B, N, 1) factors turning colour residuals (B, N, 3) into the term's weighted robust residuals: the
+        robust loss, outliers (beyond outlier_k x the frame's median, and the floor) and padding dropped, and
+        the frame's weight shared out over its kept samples."""
+        cfg = self.cfg
+        squared = residual.pow(2).sum(-1)
+        length = squared.sqrt().masked_fill(~self.real, float("nan"))
+        limit = torch.clamp(cfg.outlier_k * length.nanmedian(dim=1, keepdim=True).values, min=cfg.outlier_floor)
+        keep = (self.real & (length <= limit)).to(residual.dtype)
+        share = cfg.weight * keep / keep.sum(dim=1, keepdim=True).clamp(min=1.0)
+        robust = torch.sqrt(robust_ratio(squared / cfg.robust_scale ** 2, cfg.robust)) / cfg.robust_scale
+        return (robust * share.sqrt()).unsqueeze(-1)
 
 
 class _WeightedResiduals(torch.autograd.Function):
@@ -208,7 +215,7 @@ class SampledPhotometricEnergy:
     def __init__(self, cfg: PhotometricConfig, samples: SurfaceSamples, sh: Tensor, images: Tensor,
                  image_scale: float):
         self.samples = samples
-        self.colours = ColourModel(samples.albedo, sh, images, image_scale, samples.weight, cfg)
+        self.colours = ColourModel(samples.albedo, sh, images, image_scale, samples.real, cfg)
 
     def __call__(self, ev: Evaluation) -> Tensor:
         points, raw_normals = sample_geometry(ev, self.samples)

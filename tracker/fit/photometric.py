@@ -35,12 +35,12 @@ from torch import Tensor
 from tracker.camera import Camera, to_camera
 from tracker.config import PhotometricStageConfig, TrackerConfig
 from tracker.energy.base import Observations
+from tracker.densemarks.stage import HeadSizeEnergy
 from tracker.energy.landmarks import LandmarkEnergy
 from tracker.energy.photometric import (
     Appearance,
     PhotometricConfig,
     RegionMesh,
-    inlier_mask,
     masked_photometric_residuals,
     neutral_sh,
     region_mesh,
@@ -307,45 +307,40 @@ def pyramid_factors(levels: int) -> list[int]:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def surface_samples(mesh: RegionMesh, appearance: Appearance, faces: Tensor, camera: Camera, params: FlameParams,
                     images: Tensor, image_scale: float, term: PhotometricConfig, max_samples: int,
                     backend: str) -> SurfaceSamples:
     """The surface points of the region mesh seen at the pixels of images (B, H, W, 3) in frames `params`, at
-    most max_samples per frame (every k-th covered pixel), with their albedo, normal offsets and energy shares.
+    most max_samples per frame (every k-th covered pixel), with their albedo and normal offsets.
     faces: FLAME's (F, 3) triangles (for vertex-colour albedo).
-
-    Samples whose colour residual is an outlier at the start (`inlier_mask`) get no weight; the others share
-    the frame's weight equally, so the energy is a mean over them as in the render-and-compare term.
     """
     batch = params.batch_size
     geometry = pixel_geometry(mesh, camera, params, images, image_scale, backend)
     albedo = pixel_albedo_sampler(appearance, faces, geometry)(
         appearance.texture if appearance.texture is not None else appearance.vertex_colors)
-    residual = albedo * sh_irradiance(geometry.normals, appearance.sh) - geometry.target
-    keep = inlier_mask(residual.norm(dim=0), geometry.image, batch, term.outlier_k, term.outlier_floor)
     counts = torch.bincount(geometry.image, minlength=batch)
     rank = torch.arange(len(geometry.image), device=counts.device) - (torch.cumsum(counts, 0) - counts)[geometry.image]
     stride = torch.clamp(torch.div(counts + max_samples - 1, max_samples, rounding_mode="floor"), min=1)[geometry.image]
     chosen = torch.nonzero(rank % stride == 0).squeeze(1)
     frame, slot = geometry.image[chosen], torch.div(rank[chosen], stride[chosen], rounding_mode="floor")
-    keep = keep[chosen]
-    kept = torch.zeros(batch, device=keep.device).index_add_(0, frame, keep).clamp(min=1.0)
 
-    corners = mesh.model.faces[geometry.region_face[chosen]]  # (P, 3) region-mesh vertices
-    used, corners = torch.unique(corners, return_inverse=True)
-    verts = mesh.model(params).vertices
-    triangles = verts[frame.unsqueeze(1), mesh.model.faces[geometry.region_face[chosen]]]
-    offset = to_camera(geometry.normals[:, chosen].t()) - triangle_normals(triangles)  # world frame
+    triangles = mesh.model.faces[geometry.region_face[chosen]]  # (P, 3) region-mesh vertices
+    used, corners = torch.unique(triangles, return_inverse=True)
+    corner_points = mesh.model(params).vertices[frame.unsqueeze(1), triangles]
+    offset = to_camera(geometry.normals[:, chosen].t()) - triangle_normals(corner_points)  # world frame
     offset = (offset.unsqueeze(1) @ head_rotation(params)[frame]).squeeze(1)  # head frame: R^T offset
 
     width = int(slot.max()) + 1 if len(slot) else 1
+
     def padded(values: Tensor) -> Tensor:
         out = values.new_zeros(batch, width, *values.shape[1:])
         out[frame, slot] = values
         return out
 
     return SurfaceSamples(mesh.model.restricted(used), padded(corners), padded(geometry.bary[:, chosen].t()),
-                          padded(albedo[:, chosen].t()), padded(offset), padded(term.weight * keep / kept[frame]))
+                          padded(albedo[:, chosen].t()), padded(offset),
+                          padded(torch.ones_like(frame, dtype=albedo.dtype)) > 0)
 
 
 def stage_problem(problem: Problem, crop: StageCrop, landmark_weight: float) -> Problem:
@@ -361,8 +356,8 @@ def fit_photometric(problem: Problem, mesh: RegionMesh, appearance: Appearance, 
     """Coarse-to-fine Levenberg-Marquardt of B frames with the photometric term on surface samples.
 
     problem: in stage pixels (the frames' landmarks in obs are too); images: (B, H, W, 3) the frames at stage
-    size in [0, 1]. At each pyramid level (photometric.pyramid_levels), samples are taken at the level's
-    pixels from the current fit, then `iters` iterations move the `free` fields (and the shared identity when
+    size in [0, 1]. At each pyramid level (photometric.pyramid_levels), samples are taken at the level's pixels
+    from the current fit, then `iters` iterations move the `free` fields (and the shared identity when
     free_shape). Returns detached parameters.
     """
     stage, term = cfg.photometric, cfg.energy.photometric
@@ -389,13 +384,17 @@ def refine_identity(problem: Problem, mesh: RegionMesh, appearance: Appearance, 
     Each of photometric.identity_rounds rounds runs `fit_photometric` on the keyframes with the shape free
     (their poses and expressions free too, no temporal term: keyframes are not neighbours), then refits the
     appearance under the new geometry (photometric.identity_appearance_iters steps from the current one).
+    A single camera sees the head's size only together with its distance: the compared regions of the neutral
+    head keep their size under the landmark identity (`HeadSizeEnergy` on the region mesh), the images choose
+    their shape.
     """
     stage = cfg.photometric
     device = mesh.vertex_ids.device
     index = torch.as_tensor(keyframes, device=device)
     params = result.params.frames(index).detach()
     key_obs, key_images = obs.frames(index), stacked_images(images, keyframes, device)
-    problem = problem.with_terms([term for term in problem.terms if term.name != "temporal"])
+    problem = problem.with_terms([term for term in problem.terms if term.name != "temporal"] +
+                                 [HeadSizeEnergy(mesh.model, result.params.shape)])
     faces = bundle.model.faces.to(device)
     for _ in range(stage.identity_rounds):
         params = fit_photometric(problem, mesh, appearance, params, key_obs, key_images, cfg, LANDMARK_FIELDS,
