@@ -377,6 +377,33 @@ def test_stage_refines_a_synthetic_sequence(bundle, cfg, camera, mesh, appearanc
     assert np.allclose(refined.lmk_error_px, landmark_error_px(problem, refined.params, obs).numpy(), atol=1e-4)
 
 
+def test_frames_that_images_carry_away_from_their_landmarks_keep_the_landmark_fit(bundle, camera, appearance):
+    """One frame's image disagrees with its landmarks (shifted by 12 pixels, as a wrong crop would give): the
+    photometric term carries it away from them, the guard rejects it and it keeps its landmark fit; the other
+    frames are refined."""
+    mesh = region_mesh(bundle.model, bundle.masks, TrackerConfig().energy.photometric.regions)
+    truth = make_truth(bundle.model, [[0.1, 0.25 + 0.05 * t, 0.0] for t in range(3)])
+    frames, _ = render_frames(appearance, mesh, camera, truth, (SIZE, SIZE), 1.0)
+    frames = (frames.numpy() * 255).round().astype(np.uint8)
+    frames[1] = np.roll(frames[1], 12, axis=1)
+    problem = Problem(bundle.model, bundle.landmarks, camera,
+                      [LandmarkEnergy(LandmarkEnergyConfig()), PriorEnergy(PriorConfig(), bundle.model)])
+    landmarks = problem.evaluation(truth, None).landmarks_2d.detach()
+    obs = Observations(landmarks, torch.ones(landmarks.shape[:2]),
+                       (landmarks.max(1).values - landmarks.min(1).values).norm(dim=-1))
+    result = TrackResult(truth, float(camera.focal), np.ones(3, bool), landmark_error_px(problem, truth, obs).numpy(),
+                         np.zeros(3, bool))
+    stage_cfg = TrackerConfig()
+    stage_cfg.photometric.keyframes, stage_cfg.photometric.identity_rounds = 2, 0
+    stage_cfg.photometric.texture_keyframe_iters, stage_cfg.photometric.appearance_refine_frames = 40, 0
+    refined, _, report = run_photometric_stage(problem, result, obs, frames, StageCrop(0, 0, SIZE, SIZE), bundle,
+                                               stage_cfg)
+    assert report["guard"] == {"checked": 3, "rejected": 1, "rejected_frames": [1], "dropped": False}
+    assert torch.equal(refined.params.translation[1], result.params.translation[1])
+    assert not torch.equal(refined.params.translation[0], result.params.translation[0])
+    assert np.all(refined.lmk_error_px < 0.05 * obs.face_size.numpy())
+
+
 @pytest.mark.parametrize("size", [64, 256])  # shrinking (area average) and enlarging (bilinear)
 def test_stage_crop_maps_video_pixels_to_stage_pixels(size):
     columns = np.tile(np.arange(256, dtype=np.uint8), (200, 1))

@@ -188,14 +188,16 @@ def bridge_gaps(problem: Problem, result: TrackResult, obs: Observations, frames
             after = result.params.frames(slice(stop, stop + 1)) if stop in anchors else None
             for t in range(start, stop):
                 vertices, pixels, alive, weights = (np.concatenate(parts) for parts in zip(*tracks[t]))
-                init = interpolated(before, after, (t - start + 1) / (stop - start + 1))
-                # Points whose vertex turns away from the camera in this frame are no longer on it.
-                alive &= facing(problem.model, init)[0].cpu().numpy()[vertices] >= cfg.min_facing / 2
-                if alive.sum() < cfg.min_points:
+                fitted = interpolated(before, after, (t - start + 1) / (stop - start + 1))
+                for _ in range(2):  # points whose vertex turns away from the camera are no longer on it
+                    kept = alive & (facing(problem.model, fitted)[0].cpu().numpy()[vertices] >= cfg.min_facing / 2)
+                    if kept.sum() < cfg.min_points:
+                        break
+                    fitted, error = fit_to_tracks(problem, fitted, vertices[kept], pixels[kept], weights[kept],
+                                                  face_size, cfg.iters)
+                if kept.sum() < cfg.min_points:
                     report["unfitted"] += 1
                     continue
-                fitted, error = fit_to_tracks(problem, init, vertices[alive], pixels[alive], weights[alive],
-                                              face_size, cfg.iters)
                 for name in FRAME_FIELDS:
                     getattr(params, name)[t] = getattr(fitted, name)[0]
                 bridged[t], errors[t] = True, error
