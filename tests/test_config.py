@@ -65,7 +65,9 @@ def test_overrides_and_types(tmp_path):
     ({"energy": {"priors": {"weight": -1}}}, "priors.weight"),
     ({"densemarks": {"mode": "maybe"}}, "densemarks.mode"),
     ({"photometric": {"appearance_refine_iters": -1}}, "appearance_refine_iters"),
-    ({"photometric": {"lr": 0.0}}, "photometric.lr must be > 0"),
+    ({"photometric": {"appearance_lr": 0.0}}, "photometric.appearance_lr must be > 0"),
+    ({"photometric": {"guard": {"max_rejected": 1.5}}}, "photometric.guard.max_rejected must be >= 0 and <= 1"),
+    ({"bridge": {"max_gap": -1}}, "bridge.max_gap must be >= 0"),
     ({"photometric": {"crop_margin": -0.1}}, "crop_margin"),
     ({"densemarks": {"map_rounds": -1}}, "map_rounds"),
 ])

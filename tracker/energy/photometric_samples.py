@@ -30,6 +30,7 @@ from torch import Tensor
 from tracker.camera import WORLD_TO_CAMERA
 from tracker.energy.base import Evaluation, robust_ratio
 from tracker.energy.photometric import PhotometricConfig
+from tracker.errors import TrackerError
 from tracker.flame.lbs import batch_rodrigues
 from tracker.flame.model import FlameModel, FlameParams
 from tracker.render.shading import sh_basis, sh_basis_jacobian
@@ -214,6 +215,8 @@ class SampledPhotometricEnergy:
 
     def __init__(self, cfg: PhotometricConfig, samples: SurfaceSamples, sh: Tensor, images: Tensor,
                  image_scale: float):
+        if cfg.robust not in ("l1", "huber"):
+            raise TrackerError(f"energy.photometric.robust must be l1 or huber, got {cfg.robust!r}")
         self.samples = samples
         self.colours = ColourModel(samples.albedo, sh, images, image_scale, samples.real, cfg)
 
