@@ -53,6 +53,7 @@ from tracker.fit.guard import guard_refinement
 from tracker.fit.sequence import TrackResult, choose_keyframes, landmark_error_px, predict_next
 from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, adam_minimise, fit_lm, torch_threads
 from tracker.flame.assets import FlameBundle
+from tracker.flame.landmarks import yaw_degrees
 from tracker.flame.model import FlameModel, FlameParams
 from tracker.render.backends import get_rasterizer
 from tracker.render.barycentric import face_corner_values
@@ -376,6 +377,21 @@ def stacked_images(images: np.ndarray, frames: Sequence[int], device: torch.devi
     return torch.cat([frame_images(images, int(t), device) for t in frames])
 
 
+KEYFRAME_MAX_YAW = 45.0
+"""Keyframes (appearance, identity) are chosen among frames turned less than this (degrees): the landmark fits
+of profile views are the least reliable, and a texture unwrapped under a wrong pose spoils every frame."""
+
+
+def appearance_keyframes(result: TrackResult, count: int) -> np.ndarray:
+    """Up to `count` frames spread over the sequence among the valid frames whose landmark fit is trustworthy
+    (|yaw| < KEYFRAME_MAX_YAW, landmark error at most twice the median); all valid frames when too few are."""
+    with torch.no_grad():
+        yaw = yaw_degrees(head_rotation(result.params)).abs().cpu().numpy()
+    errors = np.where(result.valid, result.lmk_error_px, np.inf)
+    trusted = result.valid & (yaw < KEYFRAME_MAX_YAW) & (errors <= 2 * np.nanmedian(result.lmk_error_px[result.valid]))
+    return choose_keyframes(trusted if trusted.sum() >= min(count, result.valid.sum()) else result.valid, count)
+
+
 def refine_identity(problem: Problem, mesh: RegionMesh, appearance: Appearance, result: TrackResult,
                     obs: Observations, images: np.ndarray, keyframes: np.ndarray, bundle: FlameBundle,
                     cfg: TrackerConfig) -> tuple[Tensor, Appearance]:
@@ -471,7 +487,7 @@ def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observatio
         crop_problem = stage_problem(problem, crop, stage.landmark_weight)
         crop_obs = crop.observations(obs)
         mesh = region_mesh(problem.model, bundle.masks, term.regions)
-        keyframes = choose_keyframes(result.valid, stage.keyframes)
+        keyframes = appearance_keyframes(result, stage.keyframes)
         appearance = estimate_appearance(mesh, crop_problem.camera, result.params, images, bundle, cfg, keyframes)
         shape, appearance = refine_identity(crop_problem, mesh, appearance, result, crop_obs, images, keyframes,
                                             bundle, cfg)
