@@ -88,7 +88,7 @@ def bench(size: int, runs: int) -> None:
 
         wall, cpu = median_ms(sample, runs)
         print(f"  level 1/{factor} ({size // factor} px): samples {wall:6.1f} ms wall, {cpu:6.1f} ms CPU")
-        term = SampledPhotometricEnergy(cfg.energy.photometric, sample(), level_appearance.sh, level_images,
+        term = SampledPhotometricEnergy(cfg.energy.photometric, sample(), level_images,
                                         1.0 / factor)
         packer = ParamPacker(frame, LANDMARK_FIELDS)
         X, shared = packer.pack(frame)

@@ -146,7 +146,7 @@ def sampled_term(cfg, bundle, camera, mesh, appearance, params, images, max_samp
     """The surface-sample term of `images` (B, H, W, 3) sampled at `params`, full size."""
     samples = surface_samples(mesh, appearance, bundle.model.faces, camera, params, images, 1.0,
                               cfg.energy.photometric, max_samples, "torch")
-    return SampledPhotometricEnergy(cfg.energy.photometric, samples, appearance.sh, images, 1.0), samples
+    return SampledPhotometricEnergy(cfg.energy.photometric, samples, images, 1.0), samples
 
 
 def test_sampled_residuals_are_the_rendered_ones_at_their_start_and_vanish_at_the_truth(

@@ -146,7 +146,7 @@ class PhotometricStageConfig:
     """Rasteriser backend: torch | pytorch3d | nvdiffrast."""
     resolution: int = 256
     """Longer side of the images compared in the photometric stage."""
-    landmark_weight: float = 0.03
+    landmark_weight: float = 0.1
     """Weight of the landmark term inside the stage, relative to the landmark stage's (landmarks disagree with
     FLAME by a few pixels even at the true parameters: at full weight they outweigh the images)."""
     identity_rounds: int = 2
@@ -160,6 +160,8 @@ class PhotometricStageConfig:
     """Levenberg-Marquardt iterations per pyramid level and frame."""
     samples: int = 2000
     """Most surface points compared per frame and pyramid level (every k-th covered pixel)."""
+    frame_lighting: bool = True
+    """Fit each frame's own SH lighting (weakly pulled to the sequence's) before refining it: lights change."""
     texture_size: int = 256
     """Albedo texture resolution."""
     texture_keyframe_iters: int = 200

@@ -70,6 +70,9 @@ class Appearance:
     """(F, 3, 2) UV of each face corner (from head_template.obj), needed with a texture."""
     vertex_colors: Tensor | None = None
     """(V, 3) per-vertex albedo when no texture is used."""
+    coverage: Tensor | None = None
+    """(Ht, Wt) or (V,) how many pixels' worth of the fitted frames each texel (vertex) was seen by; None when
+    unknown. Albedo that no frame showed is a guess: the stage does not compare it."""
 
     def albedo(self) -> Albedo:
         if self.texture is not None:
@@ -84,14 +87,16 @@ class Appearance:
 
     def detach(self) -> "Appearance":
         return Appearance(*(None if t is None else t.detach().clone()
-                            for t in (self.sh, self.texture, self.corner_uvs, self.vertex_colors)))
+                            for t in (self.sh, self.texture, self.corner_uvs, self.vertex_colors, self.coverage)))
 
     def blurred(self, factor: int) -> "Appearance":
-        """The texture box-filtered by `factor` (a mip level), to render images `factor` times smaller
-        without aliasing; vertex colours are returned as they are."""
+        """The texture (and its coverage) box-filtered by `factor` (a mip level), to render images `factor`
+        times smaller without aliasing; vertex colours are returned as they are."""
         if self.texture is None or factor <= 1:
             return self
-        return replace(self, texture=F.avg_pool2d(self.texture.unsqueeze(0), factor, ceil_mode=True)[0])
+        pool = lambda t: F.avg_pool2d(t.unsqueeze(0), factor, ceil_mode=True)[0]  # noqa: E731
+        return replace(self, texture=pool(self.texture),
+                       coverage=None if self.coverage is None else pool(self.coverage[None])[0])
 
 
 @dataclass(frozen=True, eq=False)

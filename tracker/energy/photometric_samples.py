@@ -43,7 +43,8 @@ class SurfaceSamples:
     model: FLAME restricted to the vertices of the sampled faces; corners: (B, N, 3) long, the rows of `model`'s
     vertices at each point's face corners; bary: (B, N, 3) the point's barycentric weights; albedo: (B, N, 3) its
     albedo; normal_offset: (B, N, 3) its smooth (rendered) normal minus its triangle's unit normal, in the head's
-    frame (world vectors with the head's rotation undone); real: (B, N) bool, False on padding.
+    frame (world vectors with the head's rotation undone); real: (B, N) bool, False on padding (and points not
+    to compare); sh: (B, 9, 3) each frame's SH lighting in camera coordinates.
     """
 
     model: FlameModel
@@ -52,6 +53,7 @@ class SurfaceSamples:
     albedo: Tensor
     normal_offset: Tensor
     real: Tensor
+    sh: Tensor
 
 
 def bilinear(images: Tensor, pixels: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,7 +87,7 @@ def bilinear(images: Tensor, pixels: Tensor) -> tuple[Tensor, Tensor]:
 class ColourModel:
     """What a sample's colour residual depends on besides its position, normal and the focal length.
 
-    albedo: (B, N, 3); sh: (9, 3) lighting in camera coordinates; images: (B, H, W, 3) the frames, whose pixels
+    albedo: (B, N, 3); sh: (B, 9, 3) each frame's lighting in camera coordinates; images: (B, H, W, 3) the frames, whose pixels
     are image_scale x the camera's; real: (B, N) bool, False on padding.
     """
 
@@ -118,8 +120,8 @@ class ColourModel:
         length = raw_normals.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         normal = raw_normals / length
         basis_at = normal.movedim(-1, 0) * flip.view(3, 1, 1)  # camera-frame normal, channels first
-        shading = torch.einsum("kbn,kc->bnc", sh_basis(basis_at), self.sh)
-        d_shading = torch.einsum("kjbn,kc->bncj", sh_basis_jacobian(basis_at), self.sh) * flip  # per world normal
+        shading = torch.einsum("kbn,bkc->bnc", sh_basis(basis_at), self.sh)
+        d_shading = torch.einsum("kjbn,bkc->bncj", sh_basis_jacobian(basis_at), self.sh) * flip  # per world normal
         projector = torch.eye(3, device=points.device) - normal.unsqueeze(-1) * normal.unsqueeze(-2)
         d_normals = self.albedo.unsqueeze(-1) * (d_shading @ (projector / length.unsqueeze(-1)))
         return self.albedo * shading - observed, d_points, d_normals, d_focal
@@ -213,12 +215,11 @@ class SampledPhotometricEnergy:
 
     name = "photometric"
 
-    def __init__(self, cfg: PhotometricConfig, samples: SurfaceSamples, sh: Tensor, images: Tensor,
-                 image_scale: float):
+    def __init__(self, cfg: PhotometricConfig, samples: SurfaceSamples, images: Tensor, image_scale: float):
         if cfg.robust not in ("l1", "huber"):
             raise TrackerError(f"energy.photometric.robust must be l1 or huber, got {cfg.robust!r}")
         self.samples = samples
-        self.colours = ColourModel(samples.albedo, sh, images, image_scale, samples.real, cfg)
+        self.colours = ColourModel(samples.albedo, samples.sh, images, image_scale, samples.real, cfg)
 
     def __call__(self, ev: Evaluation) -> Tensor:
         points, raw_normals = sample_geometry(ev, self.samples)

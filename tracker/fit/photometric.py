@@ -41,6 +41,7 @@ from tracker.energy.photometric import (
     Appearance,
     PhotometricConfig,
     RegionMesh,
+    inlier_mask,
     masked_photometric_residuals,
     neutral_sh,
     region_mesh,
@@ -59,7 +60,7 @@ from tracker.render.backends import get_rasterizer
 from tracker.render.barycentric import face_corner_values
 from tracker.render.interpolate import interpolate_covered
 from tracker.render.rasterize import Fragments, RasterSettings
-from tracker.render.shading import normalize_channels, sh_irradiance, vertex_normals
+from tracker.render.shading import normalize_channels, sh_basis, sh_irradiance, vertex_normals
 from tracker.render.texture import load_obj, sample_texture_points, symmetry_loss, total_variation
 
 UV_OBJ_NAME = "head_template.obj"
@@ -213,6 +214,15 @@ def appearance_regulariser(appearance: Appearance, stage: PhotometricStageConfig
     return loss + stage.albedo_symmetry * symmetry_loss(texture) if stage.albedo_symmetry > 0 else loss
 
 
+def seen_weight(sampler: Callable[[Tensor], Tensor], albedo: Tensor) -> Tensor:
+    """(Ht, Wt) or (V,) total sampling weight each texel (vertex) of an albedo shaped like `albedo` gets from
+    the pixels of `sampler` (pixel_albedo_sampler): how many pixels' worth of them saw it."""
+    probe = torch.zeros_like(albedo, requires_grad=True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(sampler(probe).sum(), probe)
+    return grad[0] if albedo.dim() == 3 else grad[:, 0]
+
+
 def fit_appearance(geometry: PixelGeometry, init: Appearance, faces: Tensor, term: PhotometricConfig,
                    stage: PhotometricStageConfig, iters: int | None = None, warmup: int | None = None) -> Appearance:
     """Albedo (and SH lighting beyond its fixed DC term) that best explain the pixels of fixed geometry.
@@ -227,11 +237,15 @@ def fit_appearance(geometry: PixelGeometry, init: Appearance, faces: Tensor, ter
     sh_rest = init.sh[1:].detach().clone().requires_grad_(True)
     edges = mesh_edges(faces) if init.texture is None else faces.new_zeros(0, 2)
 
+    albedo_at_pixels = pixel_albedo_sampler(init, faces, geometry)
+    coverage = seen_weight(albedo_at_pixels, albedo)
+    if init.coverage is not None:  # refitting from a fitted appearance: what it saw stays seen
+        coverage = torch.maximum(coverage, init.coverage)
+
     def current() -> Appearance:
         sh = torch.cat([init.sh[:1], sh_rest])
-        return replace(init, sh=sh, **({"texture": albedo} if init.texture is not None else {"vertex_colors": albedo}))
-
-    albedo_at_pixels = pixel_albedo_sampler(init, faces, geometry)
+        return replace(init, sh=sh, coverage=coverage,
+                       **({"texture": albedo} if init.texture is not None else {"vertex_colors": albedo}))
 
     def loss_with(cfg: PhotometricConfig) -> Callable[[], Tensor]:
         def loss() -> Tensor:
@@ -307,19 +321,56 @@ def pyramid_factors(levels: int) -> list[int]:
     return [2 ** level for level in reversed(range(levels))]
 
 
-@torch.no_grad()
+MIN_COVERAGE = 0.5
+"""Surface points whose albedo the appearance fit saw with less than this many pixels' worth are not compared."""
+LIGHTING_RIDGE = 1e-2
+"""Pull of a frame's own lighting towards the sequence's, per unit of sample weight (weak: light changes)."""
+
+
+def frame_lighting(albedo: Tensor, normals: Tensor, target: Tensor, image: Tensor, batch: int, sh: Tensor,
+                   term: PhotometricConfig) -> Tensor:
+    """(B, 9, 3) SH lighting of each of B frames that best explains its pixels' colours (3, P) given their
+    albedo (3, P) and camera-frame normals (3, P) (image: (P,) frame of each pixel), by weighted least squares
+    (pixels that are outliers under the sequence lighting `sh` (9, 3) left out), pulled weakly towards `sh`."""
+    basis = sh_basis(normals)  # (9, P)
+    residual = albedo * (sh.t() @ basis) - target
+    keep = inlier_mask(residual.norm(dim=0), image, batch, term.outlier_k, term.outlier_floor)
+    lights = []
+    for b in range(batch):
+        rows = image == b
+        weight = keep[rows]
+        ridge = LIGHTING_RIDGE * float(weight.sum().clamp(min=1.0)) * torch.eye(9, device=sh.device)
+        channels = []
+        for c in range(3):
+            design = (albedo[c, rows] * basis[:, rows]).t()  # (P_b, 9)
+            normal = design.t() @ (design * weight[:, None]) + ridge
+            channels.append(torch.linalg.solve(normal, design.t() @ (weight * target[c, rows]) + ridge @ sh[:, c]))
+        lights.append(torch.stack(channels, dim=1))
+    return torch.stack(lights)
+
+
 @torch.no_grad()
 def surface_samples(mesh: RegionMesh, appearance: Appearance, faces: Tensor, camera: Camera, params: FlameParams,
                     images: Tensor, image_scale: float, term: PhotometricConfig, max_samples: int,
-                    backend: str) -> SurfaceSamples:
+                    backend: str, own_lighting: bool = False) -> SurfaceSamples:
     """The surface points of the region mesh seen at the pixels of images (B, H, W, 3) in frames `params`, at
-    most max_samples per frame (every k-th covered pixel), with their albedo and normal offsets.
-    faces: FLAME's (F, 3) triangles (for vertex-colour albedo).
+    most max_samples per frame (every k-th covered pixel), with their albedo, normal offsets and each frame's
+    lighting (own_lighting: fitted to the frame, `frame_lighting`; else the appearance's). Points on albedo the
+    appearance fit did not see (`Appearance.coverage`) are left out. faces: FLAME's (F, 3) triangles (for
+    vertex-colour albedo).
     """
     batch = params.batch_size
     geometry = pixel_geometry(mesh, camera, params, images, image_scale, backend)
-    albedo = pixel_albedo_sampler(appearance, faces, geometry)(
-        appearance.texture if appearance.texture is not None else appearance.vertex_colors)
+    sampler = pixel_albedo_sampler(appearance, faces, geometry)
+    textured = appearance.texture is not None
+    albedo = sampler(appearance.texture if textured else appearance.vertex_colors)
+    seen = torch.ones_like(geometry.image, dtype=torch.bool)
+    if appearance.coverage is not None:
+        seen = sampler(appearance.coverage[None] if textured else appearance.coverage[:, None])[0] >= MIN_COVERAGE
+    sh = appearance.sh.expand(batch, -1, -1)
+    if own_lighting:
+        sh = frame_lighting(albedo[:, seen], geometry.normals[:, seen], geometry.target[:, seen],
+                            geometry.image[seen], batch, appearance.sh, term)
     counts = torch.bincount(geometry.image, minlength=batch)
     rank = torch.arange(len(geometry.image), device=counts.device) - (torch.cumsum(counts, 0) - counts)[geometry.image]
     stride = torch.clamp(torch.div(counts + max_samples - 1, max_samples, rounding_mode="floor"), min=1)[geometry.image]
@@ -340,8 +391,7 @@ def surface_samples(mesh: RegionMesh, appearance: Appearance, faces: Tensor, cam
         return out
 
     return SurfaceSamples(mesh.model.restricted(used), padded(corners), padded(geometry.bary[:, chosen].t()),
-                          padded(albedo[:, chosen].t()), padded(offset),
-                          padded(torch.ones_like(frame, dtype=albedo.dtype)) > 0)
+                          padded(albedo[:, chosen].t()), padded(offset), padded(seen[chosen]), sh.contiguous())
 
 
 def stage_problem(problem: Problem, crop: StageCrop, landmark_weight: float) -> Problem:
@@ -365,8 +415,8 @@ def fit_photometric(problem: Problem, mesh: RegionMesh, appearance: Appearance, 
     for factor in pyramid_factors(stage.pyramid_levels):
         level_images, level_appearance = downsample(images, factor), appearance.blurred(factor)
         samples = surface_samples(mesh, level_appearance, problem.model.faces, problem.camera, params, level_images,
-                                  1.0 / factor, term, stage.samples, stage.renderer)
-        photometric = SampledPhotometricEnergy(term, samples, level_appearance.sh, level_images, 1.0 / factor)
+                                  1.0 / factor, term, stage.samples, stage.renderer, stage.frame_lighting)
+        photometric = SampledPhotometricEnergy(term, samples, level_images, 1.0 / factor)
         params, _ = fit_lm(problem.with_terms([*problem.terms, photometric]), params, obs, free, iters, reference,
                            free_shape=free_shape)
     return params
