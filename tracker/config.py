@@ -129,6 +129,8 @@ class BridgeConfig:
     """Longer side (pixels) of the frames the optical flow runs on."""
     max_flow_error: float = 1.0
     """A point is dropped when forward and backward flow disagree by more than this (flow pixels)."""
+    max_grey_change: float = 40.0
+    """A point is dropped when its grey level (0-255) moves this far from the one it started on."""
     min_points: int = 30
     """Frames keeping fewer tracked points stay unfitted."""
     min_facing: float = 0.3
@@ -325,7 +327,7 @@ NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("photometric.frame_iters", 1, math.inf, True), ("photometric.keyframes", 1, math.inf, True),
     ("photometric.identity_iters", 1, math.inf, True), ("photometric.samples", 1, math.inf, True),
     ("photometric.guard.max_shift", 0, math.inf, False), ("photometric.guard.max_rejected", 0, 1, True),
-    ("bridge.flow_size", 32, math.inf, True), ("bridge.max_flow_error", 0, math.inf, False),
+    ("bridge.flow_size", 32, math.inf, True), ("bridge.max_flow_error", 0, math.inf, False), ("bridge.max_grey_change", 0, math.inf, False),
     ("bridge.min_points", 3, math.inf, True), ("bridge.min_facing", -1, 1, True), ("bridge.points", 3, math.inf, True), ("bridge.iters", 1, math.inf, True),
     ("photometric.pyramid_levels", 1, 8, True),
     ("densemarks.crop_scale", 1, math.inf, True), ("densemarks.map_frames", 1, math.inf, True),

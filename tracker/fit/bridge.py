@@ -99,14 +99,18 @@ def visible_points(problem: Problem, params: FlameParams, pool: np.ndarray, coun
     return candidates, (pixels[0, candidates] * scale).cpu().numpy()
 
 
-def follow(points: np.ndarray, images: list[np.ndarray], max_error: float) -> list[tuple[np.ndarray, np.ndarray]]:
+def follow(points: np.ndarray, images: list[np.ndarray], max_error: float,
+           max_change: float) -> list[tuple[np.ndarray, np.ndarray]]:
     """Points (K, 2) in images[0] followed through images[1:] (grey uint8) by DIS optical flow.
 
     Returns, for each later image, the points' positions (K, 2) and whether each is still tracked (K,): lost
-    once its forward-backward flow disagrees by more than max_error pixels or it leaves the image.
+    once its forward-backward flow disagrees by more than max_error pixels, it leaves the image, or its grey
+    level differs from the one it started on by more than max_change (flow over a blank or covered frame is
+    consistent, and wrong).
     """
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
     alive = np.ones(len(points), bool)
+    start = sample_image(images[0], points)
     out = []
     for previous, current in zip(images[:-1], images[1:]):
         forward = dis.calc(previous, current, None)
@@ -116,6 +120,7 @@ def follow(points: np.ndarray, images: list[np.ndarray], max_error: float) -> li
         height, width = current.shape
         inside = (moved[:, 0] >= 0) & (moved[:, 0] < width) & (moved[:, 1] >= 0) & (moved[:, 1] < height)
         alive &= inside & (np.linalg.norm(back - points, axis=1) <= max_error)
+        alive &= np.abs(sample_image(current, moved) - start) <= max_change
         points = moved
         out.append((points.copy(), alive.copy()))
     return out
@@ -126,6 +131,11 @@ def sample_flow(flow: np.ndarray, points: np.ndarray) -> np.ndarray:
     map_x = (points[:, 0] - 0.5).astype(np.float32).reshape(1, -1)
     map_y = (points[:, 1] - 0.5).astype(np.float32).reshape(1, -1)
     return cv2.remap(flow, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)[0]
+
+
+def sample_image(image: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """(K,) bilinear grey levels of a grey uint8 image at continuous pixel positions (K, 2)."""
+    return sample_flow(image.astype(np.float32)[..., None], points).reshape(-1)
 
 
 def interpolated(before: FlameParams | None, after: FlameParams | None, alpha: float) -> FlameParams:
@@ -179,7 +189,8 @@ def bridge_gaps(problem: Problem, result: TrackResult, obs: Observations, frames
                 order = list(range(start, stop)) if anchor < start else list(range(stop - 1, start - 1, -1))
                 vertices, points = visible_points(problem, result.params.frames(slice(anchor, anchor + 1)), pool,
                                                   cfg.points, scale, cfg.min_facing)
-                followed = follow(points, [images[anchor]] + [images[t] for t in order], cfg.max_flow_error)
+                followed = follow(points, [images[anchor]] + [images[t] for t in order], cfg.max_flow_error,
+                                  cfg.max_grey_change)
                 for t, (pixels, alive) in zip(order, followed):
                     # Tracks drift with every frame they cross: the nearer anchor's count more.
                     closeness = 1 - abs(t - anchor) / (stop - start + 1)

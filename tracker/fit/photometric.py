@@ -60,7 +60,7 @@ from tracker.render.backends import get_rasterizer
 from tracker.render.barycentric import face_corner_values
 from tracker.render.interpolate import interpolate_covered
 from tracker.render.rasterize import Fragments, RasterSettings
-from tracker.render.shading import normalize_channels, sh_basis, sh_irradiance, vertex_normals
+from tracker.render.shading import normalize_channels, sh_basis, vertex_normals
 from tracker.render.texture import load_obj, sample_texture_points, symmetry_loss, total_variation
 
 UV_OBJ_NAME = "head_template.obj"
@@ -225,8 +225,11 @@ def seen_weight(sampler: Callable[[Tensor], Tensor], albedo: Tensor) -> Tensor:
 
 def fit_appearance(geometry: PixelGeometry, init: Appearance, faces: Tensor, term: PhotometricConfig,
                    stage: PhotometricStageConfig, iters: int | None = None, warmup: int | None = None) -> Appearance:
-    """Albedo (and SH lighting beyond its fixed DC term) that best explain the pixels of fixed geometry.
+    """Albedo and SH lighting that best explain the pixels of fixed geometry.
 
+    With photometric.frame_lighting each frame has its own lighting (lights change; the first frame's DC term
+    is the fixed convention, the others' may differ: brightness changes), and the appearance's lighting is their
+    mean; otherwise one lighting beyond its fixed DC term.
     iters: Adam steps (default photometric.texture_keyframe_iters). The first `warmup` of them (default half)
     use the robust loss only, the rest also drop outlier pixels: with the uniform initial albedo every
     distinctive feature (brows, lips) would look like an outlier; from a fitted albedo no warm-up is needed.
@@ -234,7 +237,12 @@ def fit_appearance(geometry: PixelGeometry, init: Appearance, faces: Tensor, ter
     iters = stage.texture_keyframe_iters if iters is None else iters
     warmup = iters // 2 if warmup is None else min(warmup, iters)
     albedo = (init.texture if init.texture is not None else init.vertex_colors).detach().clone().requires_grad_(True)
-    sh_rest = init.sh[1:].detach().clone().requires_grad_(True)
+    lights = geometry.batch if stage.frame_lighting else 1
+    sh_free = init.sh.detach().expand(lights, -1, -1).clone().requires_grad_(True)  # row 0 of frame 0: fixed
+    fixed_dc = torch.zeros(lights, 9, 1, device=albedo.device)
+    fixed_dc[0, 0] = 1.0
+    pixel_frame = geometry.image if lights > 1 else torch.zeros_like(geometry.image)
+    basis = sh_basis(geometry.normals)  # (9, P)
     edges = mesh_edges(faces) if init.texture is None else faces.new_zeros(0, 2)
 
     albedo_at_pixels = pixel_albedo_sampler(init, faces, geometry)
@@ -242,20 +250,22 @@ def fit_appearance(geometry: PixelGeometry, init: Appearance, faces: Tensor, ter
     if init.coverage is not None:  # refitting from a fitted appearance: what it saw stays seen
         coverage = torch.maximum(coverage, init.coverage)
 
+    def frame_sh() -> Tensor:
+        return fixed_dc * init.sh + (1 - fixed_dc) * sh_free  # (lights, 9, 3)
+
     def current() -> Appearance:
-        sh = torch.cat([init.sh[:1], sh_rest])
-        return replace(init, sh=sh, coverage=coverage,
+        return replace(init, sh=frame_sh().mean(dim=0), coverage=coverage,
                        **({"texture": albedo} if init.texture is not None else {"vertex_colors": albedo}))
 
     def loss_with(cfg: PhotometricConfig) -> Callable[[], Tensor]:
         def loss() -> Tensor:
-            appearance = current()
-            color = albedo_at_pixels(albedo) * sh_irradiance(geometry.normals, appearance.sh)
+            shading = torch.einsum("kp,pkc->cp", basis, frame_sh()[pixel_frame])
+            color = albedo_at_pixels(albedo) * shading
             residual = masked_photometric_residuals(color, geometry.target, geometry.image, geometry.batch, cfg)
-            return residual.pow(2).sum() / geometry.batch + appearance_regulariser(appearance, stage, edges)
+            return residual.pow(2).sum() / geometry.batch + appearance_regulariser(current(), stage, edges)
         return loss
 
-    tensors = {"albedo": albedo, "sh": sh_rest}
+    tensors = {"albedo": albedo, "sh": sh_free}
     unit = replace(term, weight=1.0)  # the regulariser weights are relative to a unit data term
     if warmup > 0:
         adam_minimise(loss_with(replace(unit, outlier_k=float("inf"))), tensors, warmup, stage.appearance_lr)
