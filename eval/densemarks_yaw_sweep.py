@@ -160,8 +160,8 @@ def photometric_refinement(problem: Problem, result: TrackResult, obs, video: Pa
     from tracker.pipeline import photometric_stage
 
     cfg = replace(cfg, photometric=replace(cfg.photometric, enabled=True))
-    refined, _, _ = photometric_stage(problem, result, obs, lambda: read_frames(video), (size, size), bundle, cfg,
-                                      out_dir, show_progress=False)
+    refined, _, _, _ = photometric_stage(problem, result, obs, lambda: read_frames(video), (size, size), bundle, cfg,
+                                         out_dir, show_progress=False)
     return refined
 
 

@@ -1,5 +1,6 @@
-"""Landmark tracking with and without the photometric stage on real videos: seconds per frame, PSNR inside the
-compared face regions, mean landmark reprojection error.
+"""Landmark tracking with and without the photometric stage: on real videos seconds per frame, PSNR inside the
+compared face regions, mean landmark reprojection error; on the synthetic benchmark (--synthetic) the face error
+against the truth, beside its baselines on the same frames.
 
 Runs the landmark pipeline (tracker.pipeline.track_video, no overlay video), rebuilds its problem and result
 from the written flame_params.npz and the cached detections, then runs the photometric stage on them. Each
@@ -8,6 +9,14 @@ poses, in the stage's crop.
 Writes the refined track's appearance and a few overlays (frame | textured mesh) under --out.
 
     python -m eval.photometric_compare ../shared/data/videos/dev/wojtek.mp4 [--max-frames 100] [--out DIR]
+    python -m eval.photometric_compare --synthetic [talking turns ...] [--quick] [--exact-landmarks]
+
+--synthetic tracks sequences of the synthetic suite (eval.synthetic.suite; all of it when none is named, the
+--quick one with --quick) and prints per sequence the face-region vertex error after per-frame rigid alignment
+(median over frames, mm) of the landmark stage and of landmarks + photometric, the cut, the stage's seconds per
+frame (process CPU; the identity's fixed cost shared out), and the baselines of eval.baselines: mean face with
+the true pose and expression, true shape with zero expression, and (--exact-landmarks, slower) the landmark
+stage fed exact projected landmarks.
 """
 
 from __future__ import annotations
@@ -23,13 +32,17 @@ import numpy as np
 import torch
 
 from eval import SHARED_DATA
+from eval.baselines import SequenceScorer, fit_exact_landmarks
 from eval.bench.machine import machine_description
 from eval.metrics import psnr
+from eval.synthetic.generate import generate_sequence, load_assets, load_ground_truth
+from eval.synthetic.suite import suite
+from eval.tracked import TrackedSequence
 from tracker.camera import Camera
 from tracker.config import TrackerConfig, load_config
 from tracker.energy.base import Observations
 from tracker.energy.photometric import Appearance, RegionMesh, region_mesh
-from tracker.errors import run_reporting_errors
+from tracker.errors import TrackerError, run_reporting_errors
 from tracker.fit.photometric import (
     StageCrop,
     estimate_appearance,
@@ -107,7 +120,7 @@ def compare(video: Path, max_frames: int, out_dir: Path) -> None:
     images, crop = stage_inputs(video, cfg, obs, result)
     T = len(result.valid)
     start, cpu_start = time.perf_counter(), time.process_time()
-    refined, _ = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg)
+    refined, _, report = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg)
     stage_seconds, stage_cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
     # Each track rendered with the appearance the stage's procedure gives under its own poses (estimated on
@@ -145,9 +158,48 @@ def compare(video: Path, max_frames: int, out_dir: Path) -> None:
     print(f"  appearance and overlays in {folder}")
 
 
+def compare_synthetic(names: list[str], quick: bool, exact_landmarks: bool, out_dir: Path) -> None:
+    """Landmark stage vs landmarks + photometric on synthetic sequences, scored against the truth (see the
+    module docstring)."""
+    specs = {spec.name: spec for spec in suite(quick)}
+    unknown = [name for name in names if name not in specs]
+    if unknown:
+        raise TrackerError(f"unknown synthetic sequence(s) {', '.join(unknown)}: choose from {', '.join(specs)}")
+    assets = load_assets(out_dir / "cache")
+    rows = []
+    for name in names or list(specs):
+        sequence = generate_sequence(specs[name], assets, out_dir / "sequences")
+        gt = load_ground_truth(sequence.ground_truth)
+        cfg = load_config(overrides={"output": {"dir": str(out_dir / "tracks"), "video": False},
+                                     "densemarks": {"mode": "off"}})
+        problem, result, obs, _, bundle = landmark_run(sequence.video, cfg)
+        images, crop = stage_inputs(sequence.video, cfg, obs, result)
+        cpu_start = time.process_time()
+        refined, _, report = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg)
+        stage_cpu = (time.process_time() - cpu_start) / len(result.valid)
+        scorer = SequenceScorer(gt, problem.model, bundle.masks["face"])
+        camera = Camera(problem.camera.focal, problem.camera.center, problem.camera.height, problem.camera.width)
+        tracked = {label: scorer.score(label, TrackedSequence(track.params, camera, np.arange(gt.n_frames),
+                                                              track.valid))
+                   for label, track in (("landmarks", result), ("photometric", refined))}
+        baselines = scorer.baseline_rows(fit_exact_landmarks(gt, cfg) if exact_landmarks else None)
+        landmark_mm, photometric_mm = tracked["landmarks"].v2v_rigid_mm, tracked["photometric"].v2v_rigid_mm
+        rows.append([name, gt.n_frames, landmark_mm, photometric_mm, 100 * (1 - photometric_mm / landmark_mm),
+                     stage_cpu, *[row.v2v_rigid_mm for row in baselines], report["guard"]["rejected"]])
+    header = ["sequence", "frames", "landmarks (mm)", "+ photometric (mm)", "cut (%)", "stage CPU s/frame",
+              "mean face, true pose/expr (mm)", "true shape, zero expr (mm)"] + \
+        (["exact landmarks (mm)"] if exact_landmarks else []) + ["guard rejected"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("videos", nargs="+", type=Path)
+    parser.add_argument("videos", nargs="*", help="videos, or with --synthetic names of synthetic sequences")
+    parser.add_argument("--synthetic", action="store_true", help="score on the synthetic benchmark's sequences")
+    parser.add_argument("--quick", action="store_true", help="with --synthetic: the quick suite")
+    parser.add_argument("--exact-landmarks", action="store_true", help="with --synthetic: that baseline too")
     parser.add_argument("--max-frames", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("/tmp/photometric_compare"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the stages set their own)")
@@ -158,9 +210,14 @@ def main() -> int:
     print(machine_description(), f"- torch threads {torch.get_num_threads()}")
     if args.max_frames < 2:
         parser.error("--max-frames must be >= 2")
+    if not args.synthetic and not args.videos:
+        parser.error("give videos, or --synthetic")
+
     def compare_all() -> None:
-        for video in args.videos:
-            compare(video, args.max_frames, args.out)
+        if args.synthetic:
+            compare_synthetic(args.videos, args.quick, args.exact_landmarks, args.out)
+        for video in [] if args.synthetic else args.videos:
+            compare(Path(video), args.max_frames, args.out)
 
     return run_reporting_errors(compare_all)
 

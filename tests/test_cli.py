@@ -63,7 +63,8 @@ def test_photometric_run_exports_appearance(tmp_path):
     """--photometric on (few, cheap steps): texture and lighting next to the parameters, the stage recorded,
     a textured overlay for every frame."""
     cfg = tmp_path / "quick.yaml"
-    cfg.write_text("photometric:\n  texture_keyframe_iters: 30\n  iters: 3\n  appearance_refine_iters: 10\n"
+    cfg.write_text("photometric:\n  texture_keyframe_iters: 30\n  frame_iters: 1\n  identity_rounds: 1\n"
+                   "  identity_appearance_iters: 10\n  appearance_refine_iters: 10\n"
                    "  keyframes: 2\n  appearance_refine_frames: 3\n")
     code = main([str(WOJTEK), "--max-frames", "6", "--photometric", "on", "--config", str(cfg), "--densemarks", "off",
                  "--out", str(tmp_path), "--quiet"])

@@ -110,6 +110,38 @@ class FitConfig:
 
 
 @dataclass
+class PhotometricGuardConfig:
+    max_shift: float = 0.05
+    """A refined frame is rejected when its mean landmark error exceeds the landmark stage's by this fraction
+    of the face size (landmark bounding-box diagonal)."""
+    max_rejected: float = 0.5
+    """When more than this fraction of the refined frames is rejected, the whole refinement is dropped."""
+
+
+@dataclass
+class BridgeConfig:
+    enabled: bool = True
+    """Fit frames without landmarks inside short detector gaps from points tracked by optical flow."""
+    max_gap: int = 12
+    """Longest run of frames without landmarks that is bridged (longer gaps stay invalid)."""
+    points: int = 400
+    """Mesh vertices (face, forehead, nose) tracked into the gap from each neighbouring fitted frame."""
+    flow_size: int = 640
+    """Longer side (pixels) of the frames the optical flow runs on."""
+    max_flow_error: float = 1.0
+    """A point is dropped when forward and backward flow disagree by more than this (flow pixels)."""
+    max_grey_change: float = 40.0
+    """A point is dropped when its grey level (0-255) moves this far from the one it started on."""
+    min_points: int = 30
+    """Frames keeping fewer tracked points stay unfitted."""
+    min_facing: float = 0.3
+    """Tracked vertices face the camera at least this much (cosine) in their anchor frame, and half of it in the
+    bridged frame."""
+    iters: int = 10
+    """Levenberg-Marquardt iterations fitting each bridged frame's rotation and translation."""
+
+
+@dataclass
 class PhotometricStageConfig:
     enabled: bool = False
     """Run the photometric stage after landmark tracking."""
@@ -117,8 +149,22 @@ class PhotometricStageConfig:
     """Rasteriser backend: torch | pytorch3d | nvdiffrast."""
     resolution: int = 256
     """Longer side of the images compared in the photometric stage."""
-    iters: int = 20
-    """Photometric optimiser steps per frame."""
+    landmark_weight: float = 0.1
+    """Weight of the landmark term inside the stage, relative to the landmark stage's (landmarks disagree with
+    FLAME by a few pixels even at the true parameters: at full weight they outweigh the images)."""
+    identity_rounds: int = 2
+    """Rounds re-estimating the shared identity on the keyframes, each followed by an appearance refit (0 = keep
+    the landmark stage's identity)."""
+    identity_iters: int = 3
+    """Levenberg-Marquardt iterations per pyramid level of each identity round."""
+    identity_appearance_iters: int = 60
+    """Steps refitting texture and lighting after each identity round."""
+    frame_iters: int = 2
+    """Levenberg-Marquardt iterations per pyramid level and frame."""
+    samples: int = 2000
+    """Most surface points compared per frame and pyramid level (every k-th covered pixel)."""
+    frame_lighting: bool = True
+    """Fit each frame's own SH lighting (weakly pulled to the sequence's) before refining it: lights change."""
     texture_size: int = 256
     """Albedo texture resolution."""
     texture_keyframe_iters: int = 200
@@ -127,8 +173,8 @@ class PhotometricStageConfig:
     """head_template.obj with FLAME UVs; None: the FLAME assets folder."""
     albedo: str = "texture"
     """Albedo model: texture (in FLAME's UV layout, needs uv_obj) | vertex (per-vertex colours)."""
-    keyframes: int = 8
-    """Frames (spread over the sequence) on which albedo and lighting are estimated."""
+    keyframes: int = 6
+    """Frames (spread over the sequence) on which albedo, lighting and identity are estimated."""
     appearance_refine_frames: int = 16
     """Frames (spread over the sequence) on which albedo and lighting are refined after the per-frame pass,
     with the refined poses (0 = keep the keyframe estimate)."""
@@ -140,12 +186,13 @@ class PhotometricStageConfig:
     """Weight of the albedo's total variation (texture) or edge differences (vertex colours)."""
     albedo_symmetry: float = 0.0
     """Weight of the texture's left-right symmetry prior (0 = off)."""
-    pyramid_levels: int = 3
-    """Coarse-to-fine levels of the per-frame refinement, each half the size of the next (1 = full size only)."""
-    lr: float = 0.004
-    """Adam learning rate of the per-frame refinement (small: frames start at their landmark fit)."""
+    pyramid_levels: int = 2
+    """Coarse-to-fine levels of the identity and per-frame refinements, each half the size of the next (1 = full
+    size only)."""
     crop_margin: float = 0.3
     """Margin of the compared square around the sequence's landmarks, as a fraction of their extent per side."""
+    guard: PhotometricGuardConfig = field(default_factory=PhotometricGuardConfig)
+    """When a refined frame counts as carried away from its landmarks (it then keeps its landmark fit)."""
 
 
 @dataclass
@@ -250,6 +297,8 @@ class TrackerConfig:
     """Energy terms and their weights."""
     fit: FitConfig = field(default_factory=FitConfig)
     """Optimisation schedule of the landmark stage and the global refinement."""
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    """Short detector gaps bridged by optical flow."""
     photometric: PhotometricStageConfig = field(default_factory=PhotometricStageConfig)
     """The photometric stage."""
     densemarks: DenseMarksStageConfig = field(default_factory=DenseMarksStageConfig)
@@ -309,7 +358,11 @@ NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("fit.reinit_factor", 1, math.inf, False), ("fit.global_window", 2, math.inf, True),
     ("*lr", 0, math.inf, False), ("*scale", 0, math.inf, False), ("*distance", 0, math.inf, False),
     ("photometric.resolution", 32, math.inf, True), ("photometric.texture_size", 8, math.inf, True),
-    ("photometric.iters", 1, math.inf, True), ("photometric.keyframes", 1, math.inf, True),
+    ("photometric.frame_iters", 1, math.inf, True), ("photometric.keyframes", 1, math.inf, True),
+    ("photometric.identity_iters", 1, math.inf, True), ("photometric.samples", 1, math.inf, True),
+    ("photometric.guard.max_shift", 0, math.inf, False), ("photometric.guard.max_rejected", 0, 1, True),
+    ("bridge.flow_size", 32, math.inf, True), ("bridge.max_flow_error", 0, math.inf, False), ("bridge.max_grey_change", 0, math.inf, False),
+    ("bridge.min_points", 3, math.inf, True), ("bridge.min_facing", -1, 1, True), ("bridge.points", 3, math.inf, True), ("bridge.iters", 1, math.inf, True),
     ("photometric.pyramid_levels", 1, 8, True),
     ("densemarks.crop_scale", 1, math.inf, True), ("densemarks.map_frames", 1, math.inf, True),
     ("densemarks.min_inliers", 0, 1, True), ("densemarks.samples", 1, math.inf, True),

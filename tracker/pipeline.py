@@ -29,6 +29,7 @@ from tracker.energy.priors import PriorEnergy
 from tracker.energy.temporal import TemporalEnergy
 from tracker.errors import TrackerError, quote
 from tracker.densemarks.stage import run_densemarks_stage
+from tracker.fit.bridge import bridge_gaps
 from tracker.fit.global_refine import refine_globally
 from tracker.fit.photometric import run_photometric_stage, stage_crop
 from tracker.fit.sequence import SequenceTracker, TrackResult, evenly_spaced
@@ -107,6 +108,8 @@ class RunSummary:
     valid_frames: int
     invalid_frame_indices: list[int]
     reinitialised_frames: int
+    bridged_frames: int = 0
+    """Frames without landmarks fitted from optical flow across a short detector gap (`bridged` in the npz)."""
     seconds: dict[str, float] = field(default_factory=dict)
     seconds_per_frame: dict[str, float] = field(default_factory=dict)
     lmk_error_px_mean: float = float("nan")
@@ -203,6 +206,8 @@ def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folde
     outputs = {"params": str(writer.path)}
 
     frames = lambda: read_frames(video, selection)  # noqa: E731  (re-decodes the selected frames)
+    with _timed(timings, "bridge"):
+        result, bridged, bridge = bridge_gaps(problem, result, obs, frames, bundle.masks, cfg.bridge)
     with _timed(timings, "densemarks"):
         result, writer.metadata["densemarks"] = densemarks_stage(problem, result, obs, track, frames, bundle, cfg,
                                                                  out_dir, show_progress)
@@ -212,17 +217,19 @@ def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folde
     photometric = {"ran": False, "reason": "photometric.enabled is off"}
     if cfg.photometric.enabled:
         with _timed(timings, "photometric"):
-            result, files, appearance = photometric_stage(problem, result, obs, frames, (info.height, info.width),
-                                                          bundle, cfg, out_dir, show_progress)
+            result, files, appearance, report = photometric_stage(problem, result, obs, frames,
+                                                                  (info.height, info.width), bundle, cfg, out_dir,
+                                                                  show_progress)
         outputs.update(files)
-        photometric = {"ran": appearance is not None, "reason": "" if appearance else "no frame has a landmark fit"}
+        photometric = {"ran": appearance is not None, "reason": "" if appearance else "no frame has a landmark fit",
+                       **report}
         if appearance is not None:
             textured = (appearance, region_mesh(model, bundle.masks, cfg.energy.photometric.regions))
             stage_energy["photometric"] = frame_energy(problem, result, obs)
-    stages = {"densemarks": writer.metadata["densemarks"], "photometric": photometric}
+    stages = {"bridge": bridge, "densemarks": writer.metadata["densemarks"], "photometric": photometric}
     writer.metadata["stages"] = {name: bool(status.get("ran")) for name, status in stages.items()}
     table = FrameTable(result.params, track.frame_indices, track.timestamps, result.valid, result.lmk_error_px,
-                       stage_energy=stage_energy)
+                       stage_energy=stage_energy, bridged=bridged)
     written = writer.write(table, complete=False)
 
     with _timed(timings, "outputs"):
@@ -338,17 +345,19 @@ def densemarks_stage(problem: Problem, result: TrackResult, obs: Observations, t
 
 def photometric_stage(problem: Problem, result: TrackResult, obs: Observations, frames, frame_size: tuple[int, int],
                       bundle: FlameBundle, cfg: TrackerConfig, out_dir: Path,
-                      show_progress: bool) -> tuple[TrackResult, dict, Appearance | None]:
+                      show_progress: bool) -> tuple[TrackResult, dict, Appearance | None, dict]:
     """Photometric refinement on a face crop; writes the texture and lighting next to the parameters.
-    Returns the refined track, the written files and the appearance (None when no frame had a fit)."""
+    Returns the refined track, the written files, the appearance (None when no frame had a fit) and the stage's
+    report (identity change, guard)."""
     if not result.valid.any():
-        return result, {}, None
+        return result, {}, None, {}
     crop = stage_crop(obs, result.valid, frame_size, cfg.photometric.resolution, cfg.photometric.crop_margin)
     images = np.stack([crop.image(frame.rgb) for frame in frames()])
     with tqdm(total=len(result.valid), desc="photometric", unit="frame", disable=not show_progress) as bar:
-        result, appearance = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg,
-                                                   progress=lambda: bar.update(1))
-    return result, {name: str(path) for name, path in write_appearance(out_dir, appearance).items()}, appearance
+        result, appearance, report = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg,
+                                                           progress=lambda: bar.update(1))
+    files = {name: str(path) for name, path in write_appearance(out_dir, appearance).items()}
+    return result, files, appearance, report
 
 
 @torch.no_grad()
@@ -399,11 +408,12 @@ def _summarise(video: Path, out_dir: Path, arrays: dict[str, np.ndarray], result
     """The summary of what was written (`arrays`: flame_params.npz as written, invariants enforced); `total`: wall
     seconds of the whole run (stage seconds overlap: detection runs beside the fit)."""
     valid, T = arrays["valid"], len(arrays["valid"])
-    errors = arrays["lmk_error_px"][valid]
+    errors = arrays["lmk_error_px"][valid & ~arrays["bridged"]]  # bridged frames have no landmarks
     reasons, counts = np.unique(arrays["invalid_reason"][~valid], return_counts=True)
     return RunSummary(
         video=str(video), out_dir=str(out_dir), frames=T, valid_frames=int(valid.sum()),
         invalid_frame_indices=[int(i) for i in arrays["frame_index"][~valid]],
+        bridged_frames=int((valid & arrays["bridged"]).sum()),
         invalid_reasons={str(r): int(c) for r, c in zip(reasons, counts)},
         reinitialised_frames=int(result.reinitialised.sum()),
         seconds={k: round(v, 3) for k, v in timings.items()},

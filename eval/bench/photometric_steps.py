@@ -1,6 +1,7 @@
 """Time of the photometric stage's building blocks on a synthetic frame (FLAME stand-in, 256 x 256 stage images):
-one optimiser step (energy forward + backward) of the photometric term alone and with the landmark and prior
-terms, at each pyramid level; one appearance-fit step on 8 keyframes; one frame of the default refinement.
+at each pyramid level, taking the surface samples and one Levenberg-Marquardt Jacobian (forward-mode) of the
+photometric term alone and with the landmark and prior terms; one appearance-fit step on 8 keyframes; one
+identity round on the keyframes; one frame of the default refinement.
 
     python -m eval.bench.photometric_steps [--runs 20] [--threads 1] [--size 256]
 
@@ -23,19 +24,19 @@ from tracker.energy.base import Observations
 from tracker.energy.landmarks import LandmarkEnergy, LandmarkEnergyConfig
 from tracker.energy.photometric import region_mesh
 from tracker.energy.priors import PriorConfig, PriorEnergy
+from tracker.energy.photometric_samples import SampledPhotometricEnergy
 from tracker.fit.photometric import (
+    downsample,
     estimate_appearance,
     fit_appearance,
-    fit_frame,
+    fit_photometric,
     initial_appearance,
-    level_iters,
     pixel_geometry,
     pyramid_factors,
-    pyramid_observations,
-    pyramid_problems,
     render_frames,
+    surface_samples,
 )
-from tracker.fit.solver import LANDMARK_FIELDS, Problem, leaf_params
+from tracker.fit.solver import LANDMARK_FIELDS, ParamPacker, Problem, block_jacobians
 from tracker.flame.assets import load_flame_bundle
 from tracker.flame.model import FlameParams
 
@@ -73,17 +74,28 @@ def bench(size: int, runs: int) -> None:
     landmarks = problem.evaluation(params, None).landmarks_2d.detach()
     extent = (landmarks.max(1).values - landmarks.min(1).values).norm(dim=-1)
     obs = Observations(landmarks, torch.ones(landmarks.shape[:2]), extent)
-    factors = pyramid_factors(cfg.photometric.pyramid_levels)
-    levels = pyramid_problems(problem, cfg.energy.photometric, appearance, mesh, (size, size), factors, "torch")
-    frame = params.frames(slice(3, 4))
-    level_obs = pyramid_observations(obs.frames(slice(3, 4)), images[3:4], 1.0, factors)
-    leaves = leaf_params(frame, LANDMARK_FIELDS)
+    frame, frame_obs = params.frames(slice(3, 4)), obs.frames(slice(3, 4))
     print(f"stage images {size}x{size}, region mesh {len(mesh.vertex_ids)} vertices / {len(mesh.face_ids)} faces")
-    for factor, level, level_ob in zip(factors, levels, level_obs):
-        photometric_only = level.with_terms(level.terms[-1:])
-        for name, prob in (("photometric", photometric_only), ("+ landmarks, priors", level)):
-            wall, cpu = median_ms(lambda: prob.energy(leaves, level_ob).sum().backward(), runs)
-            print(f"  step at 1/{factor} ({size // factor} px), {name:20s}: {wall:6.1f} ms wall, {cpu:6.1f} ms CPU")
+    for factor in pyramid_factors(cfg.photometric.pyramid_levels):
+        level_images, level_appearance = downsample(images[3:4], factor), appearance.blurred(factor)
+
+        def sample():
+            return surface_samples(mesh, level_appearance, model.faces, camera, frame, level_images, 1.0 / factor,
+                                   cfg.energy.photometric, cfg.photometric.samples, "torch")
+
+        wall, cpu = median_ms(sample, runs)
+        print(f"  level 1/{factor} ({size // factor} px): samples {wall:6.1f} ms wall, {cpu:6.1f} ms CPU")
+        term = SampledPhotometricEnergy(cfg.energy.photometric, sample(), level_images,
+                                        1.0 / factor)
+        packer = ParamPacker(frame, LANDMARK_FIELDS)
+        X, shared = packer.pack(frame)
+        for name, prob in (("photometric", problem.with_terms([term])),
+                           ("+ landmarks, priors", problem.with_terms([*problem.terms, term]))):
+            def jacobian():
+                return block_jacobians(lambda X_, s_: prob.residuals(packer.unpack(X_, s_)[0], frame_obs), X, shared)
+
+            wall, cpu = median_ms(jacobian, runs)
+            print(f"    Jacobian, {name:20s}: {wall:6.1f} ms wall, {cpu:6.1f} ms CPU")
 
     geometry = pixel_geometry(mesh, camera, params, images, 1.0, "torch")
     cfg.photometric.texture_keyframe_iters = 10
@@ -94,10 +106,15 @@ def bench(size: int, runs: int) -> None:
     frames = (images.numpy() * 255).round().astype("uint8")
     wall, cpu = median_ms(lambda: estimate_appearance(mesh, camera, params, frames, bundle, cfg, list(range(8))), 1)
     print(f"  appearance estimate ({cfg.photometric.texture_keyframe_iters} steps): {wall / 1e3:6.2f} s per sequence")
-    steps = level_iters(cfg.photometric.iters, len(factors))
-    wall, cpu = median_ms(lambda: fit_frame(levels, level_obs, frame, LANDMARK_FIELDS, steps, cfg.photometric.lr,
-                                            None, mesh), max(3, runs // 5))
-    print(f"  one frame, steps {steps}: {wall / 1e3:6.3f} s wall, {cpu / 1e3:6.3f} s CPU")
+    wall, cpu = median_ms(lambda: fit_photometric(problem, mesh, appearance, frame, frame_obs, images[3:4], cfg,
+                                                  LANDMARK_FIELDS, cfg.photometric.frame_iters), max(3, runs // 5))
+    print(f"  one frame ({cfg.photometric.pyramid_levels} levels x {cfg.photometric.frame_iters} iterations): "
+          f"{wall / 1e3:6.3f} s wall, {cpu / 1e3:6.3f} s CPU")
+    keys = cfg.photometric.keyframes
+    wall, cpu = median_ms(lambda: fit_photometric(problem, mesh, appearance, params.frames(slice(0, keys)),
+                                                  obs.frames(slice(0, keys)), images[:keys], cfg, LANDMARK_FIELDS,
+                                                  cfg.photometric.identity_iters, free_shape=True), 1)
+    print(f"  one identity round's fit on {keys} keyframes: {wall / 1e3:6.2f} s wall, {cpu / 1e3:6.2f} s CPU")
 
 
 def main() -> None:

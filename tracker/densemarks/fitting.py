@@ -19,7 +19,7 @@ import torch
 from tracker.camera import Camera
 from tracker.config import DenseMarksStageConfig, TrackerConfig
 from tracker.densemarks.frames import DenseFrame, agreement, refresh_gates, rigid_from_matches
-from tracker.energy.base import EnergyTerm, Evaluation, Observations, ScaledTerm
+from tracker.energy.base import EnergyTerm, Observations, ScaledTerm
 from tracker.energy.dense import (
     CORR_TARGET,
     CORR_WEIGHT,
@@ -28,6 +28,7 @@ from tracker.energy.dense import (
     DenseCorrespondenceEnergy,
     DenseRenderEnergy,
 )
+from tracker.energy.head_size import HeadSizeEnergy
 from tracker.fit.guard import GuardConfig, GuardReport, guard_refinement, landmark_shift
 from tracker.fit.sequence import FOCAL_PRIOR, TrackResult, landmark_error_px, predict_next
 from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, fit_adam, fit_lm
@@ -185,34 +186,6 @@ def build_fitter(problem: Problem, canonical: torch.Tensor, excluded: np.ndarray
 # ---------------------------------------------------------------------------------------------------------------
 # Identity and focal length
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def head_size(model: FlameModel, shape: torch.Tensor) -> torch.Tensor:
-    """() RMS distance of the neutral head's vertices from their centroid for identity shape (1, n_shape)."""
-    vertices = model.v_template + model.dirs[:, :, :model.n_shape] @ shape[0]
-    return (vertices - vertices.mean(0)).square().sum(-1).mean().sqrt()
-
-
-class HeadSizeEnergy:
-    """Holds the neutral head's size at that of a reference identity while the identity is re-estimated.
-
-    A single camera sees size and distance only together, and a canonical map estimated from this video's own
-    fits is itself only known up to an affine transform, so with such a map the dense terms can trade head size
-    against depth; the landmark stage's size (set by the shape prior) is kept then. Residual (B, 1): the
-    relative size change, shared out over the frames.
-    """
-
-    name = "head_size"
-
-    def __init__(self, model: FlameModel, reference_shape: torch.Tensor, weight: float = 1e4):
-        self.model = model
-        self.reference = head_size(model, reference_shape).detach()
-        self.weight = weight
-
-    def __call__(self, ev: Evaluation) -> torch.Tensor:
-        batch = ev.params.batch_size
-        change = head_size(self.model, ev.params.shape) / self.reference - 1
-        return (self.weight / batch) ** 0.5 * change.expand(batch, 1)
 
 
 def rescale_to_camera(params: FlameParams, old_focal: float, new_focal: float) -> FlameParams:

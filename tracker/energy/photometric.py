@@ -1,14 +1,14 @@
-"""Photometric render-and-compare energy: the FLAME mesh rendered with a sequence's albedo (a texture in
+"""Photometric appearance model and colour residuals: the FLAME mesh with a sequence's albedo (a texture in
 FLAME's UV layout, or per-vertex colours) under spherical-harmonics lighting, compared with the frame inside
 chosen FLAME regions.
 
 Only the faces of the chosen regions are rendered (`RegionMesh`): that is the region mask, and most of the
-speed. Per covered pixel the colour difference rendered - observed (3,) goes through the robust loss
+speed. Per compared pixel the colour difference rendered - observed (3,) goes through the robust loss
 (`robust_residuals`, scale `robust_scale` in colour units) and is dropped when it exceeds `outlier_k` times
 the frame's median residual (hands, hair, glasses: what the model cannot explain must not pull the fit).
 Each frame's residuals are divided by the square root of its inlier count, so the energy is a mean over
-pixels and its weight is on the landmark term's scale. The term returns the full masked residual image
-(B, H * W * 3), zeros where nothing is compared, so its length is fixed for a given image size.
+pixels and its weight is on the landmark term's scale (`masked_photometric_residuals`, used to fit the
+appearance). The term the stage's solver uses, on surface samples, is energy.photometric_samples.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tracker.camera import Camera, to_camera
-from tracker.energy.base import Evaluation, robust_ratio
+from tracker.energy.base import robust_ratio
 from tracker.errors import TrackerError
 from tracker.flame.model import FlameModel, FlameParams
-from tracker.render.interpolate import pixels_to_image
 from tracker.render.rasterize import Fragments
 from tracker.render.renderer import Albedo, RenderOutput, TextureAlbedo, VertexAlbedo, shade_sh
 from tracker.render.shading import SH_DC_FACTOR, vertex_normals
@@ -71,6 +70,9 @@ class Appearance:
     """(F, 3, 2) UV of each face corner (from head_template.obj), needed with a texture."""
     vertex_colors: Tensor | None = None
     """(V, 3) per-vertex albedo when no texture is used."""
+    coverage: Tensor | None = None
+    """(Ht, Wt) or (V,) how many pixels' worth of the fitted frames each texel (vertex) was seen by; None when
+    unknown. Albedo that no frame showed is a guess: the stage does not compare it."""
 
     def albedo(self) -> Albedo:
         if self.texture is not None:
@@ -85,14 +87,16 @@ class Appearance:
 
     def detach(self) -> "Appearance":
         return Appearance(*(None if t is None else t.detach().clone()
-                            for t in (self.sh, self.texture, self.corner_uvs, self.vertex_colors)))
+                            for t in (self.sh, self.texture, self.corner_uvs, self.vertex_colors, self.coverage)))
 
     def blurred(self, factor: int) -> "Appearance":
-        """The texture box-filtered by `factor` (a mip level), to render images `factor` times smaller
-        without aliasing; vertex colours are returned as they are."""
+        """The texture (and its coverage) box-filtered by `factor` (a mip level), to render images `factor`
+        times smaller without aliasing; vertex colours are returned as they are."""
         if self.texture is None or factor <= 1:
             return self
-        return replace(self, texture=F.avg_pool2d(self.texture.unsqueeze(0), factor, ceil_mode=True)[0])
+        pool = lambda t: F.avg_pool2d(t.unsqueeze(0), factor, ceil_mode=True)[0]  # noqa: E731
+        return replace(self, texture=pool(self.texture),
+                       coverage=None if self.coverage is None else pool(self.coverage[None])[0])
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,30 +184,3 @@ def render_appearance(appearance: Appearance, mesh: RegionMesh, fragments: Fragm
     normals = vertex_normals(verts_camera, faces)
     sh = appearance.sh.unsqueeze(0).expand(verts_screen.shape[0], -1, -1)
     return shade_sh(fragments, verts_screen, faces, normals, sh, appearance.on_region(mesh).albedo())
-
-
-class PhotometricEnergy:
-    """Render-and-compare term over a region mesh; `appearance` stays fixed while poses are fitted (its
-    tensors may also be leaves that an optimiser updates alongside, see fit_adam's `extra`)."""
-
-    name = "photometric"
-
-    def __init__(self, cfg: PhotometricConfig, appearance: Appearance, mesh: RegionMesh):
-        if cfg.robust not in ("l1", "huber"):
-            raise TrackerError(f"energy.photometric.robust must be l1 or huber, got {cfg.robust!r}")
-        self.cfg = cfg
-        self.appearance = appearance
-        self.mesh = mesh
-
-    def __call__(self, ev: Evaluation) -> Tensor:
-        if ev.obs.images is None or ev.rasterizer is None:
-            raise RuntimeError("the photometric term needs Observations.images and a Problem rasterizer")
-        verts_screen, verts_camera = screen_vertices(self.mesh, ev.camera, ev.params, ev.obs.image_scale)
-        with torch.no_grad():
-            fragments = ev.rasterizer(verts_screen.detach(), self.mesh.model.faces)
-        rendered = render_appearance(self.appearance, self.mesh, fragments, verts_screen, verts_camera)
-        pixels = fragments.covered
-        batch = verts_screen.shape[0]
-        target = ev.obs.images.reshape(-1, 3).index_select(0, pixels.pixel).t()
-        residual = masked_photometric_residuals(rendered.pixel_color, target, pixels.image, batch, self.cfg)
-        return pixels_to_image(fragments, residual).reshape(batch, -1)

@@ -1,5 +1,6 @@
 """A guard for image stages (DenseMarks, photometric): a refinement may not make a frame worse than the landmark
-stage left it.
+stage left it. Two guards: `guard_refinement` (landmark shift and the stage's own support; DenseMarks) and
+`guard_error_growth` (growth of the landmark error; photometric).
 
 An image stage refines the landmark track with evidence of its own (dense correspondences, pixels). When that
 evidence is wrong (a corrupted map, a prediction from another frame, a crop in the wrong place), the refined fit
@@ -34,6 +35,7 @@ from tracker.fit.solver import FRAME_FIELDS, Problem
 from tracker.flame.model import FlameParams
 
 if TYPE_CHECKING:  # tracker.fit.sequence reads the configuration, which holds GuardConfig
+    from tracker.config import PhotometricGuardConfig
     from tracker.fit.sequence import TrackResult
 
 
@@ -131,3 +133,39 @@ def scatter_frames(base: FlameParams, index: np.ndarray, values: FlameParams) ->
         getattr(out, name)[rows] = getattr(values, name).to(getattr(out, name))
     return out
 
+
+def guard_error_growth(landmark_result: TrackResult, refined_result: TrackResult, face_size: np.ndarray,
+                     cfg: PhotometricGuardConfig | None = None, stage: str = "refinement") -> tuple[TrackResult, dict]:
+    """The photometric stage's guard: keep the landmark-stage fit of the frames whose landmark error grew by more
+    than cfg.max_shift x the face size (detectors and FLAME's embedding disagree by a few pixels even at the true
+    parameters, so the allowance is a fraction of the face, not of the error); drop the whole refinement when more
+    than cfg.max_rejected of the frames are rejected.
+
+    landmark_result, refined_result: T frames each (lmk_error_px in video pixels, NaN where not fitted);
+    face_size: (T,) face size in video pixels. The shared identity (and focal length) stay the refined ones
+    unless the whole refinement is dropped.
+    Returns the guarded result and a report: frames checked, rejected (count and video-row indices), whether
+    the refinement was dropped.
+    """
+    if cfg is None:
+        from tracker.config import PhotometricGuardConfig
+        cfg = PhotometricGuardConfig()
+    before, after = landmark_result.lmk_error_px, refined_result.lmk_error_px
+    checked = refined_result.valid & landmark_result.valid & np.isfinite(after) & np.isfinite(before)
+    limit = before + cfg.max_shift * np.asarray(face_size, np.float32)
+    rejected = checked & ~(after <= limit)
+    report = {"checked": int(checked.sum()), "rejected": int(rejected.sum()),
+              "rejected_frames": [int(t) for t in np.flatnonzero(rejected)], "dropped": False}
+    if checked.any() and rejected.sum() > cfg.max_rejected * checked.sum():
+        warnings.warn(f"{stage}: {int(rejected.sum())} of {int(checked.sum())} refined frames moved far from "
+                      "their landmarks; keeping the landmark-stage track", stacklevel=2)
+        report["dropped"] = True
+        return landmark_result, report
+    if not rejected.any():
+        return refined_result, report
+    index = torch.as_tensor(rejected, device=refined_result.params.expr.device)
+    params = refined_result.params.detach()
+    for name in FRAME_FIELDS:
+        getattr(params, name)[index] = getattr(landmark_result.params, name)[index].to(getattr(params, name))
+    errors = np.where(rejected, before, after).astype(np.float32)
+    return replace(refined_result, params=params, lmk_error_px=errors), report

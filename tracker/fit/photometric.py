@@ -1,22 +1,30 @@
-"""The photometric stage (entry point `run_photometric_stage`): after landmark tracking, refine every frame's
-pose and expression with the photometric term added to the landmark, prior and temporal terms (the landmarks
-keep anchoring the fit).
+"""The photometric stage (entry point `run_photometric_stage`): after landmark tracking, refine the shared
+identity and every frame's pose and expression with a photometric term added to the landmark, prior and
+temporal terms. The landmarks keep anchoring the fit at a reduced weight (`photometric.landmark_weight`):
+detectors and FLAME's landmark embedding disagree by a few pixels even at the true parameters, and at full
+weight that bias outweighs what the images say.
 
 The stage compares a square crop around the face (`StageCrop`), with a camera and landmarks in crop pixels.
 1. Appearance, an albedo (texture in FLAME's UV layout, or vertex colours) and SH lighting in camera
    coordinates shared by all frames (a fixed camera and light, the head moving under them), is fitted on
    keyframes with their landmark poses held fixed: the visible pixels' faces, barycentric weights and normals
    are computed once, and each step only samples the albedo and shades.
-2. Every frame, in order, starts from its landmark fit and is refined by one Adam run over an image pyramid
-   (coarse to fine), the head turning about its own centre (`centre_offset`).
-3. The appearance is refined on more frames with their refined poses (`refine_appearance`).
+2. Identity: the shared shape is re-estimated jointly with the keyframes' poses and expressions, alternating
+   with the appearance (`refine_identity`). The landmark stage's identity is what its biased landmarks give;
+   no per-frame refinement can undo it.
+3. Every frame, in order, starts from its landmark fit under the new identity and is refined coarse to fine
+   (`fit_photometric`): at each pyramid level, surface points seen at the level's pixels are fixed and a few
+   Levenberg-Marquardt iterations move them onto the colours they should see (energy.photometric_samples):
+   Gauss-Newton steps reach in a few iterations what first-order steps need hundreds for.
+4. The guard (fit.guard) keeps the landmark fit of frames the refinement carried away from their landmarks.
+5. The appearance is refined on more frames with their refined poses (`refine_appearance`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -24,31 +32,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tracker.camera import Camera
+from tracker.camera import Camera, to_camera
 from tracker.config import PhotometricStageConfig, TrackerConfig
 from tracker.energy.base import Observations
+from tracker.energy.head_size import HeadSizeEnergy
+from tracker.energy.landmarks import LandmarkEnergy
 from tracker.energy.photometric import (
     Appearance,
     PhotometricConfig,
-    PhotometricEnergy,
     RegionMesh,
+    inlier_mask,
     masked_photometric_residuals,
     neutral_sh,
     region_mesh,
     render_appearance,
     screen_vertices,
 )
+from tracker.energy.photometric_samples import SampledPhotometricEnergy, SurfaceSamples, head_rotation, triangle_normals
 from tracker.errors import TrackerError
+from tracker.fit.guard import guard_error_growth
 from tracker.fit.sequence import TrackResult, choose_keyframes, landmark_error_px, predict_next
-from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, adam_minimise, leaf_params, torch_threads
+from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, adam_minimise, fit_lm, torch_threads
 from tracker.flame.assets import FlameBundle
-from tracker.flame.lbs import batch_rodrigues
+from tracker.flame.landmarks import yaw_degrees
 from tracker.flame.model import FlameModel, FlameParams
 from tracker.render.backends import get_rasterizer
 from tracker.render.barycentric import face_corner_values
 from tracker.render.interpolate import interpolate_covered
 from tracker.render.rasterize import Fragments, RasterSettings
-from tracker.render.shading import normalize_channels, sh_irradiance, vertex_normals
+from tracker.render.shading import normalize_channels, sh_basis, vertex_normals
 from tracker.render.texture import load_obj, sample_texture_points, symmetry_loss, total_variation
 
 UV_OBJ_NAME = "head_template.obj"
@@ -136,11 +148,13 @@ def initial_appearance(stage: PhotometricStageConfig, bundle: FlameBundle, color
 class PixelGeometry:
     """What fixed geometry gives the P covered pixels of B frames, for appearance fitting.
 
-    face, image: (P,) FLAME face (full mesh index) and frame of each pixel; bary: (3, P) perspective-correct
-    barycentric weights; normals: (3, P) unit normals in camera coordinates; target: (3, P) observed colours.
+    face, image: (P,) FLAME face (full mesh index) and frame of each pixel; region_face: (P,) the face's index
+    in the region mesh; bary: (3, P) perspective-correct barycentric weights; normals: (3, P) unit normals in
+    camera coordinates; target: (3, P) observed colours.
     """
 
     face: Tensor
+    region_face: Tensor
     image: Tensor
     bary: Tensor
     normals: Tensor
@@ -162,7 +176,7 @@ def pixel_geometry(mesh: RegionMesh, camera: Camera, params: FlameParams, images
     values = interpolate_covered(fragments, verts_screen, faces, torch.cat([normals, identity], dim=1))
     pixels = fragments.covered
     return PixelGeometry(
-        face=mesh.face_ids[pixels.face], image=pixels.image, bary=values[3:], normals=normalize_channels(values[:3]),
+        face=mesh.face_ids[pixels.face], region_face=pixels.face, image=pixels.image, bary=values[3:], normals=normalize_channels(values[:3]),
         target=images.reshape(-1, 3).index_select(0, pixels.pixel).t(), batch=batch,
     )
 
@@ -200,10 +214,22 @@ def appearance_regulariser(appearance: Appearance, stage: PhotometricStageConfig
     return loss + stage.albedo_symmetry * symmetry_loss(texture) if stage.albedo_symmetry > 0 else loss
 
 
+def seen_weight(sampler: Callable[[Tensor], Tensor], albedo: Tensor) -> Tensor:
+    """(Ht, Wt) or (V,) total sampling weight each texel (vertex) of an albedo shaped like `albedo` gets from
+    the pixels of `sampler` (pixel_albedo_sampler): how many pixels' worth of them saw it."""
+    probe = torch.zeros_like(albedo, requires_grad=True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(sampler(probe).sum(), probe)
+    return grad[0] if albedo.dim() == 3 else grad[:, 0]
+
+
 def fit_appearance(geometry: PixelGeometry, init: Appearance, faces: Tensor, term: PhotometricConfig,
                    stage: PhotometricStageConfig, iters: int | None = None, warmup: int | None = None) -> Appearance:
-    """Albedo (and SH lighting beyond its fixed DC term) that best explain the pixels of fixed geometry.
+    """Albedo and SH lighting that best explain the pixels of fixed geometry.
 
+    With photometric.frame_lighting each frame has its own lighting (lights change; the first frame's DC term
+    is the fixed convention, the others' may differ: brightness changes), and the appearance's lighting is their
+    mean; otherwise one lighting beyond its fixed DC term.
     iters: Adam steps (default photometric.texture_keyframe_iters). The first `warmup` of them (default half)
     use the robust loss only, the rest also drop outlier pixels: with the uniform initial albedo every
     distinctive feature (brows, lips) would look like an outlier; from a fitted albedo no warm-up is needed.
@@ -211,24 +237,35 @@ def fit_appearance(geometry: PixelGeometry, init: Appearance, faces: Tensor, ter
     iters = stage.texture_keyframe_iters if iters is None else iters
     warmup = iters // 2 if warmup is None else min(warmup, iters)
     albedo = (init.texture if init.texture is not None else init.vertex_colors).detach().clone().requires_grad_(True)
-    sh_rest = init.sh[1:].detach().clone().requires_grad_(True)
+    lights = geometry.batch if stage.frame_lighting else 1
+    sh_free = init.sh.detach().expand(lights, -1, -1).clone().requires_grad_(True)  # row 0 of frame 0: fixed
+    fixed_dc = torch.zeros(lights, 9, 1, device=albedo.device)
+    fixed_dc[0, 0] = 1.0
+    pixel_frame = geometry.image if lights > 1 else torch.zeros_like(geometry.image)
+    basis = sh_basis(geometry.normals)  # (9, P)
     edges = mesh_edges(faces) if init.texture is None else faces.new_zeros(0, 2)
 
-    def current() -> Appearance:
-        sh = torch.cat([init.sh[:1], sh_rest])
-        return replace(init, sh=sh, **({"texture": albedo} if init.texture is not None else {"vertex_colors": albedo}))
-
     albedo_at_pixels = pixel_albedo_sampler(init, faces, geometry)
+    coverage = seen_weight(albedo_at_pixels, albedo)
+    if init.coverage is not None:  # refitting from a fitted appearance: what it saw stays seen
+        coverage = torch.maximum(coverage, init.coverage)
+
+    def frame_sh() -> Tensor:
+        return fixed_dc * init.sh + (1 - fixed_dc) * sh_free  # (lights, 9, 3)
+
+    def current() -> Appearance:
+        return replace(init, sh=frame_sh().mean(dim=0), coverage=coverage,
+                       **({"texture": albedo} if init.texture is not None else {"vertex_colors": albedo}))
 
     def loss_with(cfg: PhotometricConfig) -> Callable[[], Tensor]:
         def loss() -> Tensor:
-            appearance = current()
-            color = albedo_at_pixels(albedo) * sh_irradiance(geometry.normals, appearance.sh)
+            shading = torch.einsum("kp,pkc->cp", basis, frame_sh()[pixel_frame])
+            color = albedo_at_pixels(albedo) * shading
             residual = masked_photometric_residuals(color, geometry.target, geometry.image, geometry.batch, cfg)
-            return residual.pow(2).sum() / geometry.batch + appearance_regulariser(appearance, stage, edges)
+            return residual.pow(2).sum() / geometry.batch + appearance_regulariser(current(), stage, edges)
         return loss
 
-    tensors = {"albedo": albedo, "sh": sh_rest}
+    tensors = {"albedo": albedo, "sh": sh_free}
     unit = replace(term, weight=1.0)  # the regulariser weights are relative to a unit data term
     if warmup > 0:
         adam_minimise(loss_with(replace(unit, outlier_k=float("inf"))), tensors, warmup, stage.appearance_lr)
@@ -289,110 +326,186 @@ def downsample(images: Tensor, factor: int) -> Tensor:
     return F.avg_pool2d(images.permute(0, 3, 1, 2), factor).permute(0, 2, 3, 1).contiguous()
 
 
-def with_images(obs: Observations, images: Tensor, image_scale: float) -> Observations:
-    return replace(obs, images=images, image_scale=image_scale)
-
-
 def pyramid_factors(levels: int) -> list[int]:
     """Downsampling factor of each pyramid level, coarse to fine: 4, 2, 1 for three levels."""
     return [2 ** level for level in reversed(range(levels))]
 
 
-def level_iters(iters: int, levels: int) -> list[int]:
-    """Steps per frame at each pyramid level, coarse to fine: `iters` split evenly, the remainder at full size."""
-    share, remainder = divmod(iters, levels)
-    return [share] * (levels - 1) + [share + remainder]
+MIN_COVERAGE = 0.5
+"""Surface points whose albedo the appearance fit saw with less than this many pixels' worth are not compared."""
+LIGHTING_RIDGE = 1e-2
+"""Pull of a frame's own lighting towards the sequence's, per unit of sample weight (weak: light changes)."""
 
 
-def pyramid_problems(problem: Problem, term: PhotometricConfig, appearance: Appearance, mesh: RegionMesh,
-                     image_size: tuple[int, int], factors: Sequence[int], backend: str) -> list[Problem]:
-    """`problem` plus the photometric term, one per pyramid level (texture mip level and image size)."""
-    height, width = image_size
-    return [problem.with_terms([*problem.terms, PhotometricEnergy(term, appearance.blurred(factor), mesh)],
-                               make_rasterizer(backend, (height // factor, width // factor)))
-            for factor in factors]
-
-
-def pyramid_observations(obs: Observations, images: Tensor, image_scale: float,
-                         factors: Sequence[int]) -> list[Observations]:
-    """obs with full-size images (B, H, W, 3) at image_scale, downsampled to each pyramid level."""
-    return [with_images(obs, downsample(images, factor), image_scale / factor) for factor in factors]
-
-
-def rotate(rotation: Tensor, vectors: Tensor) -> Tensor:
-    """Rotate vectors (B, 3) by axis-angle rotations (B, 3)."""
-    return (batch_rodrigues(rotation) @ vectors.unsqueeze(-1)).squeeze(-1)
+def frame_lighting(albedo: Tensor, normals: Tensor, target: Tensor, image: Tensor, batch: int, sh: Tensor,
+                   term: PhotometricConfig) -> Tensor:
+    """(B, 9, 3) SH lighting of each of B frames that best explains its pixels' colours (3, P) given their
+    albedo (3, P) and camera-frame normals (3, P) (image: (P,) frame of each pixel), by weighted least squares
+    (pixels that are outliers under the sequence lighting `sh` (9, 3) left out), pulled weakly towards `sh`."""
+    basis = sh_basis(normals)  # (9, P)
+    residual = albedo * (sh.t() @ basis) - target
+    keep = inlier_mask(residual.norm(dim=0), image, batch, term.outlier_k, term.outlier_floor)
+    lights = []
+    for b in range(batch):
+        rows = image == b
+        weight = keep[rows]
+        ridge = LIGHTING_RIDGE * float(weight.sum().clamp(min=1.0)) * torch.eye(9, device=sh.device)
+        channels = []
+        for c in range(3):
+            design = (albedo[c, rows] * basis[:, rows]).t()  # (P_b, 9)
+            normal = design.t() @ (design * weight[:, None]) + ridge
+            channels.append(torch.linalg.solve(normal, design.t() @ (weight * target[c, rows]) + ridge @ sh[:, c]))
+        lights.append(torch.stack(channels, dim=1))
+    return torch.stack(lights)
 
 
 @torch.no_grad()
-def centre_offset(model: FlameModel, mesh: RegionMesh, params: FlameParams) -> Tensor:
-    """(B, 3) vector from FLAME's root joint to the region's centroid with the global rotation at rest.
-
-    World vertices are R (v - J) + J + t with R turning about the root joint J (at the neck); a point at
-    offset a from J sits at J + R a + t, so with c = t + R a as the free variable instead of t, the head
-    turns about the region's centre. This decouples rotation from translation, which Adam (a per-coordinate
-    method) otherwise crawls along as a narrow valley.
+def surface_samples(mesh: RegionMesh, appearance: Appearance, faces: Tensor, camera: Camera, params: FlameParams,
+                    images: Tensor, image_scale: float, term: PhotometricConfig, max_samples: int,
+                    backend: str, own_lighting: bool = False) -> SurfaceSamples:
+    """The surface points of the region mesh seen at the pixels of images (B, H, W, 3) in frames `params`, at
+    most max_samples per frame (every k-th covered pixel), with their albedo, normal offsets and each frame's
+    lighting (own_lighting: fitted to the frame, `frame_lighting`; else the appearance's). Points on albedo the
+    appearance fit did not see (`Appearance.coverage`) are left out. faces: FLAME's (F, 3) triangles (for
+    vertex-colour albedo).
     """
-    rest = replace(params, rotation=torch.zeros_like(params.rotation),
-                   translation=torch.zeros_like(params.translation))
-    out = model(rest)
-    return out.vertices[:, mesh.vertex_ids].mean(dim=1) - out.joints[:, 0]
+    batch = params.batch_size
+    geometry = pixel_geometry(mesh, camera, params, images, image_scale, backend)
+    sampler = pixel_albedo_sampler(appearance, faces, geometry)
+    textured = appearance.texture is not None
+    albedo = sampler(appearance.texture if textured else appearance.vertex_colors)
+    seen = torch.ones_like(geometry.image, dtype=torch.bool)
+    if appearance.coverage is not None:
+        seen = sampler(appearance.coverage[None] if textured else appearance.coverage[:, None])[0] >= MIN_COVERAGE
+    sh = appearance.sh.expand(batch, -1, -1)
+    if own_lighting:
+        sh = frame_lighting(albedo[:, seen], geometry.normals[:, seen], geometry.target[:, seen],
+                            geometry.image[seen], batch, appearance.sh, term)
+    counts = torch.bincount(geometry.image, minlength=batch)
+    rank = torch.arange(len(geometry.image), device=counts.device) - (torch.cumsum(counts, 0) - counts)[geometry.image]
+    stride = torch.clamp(torch.div(counts + max_samples - 1, max_samples, rounding_mode="floor"), min=1)[geometry.image]
+    chosen = torch.nonzero(rank % stride == 0).squeeze(1)
+    frame, slot = geometry.image[chosen], torch.div(rank[chosen], stride[chosen], rounding_mode="floor")
+
+    triangles = mesh.model.faces[geometry.region_face[chosen]]  # (P, 3) region-mesh vertices
+    used, corners = torch.unique(triangles, return_inverse=True)
+    corner_points = mesh.model(params).vertices[frame.unsqueeze(1), triangles]
+    offset = to_camera(geometry.normals[:, chosen].t()) - triangle_normals(corner_points)  # world frame
+    offset = (offset.unsqueeze(1) @ head_rotation(params)[frame]).squeeze(1)  # head frame: R^T offset
+
+    width = int(slot.max()) + 1 if len(slot) else 1
+
+    def padded(values: Tensor) -> Tensor:
+        out = values.new_zeros(batch, width, *values.shape[1:])
+        out[frame, slot] = values
+        return out
+
+    return SurfaceSamples(mesh.model.restricted(used), padded(corners), padded(geometry.bary[:, chosen].t()),
+                          padded(albedo[:, chosen].t()), padded(offset), padded(seen[chosen]), sh.contiguous())
 
 
-def fit_frame(level_problems: Sequence[Problem], level_obs: Sequence[Observations], init: FlameParams,
-              free: Sequence[str], level_steps: Sequence[int], lr: float, reference: FlameParams | None,
-              mesh: RegionMesh) -> FlameParams:
-    """Coarse-to-fine Adam over the `free` fields of frames, like `fit_adam` with two changes.
+def stage_problem(problem: Problem, crop: StageCrop, landmark_weight: float) -> Problem:
+    """The landmark stage's problem in stage pixels, its landmark term weighted by `landmark_weight`."""
+    terms = [LandmarkEnergy(replace(term.cfg, weight=term.cfg.weight * landmark_weight))
+             if isinstance(term, LandmarkEnergy) else term for term in problem.terms]
+    return Problem(problem.model, problem.landmarks, crop.camera(problem.camera), terms)
 
-    One Adam run spans the levels (level_steps[i] steps on level_problems[i] / level_obs[i]): restarting
-    it per level would kick a converged fit by ~lr again. The translation is replaced by the position of
-    the head centre (see `centre_offset`), so that rotations turn the head about itself.
-    Returns detached parameters.
+
+def fit_photometric(problem: Problem, mesh: RegionMesh, appearance: Appearance, params: FlameParams,
+                    obs: Observations, images: Tensor, cfg: TrackerConfig, free: Sequence[str], iters: int,
+                    reference: FlameParams | None = None, free_shape: bool = False) -> FlameParams:
+    """Coarse-to-fine Levenberg-Marquardt of B frames with the photometric term on surface samples.
+
+    problem: in stage pixels (the frames' landmarks in obs are too); images: (B, H, W, 3) the frames at stage
+    size in [0, 1]. At each pyramid level (photometric.pyramid_levels), samples are taken at the level's pixels
+    from the current fit, then `iters` iterations move the `free` fields (and the shared identity when
+    free_shape). Returns detached parameters.
     """
-    offset = centre_offset(level_problems[-1].model, mesh, init)
-    params = leaf_params(init, [name for name in free if name != "translation"])
-    tensors = {name: getattr(params, name) for name in free if name != "translation"}
-    centre = (init.translation + rotate(init.rotation, offset)).detach().requires_grad_("translation" in free)
-    if "translation" in free:
-        tensors["translation"] = centre
-
-    def current() -> FlameParams:
-        return replace(params, translation=centre - rotate(params.rotation, offset))
-
-    schedule = iter([level for level, steps in enumerate(level_steps) for _ in range(steps)])
-
-    def loss() -> Tensor:
-        level = next(schedule)
-        return level_problems[level].energy(current(), level_obs[level], reference).sum()
-
-    adam_minimise(loss, tensors, sum(level_steps), lr)
-    return current().detach()
+    stage, term = cfg.photometric, cfg.energy.photometric
+    for factor in pyramid_factors(stage.pyramid_levels):
+        level_images, level_appearance = downsample(images, factor), appearance.blurred(factor)
+        samples = surface_samples(mesh, level_appearance, problem.model.faces, problem.camera, params, level_images,
+                                  1.0 / factor, term, stage.samples, stage.renderer, stage.frame_lighting)
+        photometric = SampledPhotometricEnergy(term, samples, level_images, 1.0 / factor)
+        params, _ = fit_lm(problem.with_terms([*problem.terms, photometric]), params, obs, free, iters, reference,
+                           free_shape=free_shape)
+    return params
 
 
-def refine_track(level_problems: Sequence[Problem], result: TrackResult, frame_obs: Callable[[int], list[Observations]],
-                 free: Sequence[str], level_steps: Sequence[int], lr: float, mesh: RegionMesh,
-                 progress: Callable[[], None] | None = None) -> TrackResult:
-    """Refine every valid frame in order with `fit_frame`, starting from its landmark fit, the temporal term
-    referring to the refined previous frames (as `refine.refine_sequence`, plus the pyramid and the
-    head-centred rotation). frame_obs(t) gives frame t's observations at each level."""
+def stacked_images(images: np.ndarray, frames: Sequence[int], device: torch.device) -> Tensor:
+    """(B, h, w, 3) floats in [0, 1] of the chosen frames of (T, h, w, 3) uint8 images."""
+    return torch.cat([frame_images(images, int(t), device) for t in frames])
+
+
+KEYFRAME_MAX_YAW = 45.0
+"""Keyframes (appearance, identity) are chosen among frames turned less than this (degrees): the landmark fits
+of profile views are the least reliable, and a texture unwrapped under a wrong pose spoils every frame."""
+
+
+def appearance_keyframes(result: TrackResult, count: int) -> np.ndarray:
+    """Up to `count` frames spread over the sequence among the valid frames whose landmark fit is trustworthy
+    (|yaw| < KEYFRAME_MAX_YAW, landmark error at most twice the median); all valid frames when too few are."""
+    with torch.no_grad():
+        yaw = yaw_degrees(head_rotation(result.params)).abs().cpu().numpy()
+    errors = np.where(result.valid, result.lmk_error_px, np.inf)
+    trusted = result.valid & (yaw < KEYFRAME_MAX_YAW) & (errors <= 2 * np.nanmedian(result.lmk_error_px[result.valid]))
+    return choose_keyframes(trusted if trusted.sum() >= min(count, result.valid.sum()) else result.valid, count)
+
+
+def refine_identity(problem: Problem, mesh: RegionMesh, appearance: Appearance, result: TrackResult,
+                    obs: Observations, images: np.ndarray, keyframes: np.ndarray, bundle: FlameBundle,
+                    cfg: TrackerConfig) -> tuple[Tensor, Appearance]:
+    """The shared identity (1, n_shape) re-estimated on keyframes, and the appearance refitted along.
+
+    Each of photometric.identity_rounds rounds runs `fit_photometric` on the keyframes with the shape free
+    (their poses and expressions free too, no temporal term: keyframes are not neighbours), then refits the
+    appearance under the new geometry (photometric.identity_appearance_iters steps from the current one).
+    A single camera sees the head's size only together with its distance: the compared regions of the neutral
+    head keep their size under the landmark identity (`HeadSizeEnergy` on the region mesh), the images choose
+    their shape.
+    """
+    stage = cfg.photometric
+    device = mesh.vertex_ids.device
+    index = torch.as_tensor(keyframes, device=device)
+    params = result.params.frames(index).detach()
+    key_obs, key_images = obs.frames(index), stacked_images(images, keyframes, device)
+    problem = problem.with_terms([term for term in problem.terms if term.name != "temporal"] +
+                                 [HeadSizeEnergy(mesh.model, result.params.shape)])
+    faces = bundle.model.faces.to(device)
+    for _ in range(stage.identity_rounds):
+        params = fit_photometric(problem, mesh, appearance, params, key_obs, key_images, cfg, LANDMARK_FIELDS,
+                                 stage.identity_iters, free_shape=True)
+        geometry = pixel_geometry(mesh, problem.camera, params, key_images, 1.0, stage.renderer)
+        appearance = fit_appearance(geometry, appearance, faces, cfg.energy.photometric, stage,
+                                    iters=stage.identity_appearance_iters, warmup=0)
+    return params.shape, appearance
+
+
+def refine_frames(problem: Problem, mesh: RegionMesh, appearance: Appearance, result: TrackResult, shape: Tensor,
+                  obs: Observations, images: np.ndarray, cfg: TrackerConfig, free: Sequence[str],
+                  progress: Callable[[], None] | None = None) -> TrackResult:
+    """Every valid frame in order, from its landmark fit with the identity `shape`, refined by `fit_photometric`
+    with the temporal term referring to the refined previous frames (constant-velocity prediction)."""
+    device = mesh.vertex_ids.device
     refined: list[FlameParams] = []
     errors = result.lmk_error_px.copy()
     prev = prev2 = None
     for t in range(len(result.valid)):
-        params = result.params.frames(slice(t, t + 1))
+        params = replace(result.params.frames(slice(t, t + 1)).detach(), shape=shape)
         if result.valid[t]:
-            level_obs = frame_obs(t)
+            frame_obs = obs.frames(slice(t, t + 1))
             reference = predict_next(prev, prev2) if prev is not None else None
-            params = fit_frame(level_problems, level_obs, params, free, level_steps, lr, reference, mesh)
-            errors[t] = float(landmark_error_px(level_problems[-1], params, level_obs[-1])[0])
+            params = fit_photometric(problem, mesh, appearance, params, frame_obs, frame_images(images, t, device),
+                                     cfg, free, cfg.photometric.frame_iters, reference)
+            if bool((frame_obs.landmark_weights > 0).any()):  # bridged frames have none: their error stays
+                errors[t] = float(landmark_error_px(problem, params, frame_obs)[0])
             prev2, prev = prev, params
         else:
             prev = prev2 = None
         refined.append(params)
         if progress:
             progress()
-    stacked = FlameParams(shape=result.params.shape,
-                          **{name: torch.cat([getattr(p, name) for p in refined]) for name in FRAME_FIELDS})
+    stacked = FlameParams(shape=shape, **{name: torch.cat([getattr(p, name) for p in refined]) for name in FRAME_FIELDS})
     return replace(result, params=stacked, lmk_error_px=np.asarray(errors, np.float32))
 
 
@@ -402,8 +515,10 @@ def check_stage_inputs(result: TrackResult, images: np.ndarray, crop: StageCrop,
                            f"uint8 (the crop of every tracked frame), got {images.shape} {images.dtype}")
     if stage.albedo not in ("texture", "vertex"):
         raise TrackerError(f"photometric.albedo must be texture or vertex, got {stage.albedo!r}")
-    if stage.pyramid_levels < 1 or stage.keyframes < 1 or stage.texture_size < 8 or stage.iters < 1:
-        raise TrackerError("photometric.pyramid_levels, keyframes and iters must be >= 1, texture_size >= 8")
+    if stage.pyramid_levels < 1 or stage.keyframes < 1 or stage.texture_size < 8 or stage.frame_iters < 1 \
+            or stage.samples < 1:
+        raise TrackerError("photometric.pyramid_levels, keyframes, frame_iters and samples must be >= 1, "
+                           "texture_size >= 8")
     if crop.size < 2 ** (stage.pyramid_levels - 1) * 16:
         raise TrackerError(f"photometric.pyramid_levels {stage.pyramid_levels} is too many for {crop.size} pixel "
                            "images: lower it or raise photometric.resolution")
@@ -411,8 +526,8 @@ def check_stage_inputs(result: TrackResult, images: np.ndarray, crop: StageCrop,
 
 def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observations, images: np.ndarray,
                           crop: StageCrop, bundle: FlameBundle, cfg: TrackerConfig,
-                          progress: Callable[[], None] | None = None) -> tuple[TrackResult, Appearance]:
-    """Refine a landmark track photometrically.
+                          progress: Callable[[], None] | None = None) -> tuple[TrackResult, Appearance, dict]:
+    """Refine a landmark track photometrically (see the module docstring).
 
     problem: the landmark stage's Problem (landmark, prior and temporal terms; its camera holds the
         estimated focal length); the photometric term is added to its terms.
@@ -420,7 +535,8 @@ def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observatio
     images: (T, size, size, 3) uint8 RGB stage images, crop.image(frame) of every tracked frame;
     crop: from `stage_crop` (obs, result.valid, video size, photometric.resolution, photometric.crop_margin).
     progress: called once per frame.
-    Returns the refined TrackResult (landmark errors recomputed, video pixels) and the sequence's Appearance.
+    Returns the refined TrackResult (landmark errors recomputed, video pixels), the sequence's Appearance and
+    a report: the identity's change (RMS vertex displacement of the neutral head, mm) and the guard's report.
     """
     stage, term = cfg.photometric, cfg.energy.photometric
     check_stage_inputs(result, images, crop, stage)
@@ -428,25 +544,41 @@ def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observatio
         raise TrackerError("photometric stage: no frame has a landmark fit to refine")
     with torch_threads(1):  # small images: per-op overhead dominates, and extra threads only contend
         # Everything below works in stage pixels: a camera and landmarks for the crop.
-        problem = Problem(problem.model, problem.landmarks, crop.camera(problem.camera), problem.terms)
-        obs = crop.observations(obs)
+        crop_problem = stage_problem(problem, crop, stage.landmark_weight)
+        crop_obs = crop.observations(obs)
         mesh = region_mesh(problem.model, bundle.masks, term.regions)
-        keyframes = choose_keyframes(result.valid, stage.keyframes)
-        appearance = estimate_appearance(mesh, problem.camera, result.params, images, bundle, cfg, keyframes)
+        keyframes = appearance_keyframes(result, stage.keyframes)
+        appearance = estimate_appearance(mesh, crop_problem.camera, result.params, images, bundle, cfg, keyframes)
+        shape, appearance = refine_identity(crop_problem, mesh, appearance, result, crop_obs, images, keyframes,
+                                            bundle, cfg)
         # The neck turns the head like the global rotation: free it only when the neck itself is compared.
         free = FRAME_FIELDS if "neck" in term.regions else LANDMARK_FIELDS
-        factors = pyramid_factors(stage.pyramid_levels)
-        level_problems = pyramid_problems(problem, term, appearance, mesh, images.shape[1:3], factors,
-                                          stage.renderer)
+        refined = refine_frames(crop_problem, mesh, appearance, result, shape, crop_obs, images, cfg, free, progress)
+        refined = replace(refined, lmk_error_px=refined.lmk_error_px / crop.scale)
+        refined, guard = guard_error_growth(result, refined, obs.face_size.cpu().numpy(), stage.guard, "photometric")
+        refined = with_landmark_errors(problem, refined, obs)
+        appearance = refine_appearance(appearance, mesh, crop_problem.camera, refined, images, bundle, cfg)
+    report = {"keyframes": len(keyframes), "identity_change_mm": round(shape_change_mm(
+        problem.model, result.params.shape, refined.params.shape), 3), "guard": guard}
+    return refined, appearance, report
 
-        def frame_obs(t: int) -> list[Observations]:
-            return pyramid_observations(obs.frames(slice(t, t + 1)), frame_images(images, t, mesh.vertex_ids.device),
-                                        1.0, factors)
 
-        steps = level_iters(stage.iters, len(factors))
-        refined = refine_track(level_problems, result, frame_obs, free, steps, stage.lr, mesh, progress)
-        appearance = refine_appearance(appearance, mesh, problem.camera, refined, images, bundle, cfg)
-    return replace(refined, lmk_error_px=refined.lmk_error_px / crop.scale), appearance
+def with_landmark_errors(problem: Problem, result: TrackResult, obs: Observations) -> TrackResult:
+    """result with the landmark errors (video pixels) of its valid frames that have landmarks recomputed."""
+    errors = result.lmk_error_px.copy()
+    valid = np.flatnonzero(result.valid & (obs.landmark_weights > 0).any(dim=1).cpu().numpy())
+    index = torch.as_tensor(valid, device=obs.landmarks.device)
+    errors[valid] = landmark_error_px(problem, result.params.frames(index), obs.frames(index)).cpu().numpy()
+    return replace(result, lmk_error_px=errors)
+
+
+@torch.no_grad()
+def shape_change_mm(model: FlameModel, before: Tensor, after: Tensor) -> float:
+    """RMS displacement (mm) of the neutral head's vertices between two identities (1, n_shape)."""
+    neutral = FlameParams.zeros(1, model.n_shape, model.n_expr, before.device)
+    first = model(replace(neutral, shape=before)).vertices
+    second = model(replace(neutral, shape=after)).vertices
+    return float((first - second).square().sum(-1).mean().sqrt()) * 1000
 
 
 @torch.no_grad()

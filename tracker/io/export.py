@@ -41,6 +41,8 @@ class FrameTable:
     """{stage: (T,) landmark + prior energy of each frame after that stage} (NaN where invalid), for report.png."""
     invalid_reason: np.ndarray | None = None
     """(T,) why each invalid frame is invalid (None: no face found); see tracker/io/invariants.py."""
+    bridged: np.ndarray | None = None
+    """(T,) bool: fitted without landmarks, from optical flow across a detector gap (tracker/fit/bridge.py)."""
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -61,6 +63,7 @@ def flame_arrays(table: FrameTable, camera: Camera, fps: float) -> dict[str, np.
         frame_index=table.frame_index.astype(np.int64), timestamp=table.timestamp.astype(np.float64),
         valid=table.valid.astype(bool), lmk_error_px=table.lmk_error_px.astype(np.float32),
     )
+    arrays["bridged"] = np.zeros(T, bool) if table.bridged is None else table.bridged.astype(bool)
     if table.stage_energy:
         arrays["stage_names"] = np.array(list(table.stage_energy), dtype=str)
         arrays["stage_energy"] = np.stack(list(table.stage_energy.values())).astype(np.float32)

@@ -62,6 +62,25 @@ def sh_basis(normals: Tensor) -> Tensor:
     )
 
 
+def sh_basis_jacobian(normals: Tensor) -> Tensor:
+    """(3, ...) channels-first normals -> (9, 3, ...) derivatives of `sh_basis` with respect to (x, y, z)."""
+    x, y, z = normals
+    zero = torch.zeros_like(x)
+    return torch.stack(
+        [
+            torch.stack([zero, zero, zero]),
+            torch.stack([torch.full_like(x, _C1), zero, zero]),
+            torch.stack([zero, torch.full_like(x, _C1), zero]),
+            torch.stack([zero, zero, torch.full_like(x, _C1)]),
+            torch.stack([_C2 * y, _C2 * x, zero]),
+            torch.stack([_C2 * z, zero, _C2 * x]),
+            torch.stack([zero, _C2 * z, _C2 * y]),
+            torch.stack([2.0 * _C3 * x, -2.0 * _C3 * y, zero]),
+            torch.stack([zero, zero, 6.0 * _C4 * z]),
+        ]
+    )
+
+
 def sh_irradiance(normals: Tensor, sh_coefficients: Tensor) -> Tensor:
     """Shading of N unit normals under one SH light: normals (3, N), coefficients (9, 3) -> (3, N)."""
     return sh_coefficients.t() @ sh_basis(normals)

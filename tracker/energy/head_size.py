@@ -1,0 +1,36 @@
+"""The head-size term: holds the neutral head's size while an image stage re-estimates the identity."""
+
+from __future__ import annotations
+
+import torch
+
+from tracker.energy.base import Evaluation
+from tracker.flame.model import FlameModel
+
+
+def head_size(model: FlameModel, shape: torch.Tensor) -> torch.Tensor:
+    """() RMS distance of the neutral head's vertices from their centroid for identity shape (1, n_shape)."""
+    vertices = model.v_template + model.dirs[:, :, :model.n_shape] @ shape[0]
+    return (vertices - vertices.mean(0)).square().sum(-1).mean().sqrt()
+
+
+class HeadSizeEnergy:
+    """Holds the neutral head's size at that of a reference identity while the identity is re-estimated.
+
+    A single camera sees size and distance only together, and a canonical map estimated from this video's own
+    fits is itself only known up to an affine transform, so with such a map the dense terms can trade head size
+    against depth; the landmark stage's size (set by the shape prior) is kept then. Residual (B, 1): the
+    relative size change, shared out over the frames.
+    """
+
+    name = "head_size"
+
+    def __init__(self, model: FlameModel, reference_shape: torch.Tensor, weight: float = 1e4):
+        self.model = model
+        self.reference = head_size(model, reference_shape).detach()
+        self.weight = weight
+
+    def __call__(self, ev: Evaluation) -> torch.Tensor:
+        batch = ev.params.batch_size
+        change = head_size(self.model, ev.params.shape) / self.reference - 1
+        return (self.weight / batch) ** 0.5 * change.expand(batch, 1)
