@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from tracker.energy.contour import ContourEnergyConfig
 from tracker.energy.dense import DenseCorrespondenceConfig, DenseRenderConfig
 from tracker.energy.landmarks import LandmarkEnergyConfig
 from tracker.energy.photometric import PhotometricConfig
@@ -70,6 +71,8 @@ class DetectConfig:
 class EnergyConfig:
     landmarks: LandmarkEnergyConfig = field(default_factory=LandmarkEnergyConfig)
     """2D landmark reprojection term."""
+    contour: ContourEnergyConfig = field(default_factory=ContourEnergyConfig)
+    """Face-outline points matched to the mesh's silhouette (sliding contour)."""
     priors: PriorConfig = field(default_factory=PriorConfig)
     """Priors on shape, expression, pose."""
     temporal: TemporalConfig = field(default_factory=TemporalConfig)

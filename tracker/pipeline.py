@@ -21,6 +21,9 @@ from tracker.config import TrackerConfig, config_to_dict
 from tracker.detect.base import SCHEME_IBUG68, SCHEME_MEDIAPIPE, LandmarkTrack, make_detector
 from tracker.detect.sequence import detect_video
 from tracker.energy.base import Observations
+from tracker.energy.contour import POINTS_KEY as CONTOUR_POINTS
+from tracker.energy.contour import WEIGHTS_KEY as CONTOUR_WEIGHTS
+from tracker.energy.contour import ContourEnergy
 from tracker.energy.landmarks import LandmarkEnergy, landmark_group_weights
 from tracker.energy.photometric import Appearance, region_mesh
 from tracker.energy.priors import PriorEnergy
@@ -59,30 +62,41 @@ def resolve_device(name: str) -> torch.device:
 
 def landmark_problem(track: LandmarkTrack, model: FlameModel, landmarks: LandmarkSet, camera: Camera,
                      cfg: TrackerConfig, scheme: str) -> tuple[Observations, Problem]:
-    """The landmark stage's observations (on the camera's device) and Problem (landmark, prior and temporal
-    terms): what every later stage refines."""
+    """The landmark stage's observations (on the camera's device) and Problem (landmark, face-outline, prior
+    and temporal terms): what every later stage refines."""
+    outline = landmarks.outline is not None and cfg.energy.contour.weight > 0
     group_weights = landmark_group_weights(scheme, landmarks.detector_index, cfg.energy.landmarks)
-    obs = observations_from_track(track, landmarks, group_weights, camera.focal.device)
+    if outline:  # outline points slide along the silhouette instead of sitting on fixed vertices
+        on_outline = torch.isin(landmarks.detector_index, landmarks.outline_index.cpu())
+        group_weights = torch.where(on_outline, torch.zeros_like(group_weights), group_weights)
+    obs = observations_from_track(track, landmarks, group_weights, camera.focal.device, outline)
     terms = [LandmarkEnergy(cfg.energy.landmarks), PriorEnergy(cfg.energy.priors, model),
              TemporalEnergy(cfg.energy.temporal)]
+    if outline:
+        terms.insert(1, ContourEnergy(cfg.energy.contour, model, landmarks.outline))
     return obs, Problem(model, landmarks, camera, terms)
 
 
 def observations_from_track(track: LandmarkTrack, landmarks: LandmarkSet, group_weights: torch.Tensor,
-                            device: torch.device) -> Observations:
-    """Detected points in embedding order; missing frames/points get weight 0."""
+                            device: torch.device, outline: bool = False) -> Observations:
+    """Detected points in embedding order; missing frames/points get weight 0. With `outline`, the scheme's
+    face-outline points go to extras for the sliding-contour term."""
+    conf_all = track.confidence * track.valid[:, None]
+    conf_all = np.where(np.isfinite(track.points).all(-1), conf_all, 0.0)
+    points_all = np.nan_to_num(track.points)
     idx = landmarks.detector_index.numpy()
-    pts = track.points[:, idx]
-    conf = track.confidence[:, idx] * track.valid[:, None]
-    finite = np.isfinite(pts).all(-1)
-    conf = np.where(finite, conf, 0.0)
-    pts = np.nan_to_num(pts)
+    pts, conf = points_all[:, idx], conf_all[:, idx]
+    finite = conf > 0
     lo = np.where(finite[..., None], pts, np.inf).min(1)
     hi = np.where(finite[..., None], pts, -np.inf).max(1)
     size = np.where(track.valid, np.linalg.norm(hi - lo, axis=-1), 1.0)
     size = np.where(np.isfinite(size) & (size > 1), size, 1.0)
     to = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=device)  # noqa: E731
-    return Observations(to(pts), to(conf) * group_weights.to(device)[None], to(size))
+    extras = {}
+    if outline:
+        out = landmarks.outline_index.cpu().numpy()
+        extras = {CONTOUR_POINTS: to(points_all[:, out]), CONTOUR_WEIGHTS: to(conf_all[:, out])}
+    return Observations(to(pts), to(conf) * group_weights.to(device)[None], to(size), extras=extras)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from tracker.camera import Camera
 from tracker.config import TrackerConfig
 from tracker.energy.base import Observations
-from tracker.fit.init import rigid_from_landmarks
+from tracker.fit.init import rigid_from_landmarks, rough_head_angles
 from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, fit_lm, torch_threads
 from tracker.flame.model import FlameParams
 
@@ -51,9 +51,28 @@ def evenly_spaced(candidates: np.ndarray, count: int) -> np.ndarray:
     return candidates[np.round(np.linspace(0, len(candidates) - 1, count)).astype(int)]
 
 
-def choose_keyframes(valid: np.ndarray, count: int) -> np.ndarray:
-    """Up to `count` valid frame indices spread evenly over the sequence."""
-    return evenly_spaced(np.flatnonzero(valid), count)
+def choose_keyframes(valid: np.ndarray, count: int, angles: np.ndarray | None = None) -> np.ndarray:
+    """Up to `count` valid frame indices that span the head poses seen (sorted).
+
+    angles: (T, 2) rough yaw and pitch per frame in degrees (NaN where unknown); without them, or where
+    fewer than `count` frames have them, frames are spread evenly over the sequence. With them, greedy
+    farthest-point sampling in (yaw, pitch) from the most frontal frame: views from different sides are what
+    separate identity from pose and depth from focal length.
+    """
+    candidates = np.flatnonzero(valid)
+    if angles is None or len(candidates) <= count:
+        return evenly_spaced(candidates, count)
+    known = candidates[np.isfinite(angles[candidates]).all(1)]
+    if len(known) < count:
+        return evenly_spaced(candidates, count)
+    points = angles[known]
+    chosen = [int(np.argmin(np.linalg.norm(points, axis=1)))]
+    distance = np.linalg.norm(points - points[chosen[0]], axis=1)
+    while len(chosen) < count:
+        pick = int(np.argmax(distance))
+        chosen.append(pick)
+        distance = np.minimum(distance, np.linalg.norm(points - points[pick], axis=1))
+    return np.sort(known[chosen])
 
 
 class SequenceTracker:
@@ -82,7 +101,9 @@ class SequenceTracker:
 
     def estimate_identity(self, obs: Observations, valid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Shared shape (1, n_shape) and focal from keyframes (focal fixed when the config gives one)."""
-        keys = choose_keyframes(valid, self.cfg.fit.keyframes)
+        angles = rough_head_angles(self.model, self.problem.landmarks, self.problem.camera,
+                                   obs.landmarks.cpu().numpy(), obs.landmark_weights.cpu().numpy() * valid[:, None])
+        keys = choose_keyframes(valid, self.cfg.fit.keyframes, angles)
         shape = torch.zeros(1, self.model.n_shape, device=obs.landmarks.device)
         key_obs = obs.frames(torch.as_tensor(keys, device=obs.landmarks.device))
         init = self._pnp_init(key_obs, shape)

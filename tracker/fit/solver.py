@@ -61,15 +61,21 @@ class Problem:
         return Problem(self.model, self.landmarks, self.camera, terms, rasterizer or self.rasterizer)
 
     def evaluation(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
-                   camera: Camera | None = None, contour_yaw: torch.Tensor | None = None) -> Evaluation:
+                   camera: Camera | None = None, contour_yaw: torch.Tensor | None = None,
+                   term_state: dict | None = None) -> Evaluation:
         return Evaluation(self.model, self.landmarks, camera or self.camera, params, obs, reference, contour_yaw,
-                          self.landmark_model, self.rasterizer)
+                          self.landmark_model, self.rasterizer, term_state)
 
     def residuals(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
-                  camera: Camera | None = None, contour_yaw: torch.Tensor | None = None) -> torch.Tensor:
+                  camera: Camera | None = None, contour_yaw: torch.Tensor | None = None,
+                  term_state: dict | None = None) -> torch.Tensor:
         """(B, N) all terms' residuals side by side."""
-        ev = self.evaluation(params, obs, reference, camera, contour_yaw)
+        ev = self.evaluation(params, obs, reference, camera, contour_yaw, term_state)
         return torch.cat([term(ev) for term in self.terms], dim=1)
+
+    def prepare(self, ev: Evaluation) -> dict:
+        """What the terms with discrete choices (correspondences) hold fixed for a solver round."""
+        return {term.name: term.prepare(ev) for term in self.terms if hasattr(term, "prepare")}
 
     def energy(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
                camera: Camera | None = None) -> torch.Tensor:
@@ -184,30 +190,37 @@ def levenberg_marquardt(residual_fn: Callable[[torch.Tensor, torch.Tensor], torc
 
 def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequence[str], iters: int,
            reference: FlameParams | None = None, free_shape: bool = False, free_focal: bool = False,
-           focal_prior: float = 0.0) -> tuple[FlameParams, torch.Tensor]:
+           focal_prior: float = 0.0, rounds: int = 2) -> tuple[FlameParams, torch.Tensor]:
     """Levenberg-Marquardt over the per-frame fields `free` (and optionally the shared identity and log
     focal). Every residual must depend on one frame only. Returns params and the focal length.
 
-    The jaw-contour landmarks are chosen from the yaw at the start of each round and held fixed inside it
-    (switching them mid-solve makes the energy discontinuous); a second round runs if a yaw bin moved.
+    Discrete choices are made at the start of each of up to `rounds` rounds and held fixed inside it
+    (switching them mid-solve makes the energy discontinuous): the jaw-contour landmarks picked by yaw, and
+    the terms' `prepare` state (silhouette matches). Without such terms a round only follows when a yaw bin
+    moved.
     """
     packer = ParamPacker(init, free, free_shape, free_focal)
     focal0 = problem.camera.focal.detach()
     X, s = packer.pack(init)
     B = X.shape[0]
+
+    def camera_at(log_f: torch.Tensor) -> Camera:
+        return Camera(focal0 * torch.exp(log_f), problem.camera.center, problem.camera.height, problem.camera.width)
+
     yaw = None
-    for _ in range(2):
-        params, _ = packer.unpack(X, s)
-        new_yaw = problem.evaluation(params, obs).yaw_deg
-        if yaw is not None and torch.equal(torch.round(new_yaw), torch.round(yaw)):
+    for round_index in range(rounds):
+        params, log_f = packer.unpack(X, s)
+        ev = problem.evaluation(params, obs, camera=camera_at(log_f.detach()))
+        new_yaw = ev.yaw_deg
+        state = problem.prepare(ev)
+        matching = any(v is not None for v in state.values())
+        if round_index and not matching and torch.equal(torch.round(new_yaw), torch.round(yaw)):
             break
         yaw = new_yaw
 
         def residual_fn(X_: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
             p, log_f = packer.unpack(X_, s_)
-            cam = Camera(focal0 * torch.exp(log_f), problem.camera.center, problem.camera.height,
-                         problem.camera.width)
-            r = problem.residuals(p, obs, reference, cam, contour_yaw=yaw)
+            r = problem.residuals(p, obs, reference, camera_at(log_f), contour_yaw=yaw, term_state=state)
             if free_focal:  # the focal prior, shared out over the frames
                 r = torch.cat([r, (focal_prior / B) ** 0.5 * log_f.expand(B, 1)], dim=1)
             return r

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from tracker.errors import MissingAssetError, TrackerError
+from tracker.flame.contour import outline_region
 from tracker.flame.landmarks import LandmarkSet, load_landmark_set
 from tracker.flame.loading import FLAME_DOWNLOAD_HINT, load_flame_file, read_pickle
 from tracker.flame.model import FlameModel
@@ -87,10 +88,12 @@ def load_flame_bundle(flame: str | None, assets: str | None, n_shape: int, n_exp
     if eyelids is not None and eyelids.shape[0] != data.v_template.shape[0]:
         raise TrackerError(f"eyelid blendshapes in {assets_dir} do not match the FLAME vertex count")
     model = FlameModel(data, eyelids)
+    masks = load_region_masks(assets_dir)
+    landmarks = load_landmark_set(landmark_scheme, assets_dir, data.faces)
     return FlameBundle(
         model=model,
-        landmarks=load_landmark_set(landmark_scheme, assets_dir, data.faces),
-        masks=load_region_masks(assets_dir),
+        landmarks=landmarks.with_outline(outline_region(data.v_template, data.faces, masks)),
+        masks=masks,
         flame_file=flame_file,
         assets_dir=assets_dir,
     )

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from tracker.errors import MissingAssetError, TrackerError
+from tracker.flame.contour import ContourRegion
 from tracker.flame.loading import read_pickle
 
 STATIC_68_FILE = "flame_static_embedding_68.pkl"
@@ -25,6 +26,13 @@ DYNAMIC_CONTOUR_FILE = "flame_dynamic_embedding.npy"
 MEDIAPIPE_FILE = "mediapipe_landmark_embedding.npz"
 N_CONTOUR = 17
 CONTOUR_MAX_YAW_DEG = 39
+OUTLINE_POINTS = {
+    "ibug68": tuple(range(17)),
+    "mediapipe478": (454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148, 176, 149, 150, 136, 172, 58, 132,
+                     93, 234),
+}
+"""Detector points on the lower face outline (cheekbone to cheekbone round the chin): the 17 iBUG jaw points,
+and the lower half of MediaPipe's face oval. They follow the silhouette, not a fixed vertex."""
 
 
 def contour_bin(yaw_deg: torch.Tensor) -> torch.Tensor:
@@ -68,14 +76,24 @@ class LandmarkSet:
     """(79, 17, 3) long: dynamic-contour triangle corners per yaw bin (ibug68 only)."""
     contour_bary: torch.Tensor | None = None
     """(79, 17, 3) dynamic-contour barycentric weights per yaw bin."""
+    outline_index: torch.Tensor | None = None
+    """(C,) long: detector points on the lower face outline, matched to the silhouette (energy.contour)."""
+    outline: ContourRegion | None = None
+    """The mesh region whose silhouette those points lie on."""
 
     @property
     def n_landmarks(self) -> int:
         return int(self.corners.shape[0])
 
     def to(self, device: torch.device | str) -> "LandmarkSet":
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        moved = {k: (v.to(device) if isinstance(v, (torch.Tensor, ContourRegion)) else v)
+                 for k, v in self.__dict__.items()}
         return LandmarkSet(**moved)
+
+    def with_outline(self, region: ContourRegion) -> "LandmarkSet":
+        """A copy whose scheme's face-outline points are matched to the silhouette of `region`."""
+        index = torch.tensor(OUTLINE_POINTS[self.scheme], dtype=torch.long, device=self.vertex_ids.device)
+        return LandmarkSet(**{**self.__dict__, "outline_index": index, "outline": region})
 
     def positions(self, sub_vertices: torch.Tensor, yaw_deg: torch.Tensor | None = None) -> torch.Tensor:
         """Landmark 3D positions. sub_vertices: (B, S, 3) at vertex_ids; yaw_deg: (B,) -> (B, L, 3)."""
