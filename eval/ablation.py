@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from eval.metrics import track_peak_memory
 from tracker.config import CONFIG_DIR, load_config, read_yaml
 from tracker.errors import TrackerError
@@ -64,6 +66,24 @@ def load_ablation(path: str | Path = DEFAULT_ABLATION) -> Ablation:
     if len(set(names)) != len(names):
         raise TrackerError(f"ablation file {path}: config names must be unique, got {names}")
     return Ablation(data.get("base") or {}, configs)
+
+
+def parse_override(text: str) -> dict:
+    """'fit.keyframes=12' -> {'fit': {'keyframes': 12}} (the value read as YAML)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise TrackerError(f"override {text!r} is not KEY=VALUE (e.g. energy.priors.weight=1.0)")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise TrackerError(f"override {text!r}: the value is not valid YAML") from None
+    nested: dict = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = parsed
+    return nested
 
 
 def merge(base: dict, update: dict) -> dict:

@@ -390,6 +390,13 @@ def geodesic_point_similarity(geodesic_errors: np.ndarray, kappa: float) -> floa
 # ----------------------------------------------------------------------------------------------------------
 
 
+def finite_median(values: np.ndarray | torch.Tensor | Sequence[float]) -> float:
+    """Median of the finite values (NaN when there are none): per-frame metrics mark unmeasured frames NaN."""
+    vals = as_numpy(values).reshape(-1)
+    finite = vals[np.isfinite(vals)]
+    return float(np.median(finite)) if finite.size else float("nan")
+
+
 @dataclass(frozen=True)
 class BinSummary:
     """Per-frame values falling into [lower, upper) (the last bin includes upper)."""

@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from eval.metrics import bin_by_abs_yaw  # noqa: E402
+from eval.baselines import ROW_LABELS, YAW_BINS, RowScores  # noqa: E402
+from eval.metrics import bin_by_abs_yaw, finite_median  # noqa: E402
 from eval.real.evaluate import VideoScores  # noqa: E402
 from eval.synthetic.evaluate import SequenceScores  # noqa: E402
 from tracker.camera import Camera, to_camera  # noqa: E402
@@ -52,6 +53,10 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("real_nme_vs_dlib_pct", "real NME against dlib's 68 landmarks (% of box size)"),
     ("real_psnr_db", "real photometric PSNR in the face (dB)"),
     ("real_ssim", "real photometric SSIM in the face"),
+    ("real_jaw_iod", "real: dlib jaw points 0-16 to the mesh's projected jaw/cheek outline (point to curve), "
+                     "inter-ocular distances (median over clips of each clip's median)"),
+    ("real_inner51_iod", "real: dlib points 17-67 to the mesh's landmarks, inter-ocular distances (median over "
+                         "clips of each clip's median)"),
     ("real_jitter_mm", "real vertex acceleration (mm/frame^2)"),
     ("real_valid_pct", "real frames tracked (%)"),
     ("s_per_frame", "seconds per frame, all stages (incl. one-off identity; measured with memory tracing on, see "
@@ -77,11 +82,18 @@ class ConfigResults:
     """(caption, path relative to the run folder) of the overlay images."""
     failures: dict[str, str] = field(default_factory=dict)
     """Video name -> why the tracker produced nothing for it."""
+    baselines: dict[str, list[RowScores]] = field(default_factory=dict)
+    """Synthetic sequence -> the track's row and its baseline rows on the same frames (eval.baselines)."""
 
 
 def nanmean(values: np.ndarray) -> float:
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else float("nan")
+
+
+def clip_medians(scores: dict, metric: str) -> np.ndarray:
+    """Each video's median of a per-frame metric (NaN for a video without a finite value)."""
+    return np.array([finite_median(s.per_frame[metric]) for s in scores.values() if metric in s.per_frame])
 
 
 def joined(scores: dict, metric: str) -> np.ndarray:
@@ -125,6 +137,8 @@ def summary_row(result: ConfigResults) -> dict[str, float | str]:
         "real_nme_vs_dlib_pct": 100 * nanmean(joined(real, "nme_vs_dlib")),
         "real_psnr_db": nanmean(joined(real, "psnr_db")),
         "real_ssim": nanmean(joined(real, "ssim")),
+        "real_jaw_iod": finite_median(clip_medians(real, "jaw_iod")),
+        "real_inner51_iod": finite_median(clip_medians(real, "inner51_iod")),
         "real_jitter_mm": nanmean(np.array([s.jitter_mm for s in real.values()])),
         "real_valid_pct": 100 * joined(real, "valid").sum() / frames_real if frames_real else float("nan"),
         "s_per_frame": sum(stages.values()) if stages else float("nan"),
@@ -148,12 +162,41 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[float | str]])
     return "\n".join(lines)
 
 
-def write_tables(rows: list[dict], out_dir: Path) -> None:
-    """table.md (with a column legend), table.csv and table.json."""
+COMPARISON_HEADER = ("row", "face err rigid mm", *[f"|yaw| {b}" for b in YAW_BINS], "2D reproj px", "focal err %",
+                     "camera-space err mm", "static jitter mm/f^2", "truth jitter mm/f^2", "lost %")
+COMPARISON_LEGEND = ("Medians over frames; face err rigid: face-region vertex error after per-frame rigid "
+                     "alignment (also per |yaw| bin, degrees); 2D reproj: face vertices the true camera sees, each "
+                     "mesh through its own camera; camera-space err: no alignment; static jitter: face-vertex "
+                     "acceleration on frames where the head does not move, beside the truth's; lost: frames "
+                     "reported without a face. Rows: " + "; ".join(f"{k}: {v}" for k, v in ROW_LABELS.items()) + ".")
+
+
+def comparison_cells(row: RowScores) -> list[float | str]:
+    """One row of the comparison table (COMPARISON_HEADER)."""
+    return [row.name, row.v2v_rigid_mm, *row.v2v_rigid_by_yaw.values(), row.reproj_px, row.focal_error_pct,
+            row.v2v_mm, row.jitter_mm, row.truth_jitter_mm, row.lost_pct]
+
+
+def comparison_markdown(sections: dict[str, list[RowScores]]) -> str:
+    """A table per titled section (e.g. "landmarks / turns"), the legend after them."""
+    parts = [f"**{title}**\n\n{markdown_table(COMPARISON_HEADER, [comparison_cells(r) for r in rows])}"
+             for title, rows in sections.items()]
+    return "\n\n".join(parts + [COMPARISON_LEGEND]) + "\n"
+
+
+def comparison_sections(results: list[ConfigResults]) -> dict[str, list[RowScores]]:
+    return {f"{r.name} / {sequence}": rows for r in results for sequence, rows in r.baselines.items()}
+
+
+def write_tables(rows: list[dict], out_dir: Path, comparison: dict[str, list[RowScores]] | None = None) -> None:
+    """table.md (with a column legend, then each synthetic track beside its baselines), table.csv and
+    table.json."""
     keys = [k for k, _ in COLUMNS]
     legend = "\n".join(f"- `{k}`: {text}" for k, text in COLUMNS[1:])
     table = markdown_table(keys, [[r[k] for k in keys] for r in rows])
-    (out_dir / "table.md").write_text(f"{table}\n\n{legend}\n")
+    baselines = f"\n## Synthetic tracks beside their baselines\n\n{comparison_markdown(comparison)}" \
+        if comparison else ""
+    (out_dir / "table.md").write_text(f"{table}\n\n{legend}\n{baselines}")
     with open(out_dir / "table.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=keys)
         writer.writeheader()
@@ -359,7 +402,7 @@ def write_report(results: list[ConfigResults], out_dir: Path, run_info: dict, be
     """All tables, plots and report.md / report.html of a run; returns the markdown report's path."""
     measured = [r for r in results if r.skipped is None]
     rows = [summary_row(r) for r in measured]
-    write_tables(rows, out_dir)
+    write_tables(rows, out_dir, comparison_sections(measured))
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     plot_error_vs_frame(measured, plots / "error_vs_frame.png")
@@ -382,6 +425,7 @@ def write_report(results: list[ConfigResults], out_dir: Path, run_info: dict, be
         doc.heading("Runs without output")
         doc.text("\n".join(f"- {c} on {v}: {why}" for c, v, why in failures))
     _synthetic_sections(doc, measured)
+    _comparison_section(doc, comparison_sections(measured))
     _real_sections(doc, measured)
     _dense_section(doc, dense)
     _speed_sections(doc, measured, bench)
@@ -429,6 +473,16 @@ def _synthetic_sections(doc: Report, results: list[ConfigResults]) -> None:
     doc.image("plots/error_vs_yaw.png", "mean errors by |yaw| bin")
 
 
+def _comparison_section(doc: Report, sections: dict[str, list[RowScores]]) -> None:
+    if not sections:
+        return
+    doc.heading("Synthetic tracks beside their baselines (same frames)")
+    for title, rows in sections.items():
+        doc.heading(title, 3)
+        doc.table(COMPARISON_HEADER, [comparison_cells(r) for r in rows])
+    doc.text(COMPARISON_LEGEND)
+
+
 def _real_sections(doc: Report, results: list[ConfigResults]) -> None:
     if not any(r.real for r in results):
         return
@@ -441,11 +495,12 @@ def _real_sections(doc: Report, results: list[ConfigResults]) -> None:
             median = float(np.nanmedian(nme)) if np.isfinite(nme).any() else float("nan")
             rows.append([result.name, name, s.heldout_detector, 100 * nanmean(nme), 100 * median,
                          100 * nanmean(s.per_frame["nme_vs_mediapipe"]), 100 * nanmean(s.per_frame["nme_vs_dlib"]),
+                         finite_median(s.per_frame["jaw_iod"]), finite_median(s.per_frame["inner51_iod"]),
                          nanmean(s.per_frame["psnr_db"]), nanmean(s.per_frame["ssim"]), s.jitter_mm,
                          100 * s.valid_ratio, summary.get("seconds_per_frame", {}).get("total", float("nan"))])
     doc.table(["config", "video", "held-out detector", "nme_heldout_pct", "median_nme_heldout_pct",
-               "nme_vs_mediapipe_pct", "nme_vs_dlib_pct", "psnr_db", "ssim", "jitter_mm", "valid_pct",
-               "s_per_frame"], rows)
+               "nme_vs_mediapipe_pct", "nme_vs_dlib_pct", "jaw_iod_median", "inner51_iod_median", "psnr_db", "ssim",
+               "jitter_mm", "valid_pct", "s_per_frame"], rows)
 
 
 def _dense_section(doc: Report, dense: dict | None) -> None:

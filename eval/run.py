@@ -5,6 +5,9 @@
 
 1. Synthetic sequences with exact ground truth (eval.synthetic; generated once, cached, seeded) are tracked by
    every configuration of the ablation file (configs/ablation_default.yaml) and scored against the truth.
+   Beside every track, on the same frames: the mean face with the true pose and expression, the true shape with
+   expression 0, and the config's landmark stage fed exact projected landmarks (eval.baselines); printed and in
+   table.md.
 2. Real videos (default: the shared dev clips) are tracked and scored without 3D truth (eval.real).
 3. uvw predictors (the DenseMarks network when its weights and a canonical map are given; the tracker's oracle
    as calibration) are scored for dense correspondence on the synthetic frames (eval.synthetic.dense).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import subprocess
@@ -29,12 +33,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.ablation import DEFAULT_ABLATION, Ablation, AblationConfig, load_ablation, merge, run_config
+from eval.ablation import DEFAULT_ABLATION, Ablation, AblationConfig, load_ablation, merge, run_config, substitute
+from eval.baselines import SequenceScorer, fit_exact_landmarks, landmark_stage_key
 from eval.bench.stages import BenchOptions, machine_name, run_bench
+from eval.metrics import finite_median
 from eval.photometric import PhotometricOptions
 from eval.real.evaluate import VideoScores, score_video
+from eval.real.jaw import ContourMesh
 from eval.real.videos import DEFAULT_VIDEO_DIR, REFERENCE_VIDEO, find_videos
-from eval.report import ConfigResults, mesh_overlay, save_panel, worst_and_median, write_report
+from eval.report import (
+    ConfigResults,
+    comparison_markdown,
+    mesh_overlay,
+    save_panel,
+    worst_and_median,
+    write_report,
+)
 from eval.synthetic.dense import (
     ORACLES,
     DenseOptions,
@@ -57,7 +71,7 @@ from eval.synthetic.scenario import SequenceSpec
 from eval.synthetic.suite import suite
 from eval.synthetic.uvmap import UvAtlas, uv_atlas
 from eval.tracked import TrackedSequence, load_tracked
-from tracker.config import load_config
+from tracker.config import TrackerConfig, load_config
 from tracker.errors import TrackerError, run_reporting_errors
 from tracker.fit.sequence import evenly_spaced
 from tracker.flame.model import FlameModel
@@ -125,6 +139,10 @@ class Context:
     atlas: UvAtlas
     run_dir: Path
     options: EvalOptions
+    scorers: dict[str, SequenceScorer] = field(default_factory=dict)
+    """Per synthetic sequence: the truth's vertices and visibility, shared by every config's baselines."""
+    exact_fits: dict[tuple[str, str], TrackedSequence] = field(default_factory=dict)
+    """(sequence, landmark-stage key) -> the exact-landmark baseline fit, shared by configs with equal keys."""
 
     @property
     def model(self) -> FlameModel:
@@ -133,6 +151,11 @@ class Context:
     @property
     def face_ids(self) -> np.ndarray:
         return self.assets.bundle.masks["face"]
+
+    @functools.cached_property
+    def outline(self) -> ContourMesh:
+        """Where the model's jaw outline can lie, for the real videos' jaw metric."""
+        return ContourMesh.build(self.model, self.assets.bundle.masks)
 
 
 def log(message: str) -> None:
@@ -179,7 +202,30 @@ def run_synthetic(result: ConfigResults, config: AblationConfig, ablation: Ablat
         frame = scores.per_frame
         log(f"{config.name} / {sequence.name}: rigid vertex error {np.nanmean(frame['v2v_rigid_mm']):.2f} mm, "
             f"NME {100 * np.nanmean(frame['nme68']):.2f} %, {run.summary['seconds_per_frame']['total']:.2f} s/frame")
+        result.baselines[sequence.name] = baseline_comparison(
+            sequence, gt, tracked, tracker_config(config, ablation, sequence, ctx), ctx)
+        print(comparison_markdown({f"{config.name} / {sequence.name}": result.baselines[sequence.name]}), flush=True)
         _synthetic_overlays(result, sequence, gt, tracked, scores.per_frame["v2v_rigid_mm"], ctx)
+
+
+def tracker_config(config: AblationConfig, ablation: Ablation, sequence: SyntheticSequence,
+                   ctx: Context) -> TrackerConfig:
+    """The tracker configuration a config's synthetic runs use (as eval.ablation.run_config builds it)."""
+    own = substitute(config.overrides, {"ground_truth": str(sequence.ground_truth)}, f"ablation config {config.name}")
+    return load_config(None, merge(merge(ablation.base, own), {"device": ctx.options.device}))
+
+
+def baseline_comparison(sequence: SyntheticSequence, gt: GroundTruth, tracked: TrackedSequence, cfg: TrackerConfig,
+                        ctx: Context) -> list:
+    """The track's row and its baseline rows (eval.baselines) on the sequence's frames."""
+    if sequence.name not in ctx.scorers:
+        ctx.scorers[sequence.name] = SequenceScorer(gt, ctx.model, ctx.face_ids)
+    key = (sequence.name, landmark_stage_key(cfg))
+    if key not in ctx.exact_fits:
+        log(f"{sequence.name}: landmark stage on exact landmarks ({cfg.detect.landmarks} scheme)")
+        ctx.exact_fits[key] = fit_exact_landmarks(gt, cfg)
+    scorer = ctx.scorers[sequence.name]
+    return [scorer.score("tracker", tracked), *scorer.baseline_rows(ctx.exact_fits[key])]
 
 
 def run_real(result: ConfigResults, config: AblationConfig, ablation: Ablation, videos: list[Path],
@@ -195,10 +241,13 @@ def run_real(result: ConfigResults, config: AblationConfig, ablation: Ablation, 
             continue
         tracked = load_tracked(run.params_path, ctx.model.n_shape, ctx.model.n_expr)
         scores = score_video(video, tracked, _detector_of(config, ablation), ctx.model, ctx.assets.bundle.assets_dir,
-                             ctx.face_ids, ctx.atlas, selection, ctx.run_dir / "heldout", ctx.options.photometric)
+                             ctx.face_ids, ctx.atlas, selection, ctx.run_dir / "heldout", ctx.options.photometric,
+                             ctx.outline)
         result.real[video.stem] = scores
         log(f"{config.name} / {video.name}: held-out ({scores.heldout_detector}) NME "
-            f"{100 * np.nanmean(scores.per_frame['nme_heldout']):.2f} %, valid {100 * scores.valid_ratio:.0f} %")
+            f"{100 * np.nanmean(scores.per_frame['nme_heldout']):.2f} %, valid {100 * scores.valid_ratio:.0f} %, "
+            f"dlib jaw to outline {finite_median(scores.per_frame['jaw_iod']):.3f} IOD, inner 51 "
+            f"{finite_median(scores.per_frame['inner51_iod']):.3f} IOD (medians)")
         _real_overlays(result, video, tracked, scores, selection, ctx)
 
 
@@ -308,7 +357,9 @@ def results_json(results: list[ConfigResults], run_info: dict) -> dict:
                 for name, s in items.items()}
     return {"run": run_info, "configs": [
         {"name": r.name, "description": r.description, "skipped": r.skipped, "failures": r.failures,
-         "synthetic": scores(r.synthetic), "real": scores(r.real), "summaries": r.summaries} for r in results]}
+         "synthetic": scores(r.synthetic), "real": scores(r.real), "summaries": r.summaries,
+         "baselines": {name: [row.to_dict() for row in rows] for name, rows in r.baselines.items()}}
+        for r in results]}
 
 
 def run_evaluation(options: EvalOptions) -> Path:

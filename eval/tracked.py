@@ -37,6 +37,17 @@ def params_from_arrays(arrays: dict[str, np.ndarray], n_shape: int, n_expr: int)
                        expr=to(_fit_width(arrays["expr"], n_expr)), **values)
 
 
+def resized_params(params: FlameParams, n_shape: int, n_expr: int) -> FlameParams:
+    """The same parameters with identity and expression vectors zero-padded or cut to a model's sizes."""
+    def fit(values: torch.Tensor, width: int) -> torch.Tensor:
+        values = values.detach().cpu()[..., :width]
+        return torch.cat([values, values.new_zeros(*values.shape[:-1], width - values.shape[-1])], -1)
+
+    moved = params.map(lambda t: t.detach().cpu())
+    moved.shape, moved.expr = fit(params.shape, n_shape), fit(params.expr, n_expr)
+    return moved
+
+
 def camera_from_arrays(arrays: dict[str, np.ndarray], frame: int = 0) -> Camera:
     """The tracker's Camera from exported K (OpenCV: pixel centres at integers) and image_size."""
     K = arrays["K"][frame].astype(np.float64)

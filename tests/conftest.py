@@ -20,6 +20,21 @@ os.environ.setdefault("TRACKER_MEDIAPIPE_MODEL", str(MEDIAPIPE_TASK))
 
 
 @pytest.fixture(scope="session")
+def tracked_wojtek(tmp_path_factory) -> Path:
+    """Run folder of 20 frames of wojtek.mp4 tracked by the CLI with the default (MediaPipe) pipeline, overlay
+    video and report on, DenseMarks off; shared by the tests that read a real run."""
+    from tracker.run import main
+
+    out = tmp_path_factory.mktemp("tracked")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRACKER_CACHE_DIR", str(out / "cache"))
+        code = main([str(VIDEOS / "wojtek.mp4"), "--max-frames", "20", "--densemarks", "off", "--out", str(out),
+                     "--quiet"])
+    assert code == 0
+    return out / "wojtek"
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"shared test data not found at {SHARED} (set TRACKER_SHARED_DATA)")

@@ -29,13 +29,10 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRACKER_CACHE_DIR", str(tmp_path / "cache"))
 
 
-@pytest.fixture(scope="module")
-def tracked(tmp_path_factory):
+@pytest.fixture
+def tracked(tracked_wojtek):
     """20 frames of wojtek.mp4 tracked with the default (MediaPipe) pipeline, overlay video on."""
-    out = tmp_path_factory.mktemp("run")
-    code = main([str(WOJTEK), "--max-frames", "20", "--out", str(out), "--quiet"])
-    assert code == 0
-    return out / "wojtek"
+    return tracked_wojtek
 
 
 def test_end_to_end_outputs(tracked):
@@ -125,11 +122,11 @@ def test_help_lists_every_flag():
         assert flag in out
 
 
-def test_missing_flame_exits_2_with_one_line(tmp_path, monkeypatch):
+def test_missing_flame_exits_3_with_one_line(tmp_path, monkeypatch):
     monkeypatch.delenv("FLAME_MODEL", raising=False)
     proc = subprocess.run([sys.executable, "-m", "tracker.run", str(WOJTEK), "--flame", str(tmp_path / "no.pkl"),
                            "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 2
+    assert proc.returncode == 3  # missing asset (2 is argparse's usage error)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "flame.is.tue.mpg.de" in lines[0] and "Traceback" not in proc.stderr
 
@@ -215,7 +212,7 @@ def test_crash_keeps_finished_frames(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(sequence, "fit_lm", failing_fit)
     code, _, err = run_cli([WOJTEK, "--max-frames", "20", "--out", tmp_path, "--no-video", "--quiet"], capsys)
-    assert code == 1 and "simulated failure" in err
+    assert code == 4 and "simulated failure" in err  # an internal error, not bad input
     arrays, meta = read_params(tmp_path / "wojtek" / "flame_params.npz")
     assert meta["complete"] is False and len(arrays["frame_index"]) == 9
     assert np.isfinite(arrays["rotation"]).all()
@@ -227,7 +224,7 @@ def test_commands_report_tracker_errors_in_one_line(capsys):
     def missing() -> None:
         raise MissingAssetError("weights not found at /x")
 
-    assert run_reporting_errors(missing) == 2
+    assert run_reporting_errors(missing) == 3
     assert capsys.readouterr().err == "error: weights not found at /x\n"
     assert run_reporting_errors(lambda: None) == 0
     with pytest.raises(ZeroDivisionError):  # bugs are not bad input: they keep their traceback

@@ -1,9 +1,6 @@
 """Landmark detectors, face-box tracking, square crops and the per-video detection cache."""
 
-import functools
-import http.server
 import os
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +13,7 @@ from tests.conftest import MEDIAPIPE_TASK, SHARED, VIDEOS
 from tracker.detect.base import FaceBox, LandmarkDetector, Landmarks, make_detector
 from tracker.detect.boxes import BoxTrackerOptions, FaceBoxTracker, square_crop
 from tracker.detect.cache import cache_file
-from tracker.detect.mediapipe import MEDIAPIPE_IBUG_EQUIVALENTS, MediaPipeDetector, MediaPipeOptions
+from tracker.detect.mediapipe import MEDIAPIPE_IBUG_EQUIVALENTS, SHIPPED_MODEL, MediaPipeDetector, MediaPipeOptions
 from tracker.detect.sequence import detect_frames, detect_video
 from tracker.errors import MissingAssetError, TrackerError
 from tracker.io.video import FrameSelection, read_frames
@@ -243,55 +240,23 @@ def test_unknown_detector_and_option():
         make_detector("dlib", crop_sise=128)
 
 
-@pytest.fixture()
-def empty_model_cache(tmp_path, monkeypatch):
-    """An empty cache dir, no model path in the environment, localhost never proxied."""
-    monkeypatch.setenv("TRACKER_CACHE_DIR", str(tmp_path))
+def test_mediapipe_model_lookup(tmp_path, monkeypatch):
+    """--mediapipe-model, then $TRACKER_MEDIAPIPE_MODEL, then the model shipped in flame_assets/ (no download);
+    a missing or broken file is a one-line error."""
     monkeypatch.delenv("TRACKER_MEDIAPIPE_MODEL", raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
-    return tmp_path
-
-
-def test_mediapipe_model_missing_and_offline(empty_model_cache, monkeypatch):
-    tmp_path = empty_model_cache
-    unreachable = "http://127.0.0.1:9/face_landmarker.task"  # discard port: refused, no network
-    with pytest.raises(MissingAssetError, match="--landmarks dlib") as error:
-        MediaPipeDetector(MediaPipeOptions(model_url=unreachable))
-    assert "\n" not in str(error.value) and not list(tmp_path.rglob("*.part"))
-    with pytest.raises(MissingAssetError, match="not found"):
+    with MediaPipeDetector() as detector:
+        assert detector.model_path == SHIPPED_MODEL
+        assert SHIPPED_MODEL.read_bytes() == MEDIAPIPE_TASK.read_bytes()  # Google's bundle, unchanged
+    with pytest.raises(MissingAssetError, match="not found") as error:
         MediaPipeDetector(MediaPipeOptions(model_path=str(tmp_path / "absent.task")))
+    assert "\n" not in str(error.value)
     garbage = tmp_path / "garbage.task"
     garbage.write_bytes(b"not a model")
     monkeypatch.setenv("TRACKER_MEDIAPIPE_MODEL", str(garbage))
     with pytest.raises(MissingAssetError, match="cannot load MediaPipe model"):
         MediaPipeDetector()
-
-
-@pytest.fixture()
-def local_http_server():
-    """Serves the shared data folder on 127.0.0.1 (stands in for the model host, offline)."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(SHARED))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-def test_mediapipe_model_downloaded_once_into_cache(empty_model_cache, local_http_server):
-    tmp_path = empty_model_cache
-    url = f"{local_http_server}/{MEDIAPIPE_TASK.relative_to(SHARED)}"
-    with MediaPipeDetector(MediaPipeOptions(model_url=url)) as detector:
-        assert detector.model_path == tmp_path / "face_landmarker.task"
-        assert detector.model_path.read_bytes() == MEDIAPIPE_TASK.read_bytes()
-    with MediaPipeDetector(MediaPipeOptions(model_url=f"{local_http_server}/gone.task")) as cached:
-        assert cached.model_path == tmp_path / "face_landmarker.task"  # no second download
-    (tmp_path / "face_landmarker.task").unlink()
-    with pytest.raises(MissingAssetError, match="not a MediaPipe .task bundle"):
-        MediaPipeDetector(MediaPipeOptions(model_url=f"{local_http_server}/MANIFEST.md"))
-    assert not list(tmp_path.iterdir())
+    with MediaPipeDetector(MediaPipeOptions(model_path=str(MEDIAPIPE_TASK))) as explicit:  # the option wins
+        assert explicit.model_path == MEDIAPIPE_TASK
 
 
 def test_fan_never_downloads(tmp_path, monkeypatch):

@@ -207,8 +207,16 @@ def test_quick_run_end_to_end(tmp_path, cache_dir):
     assert 0 < row["syn_v2v_rigid_mm"] < 15 and 0 < row["syn_nme68_pct"] < 15
     assert 0 < row["real_nme_heldout_pct"] < 15 and row["real_valid_pct"] == 100
     assert 0 < row["real_nme_vs_mediapipe_pct"] < row["real_nme_vs_dlib_pct"]  # it follows its own detector best
+    assert 0 < row["real_jaw_iod"] < 0.3 and 0 < row["real_inner51_iod"] < 0.2  # eval.real.jaw, in IODs
     assert row["s_per_frame"] > 0
     assert (run_dir / "table.md").read_text().count("| landmarks |") == 1
+    # Beside the track, on the same frames: its baselines (eval.baselines).
+    assert "| exact_landmarks |" in (run_dir / "table.md").read_text().split("**landmarks / e2e**")[1]
+    baselines = {r["name"]: r for r in json.loads((run_dir / "results.json").read_text())["configs"][0]["baselines"]
+                 ["e2e"]}
+    assert list(baselines) == ["tracker", "mean_face", "zero_expression", "exact_landmarks"]
+    assert baselines["mean_face"]["v2v_rigid_mm"] > 0.3 and baselines["mean_face"]["focal_error_pct"] == 0
+    assert baselines["exact_landmarks"]["lost_pct"] == 0 and baselines["exact_landmarks"]["reproj_px"] < 5
     assert (run_dir / "table.csv").read_text().splitlines()[0].startswith("config,")
     for name in ("error_vs_frame.png", "error_vs_yaw.png", "runtime_per_stage.png"):
         assert (run_dir / "plots" / name).stat().st_size > 1000

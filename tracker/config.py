@@ -21,16 +21,17 @@ from tracker.energy.photometric import PhotometricConfig
 from tracker.energy.priors import PriorConfig
 from tracker.energy.temporal import TemporalConfig
 from tracker.errors import TrackerError
+from tracker.resources import configs_dir
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = configs_dir()
 
 
 @dataclass
 class FlameConfig:
     path: str | None = None
-    """FLAME model file (.pkl/.npz); None: $FLAME_MODEL, then flame_assets/."""
+    """FLAME model file (.pkl/.npz); None: $FLAME_MODEL, a FLAME file in flame_assets/, then the shipped default."""
     assets_dir: str | None = None
-    """Folder with landmark embeddings, FLAME_masks.pkl, eyelids; None: $TRACKER_FLAME_ASSETS, model's folder."""
+    """Folder with landmark embeddings, masks, eyelids; None: $TRACKER_FLAME_ASSETS, model's folder, flame_assets/."""
     n_shape: int = 100
     """Identity coefficients fitted (clipped to what the file holds)."""
     n_expr: int = 50
@@ -62,7 +63,7 @@ class DetectConfig:
     landmarks: str = "mediapipe"
     """Landmark detector: mediapipe | dlib | fan."""
     mediapipe_model: str | None = None
-    """MediaPipe face_landmarker .task file; None: $TRACKER_MEDIAPIPE_MODEL, then the download cache."""
+    """MediaPipe face_landmarker .task file; None: $TRACKER_MEDIAPIPE_MODEL, then the one in flame_assets/."""
     cache: bool = True
     """Cache detections per video so a re-run skips detection."""
 
@@ -193,6 +194,8 @@ class OutputConfig:
     """Write the overlay video."""
     save_meshes: bool = False
     """Write per-frame meshes (.obj)."""
+    report: bool = True
+    """Write report.png: per-frame landmark error, head pose, expression, energy after each stage."""
 
 
 @dataclass
@@ -319,3 +322,36 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
 def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its attribute docstring} of a dataclass, read from its source ({} when the source is absent)."""
+    import ast
+    import inspect
+
+    try:
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+    except (OSError, TypeError):
+        return {}
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def config_yaml(cfg: Any, indent: str = "") -> str:
+    """The whole config as YAML that `load_config` reads back unchanged, each field with its docstring as a
+    comment (how configs/default.yaml is generated: `python -m tracker.run --print-config`)."""
+    docs = field_docs(type(cfg))
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value, doc = getattr(cfg, f.name), docs.get(f.name, "")
+        comment = f"  # {doc}" if doc else ""
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{indent}{f.name}:{comment}")
+            lines.append(config_yaml(value, indent + "  ").rstrip("\n"))
+        else:
+            text = yaml.safe_dump(value, default_flow_style=True, width=1 << 20).removesuffix("\n...\n")
+            lines.append(f"{indent}{f.name}: {text.strip()}{comment}")
+    return "\n".join(lines) + "\n"

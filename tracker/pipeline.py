@@ -3,6 +3,7 @@ around `track_video`."""
 
 from __future__ import annotations
 
+import logging
 import platform
 import random
 import time
@@ -34,17 +35,19 @@ from tracker.fit.global_refine import refine_globally
 from tracker.fit.photometric import run_photometric_stage, stage_crop
 from tracker.fit.sequence import SequenceTracker, TrackResult
 from tracker.fit.solver import FRAME_FIELDS, Problem
-from tracker.flame.assets import FlameBundle, load_flame_bundle
+from tracker.flame.assets import DEFAULT_MODEL_NOTE, FlameBundle, load_flame_bundle
 from tracker.flame.landmarks import LandmarkSet
 from tracker.flame.model import FlameModel, FlameParams
 from tracker.io.appearance import write_appearance
-from tracker.io.export import FrameTable, write_json, write_obj, write_params
+from tracker.io.export import FrameTable, flame_arrays, write_json, write_obj, write_params
 from tracker.io.overlay_video import write_overlay_video
+from tracker.io.report import write_report
 from tracker.io.video import FrameSelection, probe_video, read_frames
 
 SCHEME_OF_DETECTOR = {"mediapipe": SCHEME_MEDIAPIPE, "dlib": SCHEME_IBUG68, "fan": SCHEME_IBUG68}
 PARTIAL_WRITE_EVERY = 25
 """Frames between rewrites of the partial npz during tracking."""
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -118,6 +121,8 @@ class RunSummary:
     stages: dict = field(default_factory=dict)
     """Each refinement stage's status, {name: {"ran": bool, "reason": why not, ...}}; DenseMarks adds its
     predictor, licence, map and timings."""
+    flame_model: dict = field(default_factory=dict)
+    """The head model used: name, file, sha256, licence, whether it is the shipped default (not FLAME)."""
     complete: bool = True
 
 
@@ -163,7 +168,9 @@ def build_metadata(cfg: TrackerConfig, bundle: FlameBundle, video: Path, detecto
     return {
         "tool": "tracker", "tool_version": tracker.__version__, "torch_version": torch.__version__,
         "video": str(video), "flame_file": str(bundle.flame_file), "flame_sha256": bundle.model.sha256,
-        "flame_name": bundle.model.name, "n_shape": bundle.model.n_shape, "n_expr": bundle.model.n_expr,
+        "flame_assets_dir": str(bundle.assets_dir), "flame_vertices": bundle.model.n_vertices,
+        "flame_name": bundle.model.name, "flame_model": bundle.model_record,
+        "n_shape": bundle.model.n_shape, "n_expr": bundle.model.n_expr,
         "eyelid_blendshapes": bundle.model.has_eyelids, "landmark_scheme": bundle.landmarks.scheme,
         "detector": detector_settings, "config": config_to_dict(cfg), "machine": platform.platform(),
         "conventions": "world = FLAME(shape, expr, [rotation, neck_pose, jaw_pose, eyes_pose], eyelids) + "
@@ -185,6 +192,8 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
     scheme = SCHEME_OF_DETECTOR[cfg.detect.landmarks]
     bundle = load_flame_bundle(cfg.flame.path, cfg.flame.assets_dir, cfg.flame.n_shape, cfg.flame.n_expr,
                                scheme, cfg.flame.eyelids)
+    if bundle.is_default:
+        print(DEFAULT_MODEL_NOTE, flush=True)
     model = bundle.model.to(device)
     landmarks = bundle.landmarks.to(device)
 
@@ -200,15 +209,18 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
 
     with writer.keep_partial_on_failure():
         result = fit_landmarks(problem, obs, track, cfg, writer, timings, show_progress)
+    stage_energy = {"landmarks": frame_energy(problem, result, obs)}
     # The landmark track is complete and safe on disk before the (slower) image stages refine it.
     writer.write_final(FrameTable(result.params, track.frame_indices, track.timestamps, result.valid,
-                                  result.lmk_error_px))
+                                  result.lmk_error_px, stage_energy))
     outputs = {"params": str(writer.path)}
 
     frames = lambda: read_frames(video, selection)  # noqa: E731  (re-decodes the selected frames)
     with _timed(timings, "densemarks"):
         result, writer.metadata["densemarks"] = densemarks_stage(problem, result, obs, track, frames, bundle, cfg,
                                                                  out_dir, show_progress)
+    if writer.metadata["densemarks"].get("ran"):
+        stage_energy["densemarks"] = frame_energy(problem, result, obs)
     textured = None  # the photometric stage's appearance and regions, for the overlay
     photometric = {"ran": False, "reason": "photometric.enabled is off"}
     if cfg.photometric.enabled:
@@ -219,10 +231,12 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
         photometric = {"ran": appearance is not None, "reason": "" if appearance else "no frame has a landmark fit"}
         if appearance is not None:
             textured = (appearance, region_mesh(model, bundle.masks, cfg.energy.photometric.regions))
+            stage_energy["photometric"] = frame_energy(problem, result, obs)
     stages = {"densemarks": writer.metadata["densemarks"], "photometric": photometric}
     writer.metadata["stages"] = {name: bool(status.get("ran")) for name, status in stages.items()}
-    writer.write_final(FrameTable(result.params, track.frame_indices, track.timestamps, result.valid,
-                                  result.lmk_error_px))
+    table = FrameTable(result.params, track.frame_indices, track.timestamps, result.valid, result.lmk_error_px,
+                       stage_energy)
+    writer.write_final(table)
 
     with _timed(timings, "outputs"):
         if cfg.output.save_meshes:
@@ -231,9 +245,13 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
             outputs["overlay_video"] = str(write_overlay_video(
                 out_dir / "overlay.mp4", read_frames(video, selection), model, landmarks, camera, result, obs,
                 info.fps, show_progress, textured))
+        if cfg.output.report:
+            outputs["report"] = str(write_report(out_dir / "report.png", flame_arrays(table, camera, info.fps),
+                                                 title=video.name))
 
     summary = _summarise(video, out_dir, track, result, timings, camera, outputs)
     summary.stages = stages
+    summary.flame_model = bundle.model_record
     write_json(out_dir / "summary.json", summary.__dict__)
     return summary
 
@@ -311,13 +329,23 @@ def photometric_stage(problem: Problem, result: TrackResult, obs: Observations, 
     return result, {name: str(path) for name, path in write_appearance(out_dir, appearance).items()}, appearance
 
 
+@torch.no_grad()
+def frame_energy(problem: Problem, result: TrackResult, obs: Observations) -> np.ndarray:
+    """(T,) landmark + prior energy of each frame's parameters (NaN where invalid): one yardstick measured after
+    every stage (each stage's own objective has other terms and scales), for the report's stage curves."""
+    energy = problem.energy(result.params, obs).cpu().numpy().astype(np.float32)
+    return np.where(result.valid, energy, np.nan)
+
+
 @contextmanager
 def _timed(timings: dict, name: str) -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
     finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        timings[name] = timings.get(name, 0.0) + elapsed
+        log.info("%s: %.2f s", name, elapsed)
 
 
 def _detector_options(cfg: TrackerConfig) -> dict:

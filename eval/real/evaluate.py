@@ -8,6 +8,9 @@
   configurations, they are not absolute accuracies. Compare held-out NMEs only between tracks made with the
   same detector (they are scored against the same reference).
 - Photometric PSNR / SSIM in the face region (eval.photometric).
+- Jaw outline (eval.real.jaw): dlib's jaw points 0-16 to the tracked mesh's projected jaw/cheek outline (point
+  to curve) and its inner points 17-67 to the mesh's landmarks, in inter-ocular distances (`jaw_iod`,
+  `inner51_iod`). dlib is held out for MediaPipe tracks; for dlib tracks the inner points are the fit's input.
 - Jitter: mean vertex acceleration of the tracked face over runs of valid frames. Real heads move, so this
   mixes true motion with jitter; compare configurations on the same clip.
 - Valid-frame ratio and speed come from the run's summary.
@@ -23,6 +26,7 @@ import torch
 
 from eval.metrics import landmark_nme, temporal_jitter_mm
 from eval.photometric import PhotometricOptions, frames_needed, photometric_scores
+from eval.real.jaw import ContourMesh, jaw_scores
 from eval.synthetic.evaluate import landmark_box_size
 from eval.synthetic.uvmap import UvAtlas
 from eval.tracked import TrackedSequence
@@ -87,15 +91,18 @@ def valid_runs(valid: np.ndarray, min_length: int = 3) -> list[tuple[int, int]]:
 @torch.no_grad()
 def score_video(video: Path, tracked: TrackedSequence, tracking_detector: str, model: FlameModel,
                 assets_dir: Path, face_ids: np.ndarray, atlas: UvAtlas, selection: FrameSelection,
-                cache_dir: Path, photometric: PhotometricOptions) -> VideoScores:
-    """All metrics of one tracked real video. selection: the frames that were tracked."""
+                cache_dir: Path, photometric: PhotometricOptions, outline: ContourMesh) -> VideoScores:
+    """All metrics of one tracked real video. selection: the frames that were tracked; outline: where the
+    model's jaw outline can lie (ContourMesh.build)."""
     vertices = tracked.vertices(model)
     per_frame: dict[str, np.ndarray] = {"valid": tracked.valid.astype(float)}
-    points = {}
+    points, landmark_sets = {}, {}
     for name, scheme in REFERENCE_DETECTORS.items():
-        landmarks = load_landmark_set(scheme, assets_dir, model.faces.cpu().numpy())
+        landmark_sets[name] = load_landmark_set(scheme, assets_dir, model.faces.cpu().numpy())
         reference = detector_landmarks(video, name, selection, cache_dir)
-        per_frame[f"nme_vs_{name}"], points[name] = landmark_agreement(reference, tracked, vertices, landmarks)
+        per_frame[f"nme_vs_{name}"], points[name] = landmark_agreement(reference, tracked, vertices,
+                                                                       landmark_sets[name])
+    per_frame.update(jaw_scores(tracked, vertices, outline, landmark_sets["dlib"], points["dlib"]))
     heldout = HELD_OUT[tracking_detector]
     per_frame["nme_heldout"] = per_frame[f"nme_vs_{heldout}"]
     texture_rows, eval_rows = frames_needed(tracked.valid, photometric)

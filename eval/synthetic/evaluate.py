@@ -76,6 +76,20 @@ def visible_vertices(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera
     return np.stack(seen)
 
 
+@torch.no_grad()
+def vertex_scores(gt_verts: torch.Tensor, gt_camera: Camera, pred_verts: torch.Tensor, pred_camera: Camera,
+                  seen: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-frame errors of a region's vertices (T, K, 3 world, metres): `v2v_mm` without alignment (the
+    camera-space error: world and camera differ by a fixed rotation), `v2v_rigid_mm` after per-frame rigid
+    alignment, and `reproj_px`, the 2D error over the vertices the true camera sees (seen: (T, K) bool), each
+    mesh projected by its own camera."""
+    return {
+        "v2v_mm": vertex_error_mm(pred_verts, gt_verts),
+        "v2v_rigid_mm": vertex_error_mm(pred_verts, gt_verts, alignment="rigid"),
+        "reproj_px": reprojection_error_px(pred_camera.project(pred_verts)[0], gt_camera.project(gt_verts)[0], seen),
+    }
+
+
 def rotation_error_deg(pred: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
     """Angle between (T, 3, 3) rotation matrices, degrees."""
     return rotation_angle_deg(matrix_to_axis_angle(pred.float()), matrix_to_axis_angle(gt.float()))
@@ -98,13 +112,9 @@ def score_sequence(gt: GroundTruth, tracked: TrackedSequence, model: FlameModel,
         "yaw_deg": gt.yaw_deg,
         "segment": gt.segment.astype(float),
         "valid": tracked.valid.astype(float),
-        "v2v_mm": vertex_error_mm(pred_verts[:, face], gt_verts[:, face]),
-        "v2v_rigid_mm": vertex_error_mm(pred_verts[:, face], gt_verts[:, face], alignment="rigid"),
     }
     seen = visible_vertices(gt_verts, model.faces, gt.camera)[:, face_ids]
-    gt_px = gt.camera.project(gt_verts[:, face])[0]
-    pred_px = tracked.camera.project(pred_verts[:, face])[0]
-    per_frame["reproj_px"] = reprojection_error_px(pred_px, gt_px, seen)
+    per_frame.update(vertex_scores(gt_verts[:, face], gt.camera, pred_verts[:, face], tracked.camera, seen))
     gt_tracked = TrackedSequence(gt.params, gt.camera, np.arange(T), np.ones(T, bool))
     gt_lmk = gt_tracked.landmarks_2d(gt_verts, landmarks68)
     pred_lmk = tracked.landmarks_2d(pred_verts, landmarks68)

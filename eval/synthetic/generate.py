@@ -57,6 +57,8 @@ SHAPE_SIGMA = 0.7
 OCCLUDER_COLOURS = np.array([[0.80, 0.60, 0.48], [0.55, 0.38, 0.28], [0.20, 0.22, 0.25], [0.70, 0.15, 0.12]])
 """Skin tones (a hand) and objects (a phone, a cup)."""
 GT_SUFFIX = ".gt.npz"
+GROUND_TRUTH_TOOLS = ("eval.synthetic", "eval.holdout")
+"""Generators whose ground-truth files `load_ground_truth` reads (same format)."""
 
 
 @dataclass
@@ -230,14 +232,18 @@ def spec_key(spec: SequenceSpec, assets: SyntheticAssets) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def save_ground_truth(path: Path, gt: GroundTruth, key: str) -> None:
+def save_ground_truth(path: Path, gt: GroundTruth, key: str, extra_arrays: dict[str, np.ndarray] | None = None,
+                      extra_metadata: dict | None = None) -> None:
+    """Write the ground truth; another generator (eval.holdout) adds its own arrays and metadata (its "tool"
+    among GROUND_TRUTH_TOOLS)."""
     T = gt.n_frames
     table = FrameTable(gt.params, np.arange(T), np.arange(T) / gt.spec.fps, np.ones(T, bool), np.zeros(T, np.float32))
     arrays = flame_arrays(table, gt.camera, gt.spec.fps)
     arrays.update(sh=gt.sh, occluder_px=gt.occluder_px, occluder_rgb=gt.occluder_rgb,
                   motion_blur_px=gt.motion_blur_px, defocus_px=gt.defocus_px, segment=gt.segment)
+    arrays.update(extra_arrays or {})
     metadata = {"tool": "eval.synthetic", "synthetic": True, "generator_version": GENERATOR_VERSION, "key": key,
-                "spec": gt.spec.to_dict(), "texture": f"FFHQ {gt.spec.photo:05d}"}
+                "spec": gt.spec.to_dict(), "texture": f"FFHQ {gt.spec.photo:05d}", **(extra_metadata or {})}
     arrays["metadata"] = np.array(json.dumps(metadata))
     partial = path.with_name(path.name + ".partial.npz")
     np.savez(partial, **arrays)
@@ -250,8 +256,8 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
     if not path.is_file():
         raise TrackerError(f"ground truth {path} not found (generate it with eval.synthetic)")
     arrays, metadata = read_params(path)
-    if metadata.get("tool") != "eval.synthetic":
-        raise TrackerError(f"{path} is not a synthetic ground truth written by eval.synthetic")
+    if metadata.get("tool") not in GROUND_TRUTH_TOOLS:
+        raise TrackerError(f"{path} is not a synthetic ground truth written by {' or '.join(GROUND_TRUTH_TOOLS)}")
     params = params_from_arrays(arrays, arrays["shape"].size, arrays["expr"].shape[1])
     return GroundTruth(
         spec=SequenceSpec.from_dict(metadata["spec"]), params=params, camera=camera_from_arrays(arrays),

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tracker.errors import TrackerError
+from tracker.errors import MissingAssetError, TrackerError
 
 SCHEME_MEDIAPIPE = "mediapipe478"
 SCHEME_IBUG68 = "ibug68"
@@ -100,7 +100,11 @@ def make_detector(name: str, **options: Any) -> LandmarkDetector:
     if name not in DETECTORS:
         raise TrackerError(f"unknown landmark detector {name!r}: choose one of {', '.join(DETECTORS)}")
     module_name, detector_name, options_name = DETECTORS[name]
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:  # an optional backend whose extra is not installed
+        raise MissingAssetError(f"--landmarks {name} needs the {exc.name} package: pip install \".[{name}]\" "
+                                "(or pip install -r requirements.txt)") from None
     options_type = getattr(module, options_name)
     unknown = sorted(set(options) - {field.name for field in fields(options_type)})
     if unknown:

@@ -23,7 +23,7 @@ TRACK_ARRAYS = ("frame_indices", "timestamps", "points", "confidence", "valid")
 
 
 def cache_root() -> Path:
-    """Where downloaded models and detection caches live: $TRACKER_CACHE_DIR or ~/.cache/tracker."""
+    """Where detection caches live: $TRACKER_CACHE_DIR or ~/.cache/tracker."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tracker").expanduser()
 
 

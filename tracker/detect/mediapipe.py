@@ -8,10 +8,7 @@ upscaled; frames without a box are searched first whole, then in overlapping squ
 from __future__ import annotations
 
 import os
-import urllib.error
-import urllib.request
 import weakref
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +20,12 @@ from mediapipe.tasks.python import BaseOptions, vision  # noqa: E402
 
 from tracker.detect.base import SCHEME_MEDIAPIPE, FaceBox, Landmarks
 from tracker.detect.boxes import Crop, crop_around_box, square_crop
-from tracker.detect.cache import cache_root
 from tracker.errors import MissingAssetError
+from tracker.flame.assets import REPO_ASSETS
 
 MODEL_ENV = "TRACKER_MEDIAPIPE_MODEL"
-MODEL_URL = ("https://storage.googleapis.com/mediapipe-models/face_landmarker/face_landmarker/"
-             "float16/latest/face_landmarker.task")
-MODEL_FILENAME = "face_landmarker.task"
+SHIPPED_MODEL = REPO_ASSETS / "face_landmarker_v2_with_blendshapes.task"
+"""Google's MediaPipe Face Landmarker (Apache-2.0), shipped in flame_assets/ so detection never downloads."""
 
 # Mesh indices of points with an iBUG-68 counterpart, for comparing the two schemes.
 MEDIAPIPE_IBUG_EQUIVALENTS = {
@@ -46,8 +42,7 @@ MEDIAPIPE_IBUG_EQUIVALENTS = {
 
 @dataclass(frozen=True)
 class MediaPipeOptions:
-    """model_path: .task bundle; None = $TRACKER_MEDIAPIPE_MODEL, else the cache dir (downloaded
-    from `model_url` on first use).
+    """model_path: .task bundle; None = $TRACKER_MEDIAPIPE_MODEL, else the one shipped in flame_assets/.
     crop_expand: crop side over the tracked face box side.
     crop_size: side of the crop fed to the landmarker, in pixels.
     search_levels, min_search_window: a frame without a box is searched whole, then in square
@@ -56,7 +51,6 @@ class MediaPipeOptions:
     min_confidence: face detection and presence thresholds of the landmarker."""
 
     model_path: str | None = None
-    model_url: str = MODEL_URL
     crop_expand: float = 1.8
     crop_size: int = 384
     search_levels: int = 2
@@ -64,39 +58,13 @@ class MediaPipeOptions:
     min_confidence: float = 0.5
 
 
-def download_model(url: str, destination: Path, timeout_s: float = 60.0) -> Path:
-    """Fetch the .task bundle at `url` to `destination` atomically; MissingAssetError if impossible."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_suffix(".part")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(partial, "wb") as out:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        partial.unlink(missing_ok=True)
-        reason = getattr(error, "reason", error)
-        raise MissingAssetError(
-            f"MediaPipe face landmarker model not found locally and downloading {url} failed "
-            f"({reason}); set {MODEL_ENV} to a face_landmarker .task file or use --landmarks dlib"
-        ) from None
-    if not zipfile.is_zipfile(partial):  # .task files are zip bundles; an HTML error page is not
-        partial.unlink()
-        raise MissingAssetError(f"downloaded {url} is not a MediaPipe .task bundle; set {MODEL_ENV} "
-                                "to a face_landmarker .task file or use --landmarks dlib")
-    partial.replace(destination)
-    return destination
-
-
 def resolve_model_path(options: MediaPipeOptions) -> Path:
-    """The .task file to load: explicit option, then environment, then cache (downloading it)."""
+    """The .task file to load: explicit option, then $TRACKER_MEDIAPIPE_MODEL, then the shipped one."""
     explicit = options.model_path or os.environ.get(MODEL_ENV)
-    if explicit:
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise MissingAssetError(f"MediaPipe model file not found: {path}")
-        return path
-    cached = cache_root() / MODEL_FILENAME
-    return cached if cached.is_file() else download_model(options.model_url, cached)
+    path = Path(explicit).expanduser() if explicit else SHIPPED_MODEL
+    if not path.is_file():
+        raise MissingAssetError(f"MediaPipe model file not found: {path}")
+    return path
 
 
 def _create_landmarker(model_path: Path, min_confidence: float) -> vision.FaceLandmarker:

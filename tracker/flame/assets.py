@@ -1,4 +1,9 @@
-"""Finding the user's FLAME file and the side assets (embeddings, masks, eyelids) and building the model."""
+"""Finding the FLAME file and the side assets (embeddings, masks, eyelids) and building the model.
+
+flame_assets/ ships an open default head model in FLAME's format and topology (`flame_standin.npz`, not the
+official FLAME; see flame_assets/NOTICE.md) with the side files it needs, all plain arrays. A user's own
+official FLAME file takes precedence over it wherever it is given or found.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +15,30 @@ import numpy as np
 
 from tracker.errors import MissingAssetError, TrackerError
 from tracker.flame.contour import outline_region
-from tracker.flame.landmarks import LandmarkSet, load_landmark_set
-from tracker.flame.loading import FLAME_DOWNLOAD_HINT, load_flame_file, read_pickle
+from tracker.flame.landmarks import STATIC_68_FILES, LandmarkSet, find_side_file, load_landmark_set
+from tracker.flame.loading import FLAME_DOWNLOAD_HINT, load_flame_file, read_array_dict
 from tracker.flame.model import FlameModel
+from tracker.resources import shipped_assets_dir
 
-REPO_ASSETS = Path(__file__).resolve().parents[2] / "flame_assets"
+REPO_ASSETS = shipped_assets_dir()
+"""The project's flame_assets/ (in a checkout or the installed package): the shipped default model and side
+files, and where users put their FLAME."""
 MODEL_NAMES = ("flame2023_Open.pkl", "flame2023.pkl", "FLAME2023.pkl", "generic_model.pkl", "FLAME_NEUTRAL.pkl")
-MASKS_FILE = "FLAME_masks.pkl"
+"""Official FLAME file names looked for in flame_assets/ (before the shipped default)."""
+DEFAULT_MODEL = REPO_ASSETS / "flame_standin.npz"
+"""The shipped open default head model (FLAME topology; not the official FLAME)."""
+DEFAULT_MODEL_NOTE = (
+    "note: using the shipped open default head model (flame_standin: FLAME's topology, but not the official "
+    "FLAME: no pose correctives, ARKit-style expressions); for FLAME 2020 / 2023 / 2023 Open pass --flame PATH, "
+    "set FLAME_MODEL, or put the .pkl in flame_assets/ (see README.md)"
+)
+MASKS_FILES = ("FLAME_masks.npz", "FLAME_masks.pkl")
 EYELID_FILES = ("l_eyelid.npy", "r_eyelid.npy")
 
 
 def find_flame_file(explicit: str | os.PathLike | None) -> Path:
-    """FLAME model path from --flame, then $FLAME_MODEL, then flame_assets/."""
+    """FLAME model path from --flame, then $FLAME_MODEL, then an official FLAME file in flame_assets/, then
+    the shipped default model."""
     for candidate in (explicit, os.environ.get("FLAME_MODEL")):
         if candidate:
             path = Path(candidate).expanduser()
@@ -31,12 +48,15 @@ def find_flame_file(explicit: str | os.PathLike | None) -> Path:
     for name in MODEL_NAMES:
         if (REPO_ASSETS / name).is_file():
             return REPO_ASSETS / name
-    raise MissingAssetError(f"no FLAME model given: {FLAME_DOWNLOAD_HINT}")
+    if DEFAULT_MODEL.is_file():
+        return DEFAULT_MODEL
+    raise MissingAssetError(f"no FLAME model given and the shipped default {DEFAULT_MODEL} is missing: "
+                            f"{FLAME_DOWNLOAD_HINT}")
 
 
 def find_assets_dir(explicit: str | os.PathLike | None, flame_file: Path) -> Path:
     """Directory of the embedding/mask files: --flame-assets, $TRACKER_FLAME_ASSETS, the model's folder,
-    then flame_assets/ (the first that holds the 68-point embedding)."""
+    then flame_assets/ with the shipped side files (the first that holds the 68-point embedding)."""
     for candidate in (explicit, os.environ.get("TRACKER_FLAME_ASSETS")):
         if candidate:
             path = Path(candidate).expanduser()
@@ -44,17 +64,17 @@ def find_assets_dir(explicit: str | os.PathLike | None, flame_file: Path) -> Pat
                 raise MissingAssetError(f"FLAME assets folder {path} does not exist")
             return path
     for folder in (flame_file.parent, REPO_ASSETS):
-        if (folder / "flame_static_embedding_68.pkl").is_file():
+        if find_side_file(folder, STATIC_68_FILES) is not None:
             return folder
     return flame_file.parent
 
 
 def load_region_masks(assets_dir: Path) -> dict[str, np.ndarray]:
     """FLAME vertex index arrays per region (face, forehead, nose, ears, neck, ...)."""
-    path = assets_dir / MASKS_FILE
-    if not path.is_file():
-        raise MissingAssetError(f"{MASKS_FILE} not found in {assets_dir}: needed for region masks")
-    return {k: np.asarray(v, dtype=np.int64) for k, v in read_pickle(path).items()}
+    path = find_side_file(assets_dir, MASKS_FILES)
+    if path is None:
+        raise MissingAssetError(f"{MASKS_FILES[-1]} not found in {assets_dir}: needed for region masks")
+    return {k: np.asarray(v, dtype=np.int64) for k, v in read_array_dict(path).items()}
 
 
 def load_eyelids(assets_dir: Path) -> np.ndarray | None:
@@ -63,7 +83,7 @@ def load_eyelids(assets_dir: Path) -> np.ndarray | None:
     if not all(p.is_file() for p in paths):
         return None
     try:
-        return np.stack([np.load(p) for p in paths], axis=2).astype(np.float32)
+        return np.stack([np.load(p, allow_pickle=False) for p in paths], axis=2).astype(np.float32)
     except (ValueError, OSError) as exc:
         raise TrackerError(f"eyelid blendshapes in {assets_dir} are unreadable ({exc})") from None
 
@@ -77,6 +97,13 @@ class FlameBundle:
     masks: dict[str, np.ndarray]
     flame_file: Path
     assets_dir: Path
+    model_record: dict
+    """What outputs record about the model: name, file, sha256, licence, whether it is the shipped default."""
+
+    @property
+    def is_default(self) -> bool:
+        """True for the shipped open default model (not the official FLAME)."""
+        return bool(self.model_record["shipped_default"])
 
 
 def load_flame_bundle(flame: str | None, assets: str | None, n_shape: int, n_expr: int,
@@ -96,4 +123,9 @@ def load_flame_bundle(flame: str | None, assets: str | None, n_shape: int, n_exp
         masks=masks,
         flame_file=flame_file,
         assets_dir=assets_dir,
+        model_record={
+            "name": data.name, "file": str(flame_file), "sha256": data.sha256,
+            "license": data.license or "not stated in the file (see its provider's terms)",
+            "shipped_default": flame_file.resolve() == DEFAULT_MODEL.resolve(),
+        },
     )

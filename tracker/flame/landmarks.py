@@ -6,6 +6,9 @@ Two detector schemes map onto FLAME:
   visible silhouette of the cheek moves over the surface as the head turns.
 - 'mediapipe478' (MediaPipe Face Landmarker): metrical-tracker's 105-point embedding; `landmark_indices`
   picks those 105 out of MediaPipe's 478.
+
+Each file is looked up under its shipped plain-array name (.npz, in flame_assets/) first, then under the
+name the original projects publish it with (.pkl / pickled .npy, read by the restricted readers).
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import torch
 
 from tracker.errors import MissingAssetError, TrackerError
 from tracker.flame.contour import ContourRegion
-from tracker.flame.loading import read_pickle
+from tracker.flame.loading import read_array_dict
 
-STATIC_68_FILE = "flame_static_embedding_68.pkl"
-DYNAMIC_CONTOUR_FILE = "flame_dynamic_embedding.npy"
+STATIC_68_FILES = ("flame_static_embedding_68.npz", "flame_static_embedding_68.pkl")
+DYNAMIC_CONTOUR_FILES = ("flame_dynamic_embedding.npz", "flame_dynamic_embedding.npy")
 MEDIAPIPE_FILE = "mediapipe_landmark_embedding.npz"
 N_CONTOUR = 17
 CONTOUR_MAX_YAW_DEG = 39
@@ -116,13 +119,31 @@ def _face_corners(faces: np.ndarray, face_idx: np.ndarray) -> np.ndarray:
     return faces[np.asarray(face_idx, dtype=np.int64)]
 
 
-def _require(path: Path) -> Path:
-    if not path.is_file():
+def find_side_file(folder: Path, names: tuple[str, ...] | str) -> Path | None:
+    """The first of `names` (shipped plain-array name first) that exists in folder, else None."""
+    names = (names,) if isinstance(names, str) else names
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def _require(folder: Path, names: tuple[str, ...] | str) -> Path:
+    path = find_side_file(folder, names)
+    if path is None:
+        name = names if isinstance(names, str) else " or ".join(names)
         raise MissingAssetError(
-            f"landmark embedding {path.name} not found in {path.parent}: put FLAME's embedding files there "
+            f"landmark embedding {name} not found in {folder}: put FLAME's embedding files there "
             "or set --flame-assets / TRACKER_FLAME_ASSETS"
         )
     return path
+
+
+def read_dynamic_contour(path: Path) -> dict:
+    """The dynamic contour as a dict: plain .npz, or RingNet's original pickled .npy."""
+    if path.suffix == ".npz":
+        return read_array_dict(path)
+    try:
+        return np.load(path, allow_pickle=True, encoding="latin1").item()
+    except (ValueError, OSError, pickle.UnpicklingError) as exc:
+        raise TrackerError(f"{path.name} is unreadable ({exc})") from None
 
 
 def _build(scheme: str, faces: np.ndarray, tri_corners: list[np.ndarray], detector_index: np.ndarray,
@@ -148,12 +169,8 @@ def _build(scheme: str, faces: np.ndarray, tri_corners: list[np.ndarray], detect
 
 def load_ibug68(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
     """68 iBUG landmarks: static 68 embedding with the dynamic 17-point jaw contour."""
-    static = read_pickle(_require(assets_dir / STATIC_68_FILE))
-    try:
-        dynamic = np.load(_require(assets_dir / DYNAMIC_CONTOUR_FILE), allow_pickle=True, encoding="latin1")
-        dynamic = dynamic.item()
-    except (ValueError, OSError, pickle.UnpicklingError) as exc:
-        raise TrackerError(f"{DYNAMIC_CONTOUR_FILE} is unreadable ({exc})") from None
+    static = read_array_dict(_require(assets_dir, STATIC_68_FILES))
+    dynamic = read_dynamic_contour(_require(assets_dir, DYNAMIC_CONTOUR_FILES))
     static_corners = _face_corners(faces, static["lmk_face_idx"])  # (68, 3)
     contour_corners = _face_corners(faces, np.asarray(dynamic["lmk_face_idx"]))  # (79, 17, 3)
     contour_bary = np.asarray(dynamic["lmk_b_coords"], dtype=np.float32)
@@ -166,7 +183,7 @@ def load_ibug68(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
 def load_mediapipe105(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
     """MediaPipe's 478 points, 105 of them embedded on FLAME."""
     try:
-        with np.load(_require(assets_dir / MEDIAPIPE_FILE)) as z:
+        with np.load(_require(assets_dir, MEDIAPIPE_FILE), allow_pickle=False) as z:
             face_idx, bary, mp_idx = z["lmk_face_idx"], z["lmk_b_coords"], z["landmark_indices"]
     except (KeyError, ValueError, OSError) as exc:
         raise TrackerError(f"{MEDIAPIPE_FILE} is unreadable ({exc})") from None

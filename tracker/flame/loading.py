@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,18 @@ def read_pickle(path: Path) -> dict:
     return data
 
 
+def read_array_dict(path: Path) -> dict:
+    """A dict of arrays from a plain .npz (np.load without pickles) or, for other suffixes, a pickle read by
+    the restricted unpickler (users' official FLAME files and side files)."""
+    if path.suffix != ".npz":
+        return read_pickle(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise TrackerError(f"{path} is not a readable .npz of plain arrays ({exc})") from None
+
+
 @dataclass
 class FlameData:
     """Arrays of a FLAME model in numpy, with the shape/expression split already applied."""
@@ -110,6 +123,8 @@ class FlameData:
     """File name or the model's own name."""
     expression_names: list[str] = field(default_factory=list)
     """Names of the expression directions when the file has them (the stand-in's ARKit-style shapes)."""
+    license: str = ""
+    """The licence the file states (its `license` entry); empty when it states none (official FLAME files)."""
 
 
 REQUIRED_KEYS = ("v_template", "f", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table")
@@ -130,24 +145,18 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_flame_file(path: str | Path, n_shape: int = 300, n_expr: int = 100) -> FlameData:
-    """Read a FLAME .pkl or .npz; n_shape / n_expr are clipped to what the file holds."""
+def load_flame_file(path: str | Path, n_shape: int = 300, n_expr: int = 100, dtype=np.float32) -> FlameData:
+    """Read a FLAME .pkl or .npz; n_shape / n_expr are clipped to what the file holds. Arrays are cast to
+    `dtype` (float64 only to measure storage precision)."""
     path = Path(path)
     if not path.is_file():
         raise MissingAssetError(f"FLAME model not found at {path}: {FLAME_DOWNLOAD_HINT}")
-    if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                raw = {k: z[k] for k in z.files}
-        except (ValueError, OSError) as exc:
-            raise TrackerError(f"{path} is not a readable FLAME .npz ({exc})") from None
-    else:
-        raw = read_pickle(path)
+    raw = read_array_dict(path)
     missing = [k for k in REQUIRED_KEYS if k not in raw]
     if missing:
         raise TrackerError(f"{path} is not a FLAME model: missing {', '.join(missing)}")
 
-    shapedirs = _as_dense(raw["shapedirs"]).astype(np.float32)
+    shapedirs = _as_dense(raw["shapedirs"]).astype(dtype)
     n_dirs = shapedirs.shape[2]
     # Official files split 300 identity + 100 expression directions; files that say otherwise win.
     file_n_shape = int(np.asarray(raw.get("n_shape", min(300, n_dirs))))
@@ -156,9 +165,9 @@ def load_flame_file(path: str | Path, n_shape: int = 300, n_expr: int = 100) -> 
     n_expr = max(0, min(n_expr, file_n_expr))
     expr_start = 300 if n_dirs > 300 else file_n_shape
 
-    v_template = _as_dense(raw["v_template"]).astype(np.float32)
+    v_template = _as_dense(raw["v_template"]).astype(dtype)
     n_verts = v_template.shape[0]
-    posedirs = _as_dense(raw["posedirs"]).astype(np.float32)
+    posedirs = _as_dense(raw["posedirs"]).astype(dtype)
     posedirs = posedirs.reshape(n_verts * 3, -1).T.copy()
     names = raw.get("expression_names")
     names = [str(n) for n in np.asarray(names).tolist()][:n_expr] if names is not None else []
@@ -168,10 +177,11 @@ def load_flame_file(path: str | Path, n_shape: int = 300, n_expr: int = 100) -> 
         shape_dirs=shapedirs[:, :, :n_shape].copy(),
         expr_dirs=shapedirs[:, :, expr_start : expr_start + n_expr].copy(),
         posedirs=posedirs,
-        j_regressor=_as_dense(raw["J_regressor"]).astype(np.float32),
-        weights=_as_dense(raw["weights"]).astype(np.float32),
+        j_regressor=_as_dense(raw["J_regressor"]).astype(dtype),
+        weights=_as_dense(raw["weights"]).astype(dtype),
         parents=_parents(raw["kintree_table"]),
         sha256=file_sha256(path),
         name=str(raw.get("model_name", path.name)),
         expression_names=names,
+        license=str(raw.get("license", "")),
     )

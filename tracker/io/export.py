@@ -16,8 +16,8 @@ import torch
 
 from tracker.camera import Camera, rotation_to_camera
 from tracker.flame.model import FlameParams
+from tracker.result import PARAM_KEYS, read_npz
 
-PARAM_KEYS = ("shape", "expr", "jaw_pose", "neck_pose", "rotation", "translation", "eyes_pose", "eyelids")
 CAMERA_KEYS = ("K", "R", "t", "image_size", "fps")
 FRAME_KEYS = ("frame_index", "timestamp", "valid", "lmk_error_px")
 
@@ -35,6 +35,8 @@ class FrameTable:
     """(T,) bool."""
     lmk_error_px: np.ndarray
     """(T,) mean landmark reprojection error, pixels (NaN where invalid)."""
+    stage_energy: dict[str, np.ndarray] | None = None
+    """{stage: (T,) landmark + prior energy of each frame after that stage} (NaN where invalid), for report.png."""
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -55,6 +57,9 @@ def flame_arrays(table: FrameTable, camera: Camera, fps: float) -> dict[str, np.
         frame_index=table.frame_index.astype(np.int64), timestamp=table.timestamp.astype(np.float64),
         valid=table.valid.astype(bool), lmk_error_px=table.lmk_error_px.astype(np.float32),
     )
+    if table.stage_energy:
+        arrays["stage_names"] = np.array(list(table.stage_energy), dtype=str)
+        arrays["stage_energy"] = np.stack(list(table.stage_energy.values())).astype(np.float32)
     return arrays
 
 
@@ -70,10 +75,7 @@ def write_params(path: Path, table: FrameTable, camera: Camera, fps: float, meta
 
 def read_params(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     """Load an exported npz: arrays and the metadata dict."""
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files if k != "metadata"}
-        metadata = json.loads(str(z["metadata"])) if "metadata" in z.files else {}
-    return arrays, metadata
+    return read_npz(path)
 
 
 def write_json(path: Path, data: dict) -> None:

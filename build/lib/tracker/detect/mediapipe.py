@@ -1,0 +1,199 @@
+"""MediaPipe Face Landmarker (478-point face mesh) through mediapipe.tasks, run on square crops.
+
+The landmarker's internal face detector sees a 128x128 image, so a face that is small in the frame
+(a 1080p wide shot) is invisible to it. Tracked frames are therefore cropped around the face box and
+upscaled; frames without a box are searched first whole, then in overlapping square windows.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+import weakref
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's native INFO/WARNING lines clutter the CLI
+import mediapipe as mp  # noqa: E402
+import numpy as np  # noqa: E402
+from mediapipe.tasks.python import BaseOptions, vision  # noqa: E402
+
+from tracker.detect.base import SCHEME_MEDIAPIPE, FaceBox, Landmarks
+from tracker.detect.boxes import Crop, crop_around_box, square_crop
+from tracker.detect.cache import cache_root
+from tracker.errors import MissingAssetError
+
+MODEL_ENV = "TRACKER_MEDIAPIPE_MODEL"
+MODEL_URL = ("https://storage.googleapis.com/mediapipe-models/face_landmarker/face_landmarker/"
+             "float16/latest/face_landmarker.task")
+MODEL_FILENAME = "face_landmarker.task"
+
+# Mesh indices of points with an iBUG-68 counterpart, for comparing the two schemes.
+MEDIAPIPE_IBUG_EQUIVALENTS = {
+    "right_eye_outer": (33, 36),   # subject's right eye, image left: (mediapipe, ibug68)
+    "right_eye_inner": (133, 39),
+    "left_eye_inner": (362, 42),
+    "left_eye_outer": (263, 45),
+    "nose_tip": (4, 30),  # measured: 4 is nearer than the mesh apex 1 to where iBUG puts the tip
+    "mouth_right": (61, 48),
+    "mouth_left": (291, 54),
+    "chin": (152, 8),
+}
+
+
+@dataclass(frozen=True)
+class MediaPipeOptions:
+    """model_path: .task bundle; None = $TRACKER_MEDIAPIPE_MODEL, else the cache dir (downloaded
+    from `model_url` on first use).
+    crop_expand: crop side over the tracked face box side.
+    crop_size: side of the crop fed to the landmarker, in pixels.
+    search_levels, min_search_window: a frame without a box is searched whole, then in square
+    windows of 1/2, 1/4 ... (search_levels of them) of its shorter side, none smaller than
+    min_search_window pixels; the landmarker finds faces down to about a fifth of its input.
+    min_confidence: face detection and presence thresholds of the landmarker."""
+
+    model_path: str | None = None
+    model_url: str = MODEL_URL
+    crop_expand: float = 1.8
+    crop_size: int = 384
+    search_levels: int = 2
+    min_search_window: int = 192
+    min_confidence: float = 0.5
+
+
+def download_model(url: str, destination: Path, timeout_s: float = 60.0) -> Path:
+    """Fetch the .task bundle at `url` to `destination` atomically; MissingAssetError if impossible."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(partial, "wb") as out:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        partial.unlink(missing_ok=True)
+        reason = getattr(error, "reason", error)
+        raise MissingAssetError(
+            f"MediaPipe face landmarker model not found locally and downloading {url} failed "
+            f"({reason}); set {MODEL_ENV} to a face_landmarker .task file or use --landmarks dlib"
+        ) from None
+    if not zipfile.is_zipfile(partial):  # .task files are zip bundles; an HTML error page is not
+        partial.unlink()
+        raise MissingAssetError(f"downloaded {url} is not a MediaPipe .task bundle; set {MODEL_ENV} "
+                                "to a face_landmarker .task file or use --landmarks dlib")
+    partial.replace(destination)
+    return destination
+
+
+def resolve_model_path(options: MediaPipeOptions) -> Path:
+    """The .task file to load: explicit option, then environment, then cache (downloading it)."""
+    explicit = options.model_path or os.environ.get(MODEL_ENV)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise MissingAssetError(f"MediaPipe model file not found: {path}")
+        return path
+    cached = cache_root() / MODEL_FILENAME
+    return cached if cached.is_file() else download_model(options.model_url, cached)
+
+
+def _create_landmarker(model_path: Path, min_confidence: float) -> vision.FaceLandmarker:
+    landmarker_options = vision.FaceLandmarkerOptions(
+        base_options=BaseOptions(model_asset_path=str(model_path)),
+        running_mode=vision.RunningMode.IMAGE,  # crops move every frame: no internal tracking
+        num_faces=1,
+        min_face_detection_confidence=min_confidence,
+        min_face_presence_confidence=min_confidence,
+    )
+    try:
+        return vision.FaceLandmarker.create_from_options(landmarker_options)
+    except (RuntimeError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MissingAssetError(f"cannot load MediaPipe model {model_path} ({first_line}); "
+                                "is it a face_landmarker .task file?") from None
+
+
+def _window_centres(extent: int, side: float) -> np.ndarray:
+    """Centres of windows of `side` <= `extent` spanning [0, extent] with (at least) 50% overlap."""
+    return np.linspace(side / 2, extent - side / 2, int(np.ceil((extent - side) / (side / 2))) + 1)
+
+
+def search_windows(height: int, width: int, levels: int,
+                   min_side: float) -> list[tuple[tuple[float, float], float]]:
+    """Square windows (centre, side) covering the frame with 50% overlap, of side = shorter frame
+    side / 2**level for level 1..levels, none smaller than `min_side`; coarse first and, within a
+    level, nearest the frame centre first (where the subject usually is)."""
+    windows: list[tuple[tuple[float, float], float]] = []
+    for level in range(1, levels + 1):
+        side = min(height, width) / 2**level
+        if side < min_side:
+            break
+        level_windows = [((float(x), float(y)), side)
+                         for y in _window_centres(height, side) for x in _window_centres(width, side)]
+        level_windows.sort(key=lambda w: (w[0][0] - width / 2) ** 2 + (w[0][1] - height / 2) ** 2)
+        windows.extend(level_windows)
+    return windows
+
+
+class MediaPipeDetector:
+    """LandmarkDetector giving the 478 MediaPipe mesh points (scheme 'mediapipe478'); confidence
+    is 1 for all points (the Face Landmarker reports no per-point scores)."""
+
+    name = "mediapipe"
+    scheme = SCHEME_MEDIAPIPE
+
+    def __init__(self, options: MediaPipeOptions = MediaPipeOptions()) -> None:
+        self.options = options
+        self.model_path = resolve_model_path(options)
+        self._landmarker = _create_landmarker(self.model_path, options.min_confidence)
+        # Free the native graph when garbage collected. Not at exit: by then mediapipe's worker
+        # thread is gone, so callers that care about a quiet exit use close() or `with`.
+        self._finalizer = weakref.finalize(self, self._landmarker.close)
+        self._finalizer.atexit = False
+
+    def __enter__(self) -> MediaPipeDetector:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def settings(self) -> dict[str, Any]:
+        return {**asdict(self.options), "model_path": str(self.model_path.resolve())}
+
+    def close(self) -> None:
+        """Release the landmarker's native resources; the detector is unusable afterwards."""
+        self._finalizer()
+
+    def _landmarks_in_crop(self, crop: Crop) -> Landmarks | None:
+        result = self._landmarker.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=crop.image))
+        if not result.face_landmarks:
+            return None
+        size = crop.image.shape[0]
+        # Normalised coordinates are fractions of the image extent, i.e. pixel-centre convention.
+        crop_points = np.array([(p.x * size, p.y * size) for p in result.face_landmarks[0]])
+        points = crop.points_to_frame(crop_points)
+        return Landmarks(points=points, confidence=np.ones(len(points), np.float32), scheme=self.scheme)
+
+    def _detect_in_box(self, rgb: np.ndarray, box: FaceBox) -> Landmarks | None:
+        return self._landmarks_in_crop(
+            crop_around_box(rgb, box, self.options.crop_expand, self.options.crop_size))
+
+    def _search(self, rgb: np.ndarray) -> Landmarks | None:
+        height, width = rgb.shape[:2]
+        windows = [((width / 2, height / 2), float(max(height, width))),  # the whole frame first
+                   *search_windows(height, width, self.options.search_levels,
+                                   self.options.min_search_window)]
+        for center, side in windows:
+            found = self._landmarks_in_crop(square_crop(rgb, center, side, self.options.crop_size))
+            if found is not None:
+                return found
+        return None
+
+    def detect(self, rgb: np.ndarray, box_hint: FaceBox | None = None) -> Landmarks | None:
+        if box_hint is not None:
+            return self._detect_in_box(rgb, box_hint)
+        found = self._search(rgb)
+        # A search hit may come from a window where the face was small: redo it on a face crop.
+        return None if found is None else self._detect_in_box(rgb, found.bounding_box()) or found

@@ -1,0 +1,158 @@
+"""What energy terms see: the observations of a batch of frames and lazily evaluated model quantities.
+
+Each term is a small callable `term(ev: Evaluation) -> (B, N)` of weighted residuals (Ceres-style): the
+frame's energy is the sum of their squares over all terms. Robust losses are folded into the residuals
+(`robust_residuals`) so the same terms serve Gauss-Newton/Levenberg-Marquardt and gradient descent. Terms pull only what they need from `Evaluation` (landmark vertices,
+all vertices, projections), and each quantity is computed once per optimiser step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable, Protocol
+
+import torch
+
+from tracker.camera import Camera
+from tracker.flame.landmarks import LandmarkSet, yaw_degrees
+from tracker.flame.lbs import batch_rodrigues
+from tracker.flame.model import FlameModel, FlameParams
+from tracker.render.interpolate import interpolate
+from tracker.render.rasterize import Fragments
+
+
+@dataclass
+class Observations:
+    """Per-frame measurements for a batch of B frames (all on the fitting device)."""
+
+    landmarks: torch.Tensor
+    """(B, L, 2) detected landmarks matched to the FLAME embedding order, image pixels."""
+    landmark_weights: torch.Tensor
+    """(B, L) confidence x per-landmark weight; 0 where a frame or point is missing."""
+    face_size: torch.Tensor
+    """(B,) face scale in pixels (landmark bounding-box diagonal), so energies are resolution independent."""
+    images: torch.Tensor | None = None
+    """(B, H, W, 3) RGB in [0, 1] for image-based terms (possibly downscaled from the video)."""
+    image_scale: float = 1.0
+    """Size of `images` pixels relative to video pixels (e.g. 0.5 when images are half-size)."""
+    extras: dict = field(default_factory=dict)
+    """Term-specific per-frame inputs (DenseMarks uvw maps, ...): tensors with frames first."""
+
+    def frames(self, index) -> "Observations":
+        return Observations(
+            self.landmarks[index], self.landmark_weights[index], self.face_size[index],
+            None if self.images is None else self.images[index], self.image_scale,
+            {k: v[index] if isinstance(v, torch.Tensor) else v for k, v in self.extras.items()},
+        )
+
+
+class Evaluation:
+    """Model quantities for the current parameters, each computed on first use."""
+
+    def __init__(self, model: FlameModel, landmarks: LandmarkSet, camera: Camera, params: FlameParams,
+                 obs: Observations, reference: FlameParams | None = None,
+                 contour_yaw: torch.Tensor | None = None, landmark_model: FlameModel | None = None,
+                 rasterizer: Callable[[torch.Tensor, torch.Tensor], Fragments] | None = None):
+        self.model = model
+        self.rasterizer = rasterizer
+        """rasterizer(verts_screen (B, V, 3), faces) -> Fragments at the size of obs.images."""
+        self.landmark_model = landmark_model or model.restricted(landmarks.vertex_ids)
+        """The model restricted to the landmark vertices (callers that evaluate often pass it in)."""
+        self.landmark_set = landmarks
+        self.camera = camera
+        self.params = params
+        self.obs = obs
+        self.reference = reference
+        """Parameters of neighbouring (previous) frames for temporal terms, or None."""
+        self.contour_yaw = contour_yaw
+        """(B,) yaw (degrees) that picks the jaw contour, held fixed by solvers; None: from params."""
+
+    @cached_property
+    def yaw_deg(self) -> torch.Tensor:
+        """(B,) head yaw (global + neck), used to pick the dynamic jaw contour."""
+        if self.contour_yaw is not None:
+            return self.contour_yaw
+        rot = batch_rodrigues(self.params.rotation) @ batch_rodrigues(self.params.neck_pose)
+        return yaw_degrees(rot.detach())
+
+    @cached_property
+    def landmarks_3d(self) -> torch.Tensor:
+        """(B, L, 3) world landmark positions."""
+        sub = self.landmark_model(self.params).vertices
+        return self.landmark_set.positions(sub, self.yaw_deg)
+
+    @cached_property
+    def landmarks_2d(self) -> torch.Tensor:
+        """(B, L, 2) projected landmarks, pixels."""
+        return self.camera.project(self.landmarks_3d)[0]
+
+    @cached_property
+    def vertices(self) -> torch.Tensor:
+        """(B, V, 3) all world vertices."""
+        return self.model(self.params).vertices
+
+    @cached_property
+    def vertices_2d(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected vertices (B, V, 2) pixels and their depth (B, V)."""
+        return self.camera.project(self.vertices)
+
+    @cached_property
+    def screen_vertices(self) -> torch.Tensor:
+        """(B, V, 3) vertices in the pixels of obs.images (x, y) with depth (z), for the rasteriser."""
+        pix, depth = self.vertices_2d
+        return torch.cat([pix * self.obs.image_scale, depth[..., None]], dim=-1)
+
+    @cached_property
+    def fragments(self) -> Fragments:
+        """Visibility of the full mesh in obs.images' pixels (not differentiable; interpolation is)."""
+        if self.rasterizer is None:
+            raise RuntimeError("an image term needs a rasterizer: build the Problem with one")
+        screen = self.screen_vertices  # computed (and cached) with gradients, outside no_grad
+        with torch.no_grad():
+            return self.rasterizer(screen.detach(), self.model.faces)
+
+    def interpolate(self, attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-vertex attributes (B or 1, V, C) -> image (B, H, W, C) and coverage mask (B, H, W, 1),
+        differentiable in the attributes and the vertex positions."""
+        return interpolate(self.fragments, self.screen_vertices, self.model.faces, attributes)
+
+
+class EnergyTerm(Protocol):
+    name: str
+
+    def __call__(self, ev: Evaluation) -> torch.Tensor:
+        """(B, N) weighted residuals; the energy is their sum of squares."""
+
+
+ROBUST_KINDS = ("l2", "l1", "huber", "cauchy", "gm")
+
+
+def robust_ratio(u: torch.Tensor, kind: str) -> torch.Tensor:
+    """rho(u) / u for squared, scale-normalised residuals u >= 0 (1 at u = 0 for every kind).
+
+    rho: l2 u; l1 2 sqrt(u); huber u below 1 and 2 sqrt(u) - 1 above; cauchy log(1 + u); gm u / (1 + u).
+    """
+    if kind == "l2":
+        return torch.ones_like(u)
+    if kind == "cauchy":
+        small = u < 1e-6
+        return torch.where(small, 1 - u / 2, torch.log1p(u) / torch.where(small, torch.ones_like(u), u))
+    if kind == "gm":
+        return 1 / (1 + u)
+    root = torch.sqrt(u + 1e-12)
+    if kind == "l1":
+        return 2 / (root + 1e-6)
+    if kind == "huber":
+        return torch.where(u < 1, torch.ones_like(u), (2 * root - 1) / (u + 1e-12))
+    raise ValueError(f"unknown robust kind {kind}")
+
+
+def robust_residuals(residual: torch.Tensor, scale: float, kind: str) -> torch.Tensor:
+    """Residual vectors rescaled so their squared norm is rho(|r|^2 / scale^2).
+
+    residual: (..., D) raw residual vectors -> (..., D); smooth through zero, so Gauss-Newton can use it.
+    """
+    r = residual / scale
+    u = (r * r).sum(-1, keepdim=True)
+    return r * torch.sqrt(robust_ratio(u, kind))

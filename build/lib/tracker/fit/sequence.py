@@ -1,0 +1,175 @@
+"""Tracking a sequence from per-frame landmarks: identity and focal on keyframes, then frame by frame with
+a warm start from the previous frame, re-initialising a frame from its own landmarks when its error jumps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from tracker.camera import Camera
+from tracker.config import TrackerConfig
+from tracker.energy.base import Observations
+from tracker.fit.init import rigid_from_landmarks
+from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, fit_lm, torch_threads
+from tracker.flame.model import FlameParams
+
+FOCAL_PRIOR = 1e-5
+"""Weight pulling log(focal / initial focal) to 0: landmarks constrain the focal length only weakly."""
+
+
+@dataclass
+class TrackResult:
+    params: FlameParams
+    """Stacked parameters of all T frames (invalid frames hold their nearest valid neighbour's values)."""
+    focal: float
+    """Focal length in pixels."""
+    valid: np.ndarray
+    """(T,) bool: a face was detected and fitted."""
+    lmk_error_px: np.ndarray
+    """(T,) mean landmark reprojection error in pixels (NaN where invalid)."""
+    reinitialised: np.ndarray
+    """(T,) bool: the frame was re-initialised from its own landmarks."""
+
+
+def landmark_error_px(problem: Problem, params: FlameParams, obs: Observations,
+                      camera: Camera | None = None) -> torch.Tensor:
+    """(B,) confidence-weighted mean distance between projected and detected landmarks, pixels."""
+    with torch.no_grad():
+        ev = problem.evaluation(params, obs, camera=camera)
+        dist = (ev.landmarks_2d - obs.landmarks).norm(dim=-1)
+        w = (obs.landmark_weights > 0).float()
+        return (dist * w).sum(-1) / w.sum(-1).clamp(min=1)
+
+
+def evenly_spaced(candidates: np.ndarray, count: int) -> np.ndarray:
+    """Up to `count` entries of `candidates` spread evenly over it (first and last included)."""
+    if len(candidates) <= count:
+        return candidates
+    return candidates[np.round(np.linspace(0, len(candidates) - 1, count)).astype(int)]
+
+
+def choose_keyframes(valid: np.ndarray, count: int) -> np.ndarray:
+    """Up to `count` valid frame indices spread evenly over the sequence."""
+    return evenly_spaced(np.flatnonzero(valid), count)
+
+
+class SequenceTracker:
+    """Landmark-driven tracking of one video (the stage later stages refine)."""
+
+    def __init__(self, problem: Problem, cfg: TrackerConfig):
+        self.problem = problem
+        self.cfg = cfg
+        self.model = problem.model
+
+    def _pnp_init(self, obs: Observations, shape: torch.Tensor) -> FlameParams:
+        """Parameters for each frame of obs from its own landmarks (neutral expression)."""
+        B = obs.landmarks.shape[0]
+        params = FlameParams.zeros(B, self.model.n_shape, self.model.n_expr, shape.device)
+        params.shape = shape.detach().clone()
+        for b in range(B):
+            try:
+                rot, trans = rigid_from_landmarks(self.model, self.problem.landmarks, self.problem.camera,
+                                                  obs.landmarks[b].cpu().numpy(),
+                                                  obs.landmark_weights[b].cpu().numpy(), shape)
+            except ValueError:  # degenerate landmarks: start facing the camera at a plausible distance
+                rot, trans = np.zeros(3, np.float32), np.array([0, 0, -0.6], np.float32)
+            params.rotation[b] = torch.from_numpy(rot)
+            params.translation[b] = torch.from_numpy(trans)
+        return params
+
+    def estimate_identity(self, obs: Observations, valid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared shape (1, n_shape) and focal from keyframes (focal fixed when the config gives one)."""
+        keys = choose_keyframes(valid, self.cfg.fit.keyframes)
+        shape = torch.zeros(1, self.model.n_shape, device=obs.landmarks.device)
+        key_obs = obs.frames(torch.as_tensor(keys, device=obs.landmarks.device))
+        init = self._pnp_init(key_obs, shape)
+        free_focal = self.cfg.camera.focal is None
+        with torch_threads(1):
+            # Pose first with the mean shape, then everything together.
+            init, _ = fit_lm(self.problem, init, key_obs, LANDMARK_FIELDS, max(5, self.cfg.fit.shape_iters // 3))
+            params, focal = fit_lm(self.problem, init, key_obs, LANDMARK_FIELDS, self.cfg.fit.shape_iters,
+                                   free_shape=True, free_focal=free_focal, focal_prior=FOCAL_PRIOR * len(keys))
+        return params.shape, focal
+
+    def track(self, obs: Observations, valid: np.ndarray, shape: torch.Tensor,
+              on_frame: Callable[[int, FlameParams, float, bool], None] | None = None,
+              progress: Callable[[], None] | None = None) -> TrackResult:
+        """Fit every valid frame in order; on_frame(t, params, error_px, reinitialised) after each."""
+        T = obs.landmarks.shape[0]
+        fit = self.cfg.fit
+        results: list[FlameParams | None] = [None] * T
+        errors = np.full(T, np.nan, np.float32)
+        reinit = np.zeros(T, bool)
+        recent: list[float] = []
+        prev: FlameParams | None = None
+        prev2: FlameParams | None = None
+        for t in range(T):
+            if not valid[t]:
+                prev = prev2 = None  # a gap: the next frame starts from its own landmarks
+                if progress:
+                    progress()
+                continue
+            o = obs.frames(slice(t, t + 1))
+            with torch_threads(1):
+                if prev is None:
+                    params = self._fit_fresh(o, shape)
+                else:
+                    predicted = predict_next(prev, prev2)
+                    params = fit_lm(self.problem, predicted, o, LANDMARK_FIELDS, fit.frame_iters,
+                                    reference=predicted)[0]
+                err = float(landmark_error_px(self.problem, params, o)[0])
+                baseline = float(np.median(recent[-30:])) if recent else None
+                if prev is not None and baseline is not None and err > fit.reinit_factor * max(baseline, 1.0):
+                    fresh = self._fit_fresh(o, shape)
+                    fresh_err = float(landmark_error_px(self.problem, fresh, o)[0])
+                    if fresh_err < err:
+                        params, err, reinit[t] = fresh, fresh_err, True
+            results[t], errors[t], prev2, prev = params, err, (None if reinit[t] else prev), params
+            recent.append(err)
+            if on_frame:
+                on_frame(t, params, err, bool(reinit[t]))
+            if progress:
+                progress()
+        return TrackResult(self._stack(results, shape), float(self.problem.camera.focal), valid.copy(), errors,
+                           reinit)
+
+    def _fit_fresh(self, o: Observations, shape: torch.Tensor) -> FlameParams:
+        init = self._pnp_init(o, shape)
+        return fit_lm(self.problem, init, o, LANDMARK_FIELDS, self.cfg.fit.first_frame_iters)[0]
+
+    def _stack(self, results: list[FlameParams | None], shape: torch.Tensor) -> FlameParams:
+        """All frames stacked; invalid frames copy the nearest valid frame (all-zero pose when none is)."""
+        filled = fill_gaps(results)
+        if not filled:
+            return FlameParams.zeros(len(results), self.model.n_shape, self.model.n_expr, shape.device)
+        fields = {n: torch.cat([getattr(p, n) for p in filled]) for n in FRAME_FIELDS}
+        return FlameParams(shape=shape.detach(), **fields)
+
+
+def predict_next(prev: FlameParams, prev2: FlameParams | None) -> FlameParams:
+    """Constant-velocity prediction of the next frame (the previous frame when only one is known).
+
+    It is both the warm start and the temporal term's reference, so smooth motion is not penalised (no lag)
+    while jitter and sudden jumps are.
+    """
+    if prev2 is None:
+        return prev
+    predicted = prev.map(lambda t: t)
+    for name in FRAME_FIELDS:
+        setattr(predicted, name, 2 * getattr(prev, name) - getattr(prev2, name))
+    return predicted
+
+
+def fill_gaps(results: list[FlameParams | None]) -> list[FlameParams]:
+    """Replace None entries with the nearest non-None neighbour (earlier wins ties); [] if all are None."""
+    known = [i for i, r in enumerate(results) if r is not None]
+    if not known:
+        return []
+    known_arr = np.asarray(known)
+    out = []
+    for i, r in enumerate(results):
+        out.append(r if r is not None else results[int(known_arr[np.argmin(np.abs(known_arr - i))])])
+    return out

@@ -1,0 +1,255 @@
+"""Optimisers over FLAME parameters: Levenberg-Marquardt for small residual problems (landmark stages) and
+Adam for image-sized ones (photometric, dense render-and-compare).
+
+Parameters are packed into one flat vector (`ParamPacker`) so that LM can build the dense Jacobian with a
+single forward-mode pass (`torch.func.jacfwd`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch.func import jacfwd
+
+from tracker.camera import Camera
+from tracker.energy.base import EnergyTerm, Evaluation, Observations
+from tracker.flame.landmarks import LandmarkSet
+from tracker.flame.model import FlameModel, FlameParams
+
+FRAME_FIELDS = ("expr", "rotation", "neck_pose", "jaw_pose", "eyes_pose", "eyelids", "translation")
+"""Per-frame parameters (everything but the shared identity)."""
+LANDMARK_FIELDS = tuple(f for f in FRAME_FIELDS if f != "neck_pose")
+"""What face landmarks can determine: the neck and the global rotation turn the face alike, so the neck
+stays at rest until image terms that see the neck (photometric, DenseMarks) are on."""
+
+ADAM_LR_SCALE = {"shape": 3.0, "expr": 3.0, "eyelids": 3.0, "rotation": 1.0, "neck_pose": 0.5, "jaw_pose": 0.5,
+                 "eyes_pose": 1.0, "translation": 0.5, "log_focal": 0.5}
+"""Per-parameter learning-rate multipliers for Adam, whose steps are ~lr in every coordinate: they put
+radians, metres and coefficients on comparable footing."""
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with n intra-op threads: the landmark solves are many tiny ops, which extra threads only slow."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass
+class Problem:
+    """Everything an energy evaluation needs besides the parameters."""
+
+    model: FlameModel
+    landmarks: LandmarkSet
+    camera: Camera
+    terms: Sequence[EnergyTerm]
+    rasterizer: Callable | None = None
+    """rasterizer(verts_screen, faces) -> Fragments, needed by image terms (photometric, DenseMarks)."""
+
+    def __post_init__(self):
+        self.landmark_model = self.model.restricted(self.landmarks.vertex_ids)
+
+    def with_terms(self, terms: Sequence[EnergyTerm], rasterizer: Callable | None = None) -> "Problem":
+        """The same model and camera with other energy terms (e.g. a stage adding image terms)."""
+        return Problem(self.model, self.landmarks, self.camera, terms, rasterizer or self.rasterizer)
+
+    def evaluation(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
+                   camera: Camera | None = None, contour_yaw: torch.Tensor | None = None) -> Evaluation:
+        return Evaluation(self.model, self.landmarks, camera or self.camera, params, obs, reference, contour_yaw,
+                          self.landmark_model, self.rasterizer)
+
+    def residuals(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
+                  camera: Camera | None = None, contour_yaw: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N) all terms' residuals side by side."""
+        ev = self.evaluation(params, obs, reference, camera, contour_yaw)
+        return torch.cat([term(ev) for term in self.terms], dim=1)
+
+    def energy(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
+               camera: Camera | None = None) -> torch.Tensor:
+        """(B,) energy per frame."""
+        return self.residuals(params, obs, reference, camera).pow(2).sum(-1)
+
+
+class ParamPacker:
+    """Maps per-frame vectors X (B, Pf) and a shared vector s (Ps,) to FlameParams and a log focal scale.
+
+    Frame fields are the per-frame parameters being fitted; shared ones are the identity (`shape`) and the
+    focal length, common to all frames of the batch. Fields not listed come from `base`.
+    """
+
+    def __init__(self, base: FlameParams, frame_fields: Sequence[str], free_shape: bool = False,
+                 free_focal: bool = False):
+        self.base = base.detach()
+        self.frame_fields = list(frame_fields)
+        self.free_shape = free_shape
+        self.free_focal = free_focal
+        self.frame_sizes = [getattr(self.base, n).shape[1] for n in self.frame_fields]
+        self.shared_sizes = ([self.base.shape.shape[1]] if free_shape else []) + ([1] if free_focal else [])
+
+    def pack(self, params: FlameParams) -> tuple[torch.Tensor, torch.Tensor]:
+        X = torch.cat([getattr(params, n).detach() for n in self.frame_fields], dim=1)
+        parts = ([params.shape.detach().reshape(-1)] if self.free_shape else []) + \
+            ([X.new_zeros(1)] if self.free_focal else [])
+        return X, torch.cat(parts) if parts else X.new_zeros(0)
+
+    def unpack(self, X: torch.Tensor, s: torch.Tensor) -> tuple[FlameParams, torch.Tensor]:
+        """FlameParams and log focal scale (0 when the focal is fixed)."""
+        fields = {n: c for n, c in zip(self.frame_fields, torch.split(X, self.frame_sizes, dim=1))}
+        shared = torch.split(s, self.shared_sizes) if self.shared_sizes else ()
+        if self.free_shape:
+            fields["shape"] = shared[0].reshape(1, -1)
+        log_focal = shared[-1][0] if self.free_focal else s.new_zeros(())
+        return FlameParams(**{**self.base.__dict__, **fields}), log_focal
+
+
+def block_jacobians(residual_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], X: torch.Tensor,
+                    s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jacobians of residual_fn(X, s) -> (B, N): per-frame blocks (B, N, Pf) and shared columns (B, N, Ps).
+
+    Frame b's residuals depend only on X[b], so one tangent per frame parameter, applied to all frames at
+    once, yields every frame's block (column colouring): Pf + Ps forward-mode passes instead of B*Pf + Ps.
+    """
+    J_frame = jacfwd(lambda u: residual_fn(X + u, s))(X.new_zeros(X.shape[1]))
+    if not s.numel():
+        return J_frame, X.new_zeros(*J_frame.shape[:2], 0)
+    return J_frame, jacfwd(lambda v: residual_fn(X, s + v))(s.new_zeros(s.shape[0]))
+
+
+def normal_equations(r: torch.Tensor, J_frame: torch.Tensor, J_shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense J^T J and J^T r over [X (frame-major), s] from the block Jacobians.
+
+    r: (B, N); J_frame: (B, N, Pf); J_shared: (B, N, Ps) -> (P, P), (P,) with P = B * Pf + Ps.
+    """
+    B, _, Pf = J_frame.shape
+    Ps = J_shared.shape[2]
+    A = r.new_zeros(B * Pf + Ps, B * Pf + Ps)
+    ff = torch.einsum("bnp,bnq->bpq", J_frame, J_frame)
+    fs = torch.einsum("bnp,bnq->bpq", J_frame, J_shared)
+    for b in range(B):
+        sl = slice(b * Pf, (b + 1) * Pf)
+        A[sl, sl] = ff[b]
+        A[sl, B * Pf:] = fs[b]
+        A[B * Pf:, sl] = fs[b].T
+    A[B * Pf:, B * Pf:] = torch.einsum("bnp,bnq->pq", J_shared, J_shared)
+    g = torch.cat([torch.einsum("bnp,bn->bp", J_frame, r).reshape(-1), torch.einsum("bnp,bn->p", J_shared, r)])
+    return A, g
+
+
+def levenberg_marquardt(residual_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], X: torch.Tensor,
+                        s: torch.Tensor, iters: int, damping: float = 1e-3,
+                        rel_tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Minimise ||residual_fn(X, s)||^2 over per-frame X (B, Pf) and shared s (Ps,).
+
+    Marquardt's scaled damping (diag of J^T J) makes steps invariant to each parameter's units. Stops when
+    a step lowers the cost by less than rel_tol (relative): on tracked frames that halves the iterations
+    without a measurable change in accuracy. Returns X, s and the final cost.
+    """
+    X, s = X.detach().clone(), s.detach().clone()
+    B, Pf = X.shape
+
+    def cost_of(X_, s_):
+        with torch.no_grad():
+            return residual_fn(X_, s_).pow(2).sum()
+
+    cost = cost_of(X, s)
+    for _ in range(iters):
+        r = residual_fn(X, s).detach()
+        A, g = normal_equations(r, *block_jacobians(residual_fn, X, s))
+        diag = A.diagonal().clamp(min=1e-9)
+        improved = False
+        for _ in range(8):
+            step = torch.linalg.solve(A + damping * torch.diag(diag), -g)
+            X_new, s_new = X + step[:B * Pf].view(B, Pf), s + step[B * Pf:]
+            new_cost = cost_of(X_new, s_new)
+            if torch.isfinite(new_cost) and new_cost < cost:
+                improved = True
+                break
+            damping *= 8
+        if not improved:
+            break
+        decrease = (cost - new_cost) / cost.clamp(min=1e-30)
+        X, s, cost = X_new, s_new, new_cost
+        damping = max(damping / 4, 1e-9)
+        if decrease < rel_tol:
+            break
+    return X, s, float(cost)
+
+
+def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequence[str], iters: int,
+           reference: FlameParams | None = None, free_shape: bool = False, free_focal: bool = False,
+           focal_prior: float = 0.0) -> tuple[FlameParams, torch.Tensor]:
+    """Levenberg-Marquardt over the per-frame fields `free` (and optionally the shared identity and log
+    focal). Every residual must depend on one frame only. Returns params and the focal length.
+
+    The jaw-contour landmarks are chosen from the yaw at the start of each round and held fixed inside it
+    (switching them mid-solve makes the energy discontinuous); a second round runs if a yaw bin moved.
+    """
+    packer = ParamPacker(init, free, free_shape, free_focal)
+    focal0 = problem.camera.focal.detach()
+    X, s = packer.pack(init)
+    B = X.shape[0]
+    yaw = None
+    for _ in range(2):
+        params, _ = packer.unpack(X, s)
+        new_yaw = problem.evaluation(params, obs).yaw_deg
+        if yaw is not None and torch.equal(torch.round(new_yaw), torch.round(yaw)):
+            break
+        yaw = new_yaw
+
+        def residual_fn(X_: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
+            p, log_f = packer.unpack(X_, s_)
+            cam = Camera(focal0 * torch.exp(log_f), problem.camera.center, problem.camera.height,
+                         problem.camera.width)
+            r = problem.residuals(p, obs, reference, cam, contour_yaw=yaw)
+            if free_focal:  # the focal prior, shared out over the frames
+                r = torch.cat([r, (focal_prior / B) ** 0.5 * log_f.expand(B, 1)], dim=1)
+            return r
+
+        X, s, _ = levenberg_marquardt(residual_fn, X, s, iters)
+    params, log_f = packer.unpack(X, s)
+    return params.detach(), (focal0 * torch.exp(log_f)).detach()
+
+
+def leaf_params(params: FlameParams, free: Sequence[str]) -> FlameParams:
+    """A copy whose `free` fields are fresh leaf tensors requiring grad (others detached)."""
+    out = params.detach()
+    for name in free:
+        getattr(out, name).requires_grad_(True)
+    return out
+
+
+def adam_minimise(loss_fn: Callable[[], torch.Tensor], tensors: dict[str, torch.Tensor], iters: int, lr: float,
+                  final_lr_fraction: float = 0.05) -> float:
+    """Minimise loss_fn over the named tensors; the rate decays exponentially to lr * final_lr_fraction."""
+    groups = [{"params": [t], "lr": lr * ADAM_LR_SCALE.get(name, 1.0)} for name, t in tensors.items()]
+    opt = torch.optim.Adam(groups, lr=lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, final_lr_fraction ** (1.0 / max(iters, 1)))
+    loss = torch.tensor(float("nan"))
+    for _ in range(iters):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return float(loss.detach())
+
+
+def fit_adam(problem: Problem, init: FlameParams, obs: Observations, free: Sequence[str], iters: int, lr: float,
+             reference: FlameParams | None = None,
+             extra: dict[str, torch.Tensor] | None = None) -> FlameParams:
+    """Adam over the `free` fields for image-based stages; returns detached parameters.
+
+    extra: further leaf tensors optimised alongside (e.g. a texture or lighting owned by a term), by name.
+    """
+    params = leaf_params(init, free)
+    tensors = {name: getattr(params, name) for name in free}
+    tensors.update(extra or {})
+    adam_minimise(lambda: problem.energy(params, obs, reference).sum(), tensors, iters, lr)
+    return params.detach()

@@ -1,0 +1,1 @@
+"""Maintenance scripts (not needed to track): building the files shipped in flame_assets/."""
