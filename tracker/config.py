@@ -44,8 +44,12 @@ class FlameConfig:
 class CameraConfig:
     focal: float | None = None
     """Fixed focal length in pixels; None estimates it on keyframes."""
-    fov_init_deg: float = 30.0
-    """Field of view over the longer image side that initialises the focal length, degrees."""
+    fov_prior_deg: float = 30.0
+    """Field of view over the longer image side, degrees, assumed where the video does not constrain the focal
+    length (and where its estimate starts)."""
+    max_focal_log_std: float = 0.1
+    """Largest uncertainty (standard deviation of log focal) at which the estimated focal length is used;
+    above it the prior field of view is."""
 
 
 @dataclass
@@ -94,6 +98,8 @@ class FitConfig:
     """Levenberg-Marquardt iterations of the keyframe (identity, focal) stage."""
     frame_iters: int = 5
     """Levenberg-Marquardt iterations per frame when warm-started from the previous frame."""
+    frame_rounds: int = 1
+    """Solver rounds per warm-started frame (each re-matches the outline points to the silhouette first)."""
     first_frame_iters: int = 20
     """Levenberg-Marquardt iterations for a frame started from its own landmarks (first frame, re-init)."""
     lr: float = 0.01
@@ -270,9 +276,11 @@ def validate(cfg: TrackerConfig) -> None:
         (cfg.video.stride >= 1, "video.stride must be >= 1"),
         (cfg.video.max_frames is None or cfg.video.max_frames >= 1, "video.max_frames must be >= 1"),
         (cfg.camera.focal is None or cfg.camera.focal > 0, "camera.focal must be > 0"),
-        (0 < cfg.camera.fov_init_deg < 170, "camera.fov_init_deg must be in (0, 170)"),
+        (0 < cfg.camera.fov_prior_deg < 170, "camera.fov_prior_deg must be in (0, 170)"),
+        (cfg.camera.max_focal_log_std > 0, "camera.max_focal_log_std must be > 0"),
         (cfg.fit.keyframes >= 1, "fit.keyframes must be >= 1"),
         (cfg.fit.frame_iters >= 1 and cfg.fit.first_frame_iters >= 1, "fit iterations must be >= 1"),
+        (cfg.fit.frame_rounds >= 1, "fit.frame_rounds must be >= 1"),
         (cfg.fit.lr > 0, "fit.lr must be > 0"),
         (cfg.fit.reinit_factor > 1, "fit.reinit_factor must be > 1"),
         (cfg.detect.landmarks in ("mediapipe", "dlib", "fan"), "detect.landmarks must be mediapipe|dlib|fan"),

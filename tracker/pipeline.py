@@ -7,10 +7,10 @@ import logging
 import platform
 import random
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from tqdm import tqdm
 import tracker
 from tracker.camera import Camera
 from tracker.config import TrackerConfig, config_to_dict
+from tracker.densemarks.stage import run_densemarks_stage
 from tracker.detect.base import SCHEME_IBUG68, SCHEME_MEDIAPIPE, LandmarkTrack, make_detector
 from tracker.detect.sequence import detect_video
 from tracker.energy.base import Observations
@@ -30,7 +31,6 @@ from tracker.energy.photometric import Appearance, region_mesh
 from tracker.energy.priors import PriorEnergy
 from tracker.energy.temporal import TemporalEnergy
 from tracker.errors import TrackerError
-from tracker.densemarks.stage import run_densemarks_stage
 from tracker.fit.global_refine import refine_globally
 from tracker.fit.photometric import run_photometric_stage, stage_crop
 from tracker.fit.sequence import SequenceTracker, TrackResult
@@ -68,7 +68,8 @@ def landmark_problem(track: LandmarkTrack, model: FlameModel, landmarks: Landmar
     """The landmark stage's observations (on the camera's device) and Problem (landmark, face-outline, prior
     and temporal terms): what every later stage refines."""
     outline = landmarks.outline is not None and cfg.energy.contour.weight > 0
-    group_weights = landmark_group_weights(scheme, landmarks.detector_index, cfg.energy.landmarks)
+    group_weights = landmark_group_weights(scheme, landmarks.detector_index, cfg.energy.landmarks,
+                                           None if landmarks.sigma is None else landmarks.sigma.cpu())
     if outline:  # outline points slide along the silhouette instead of sitting on fixed vertices
         on_outline = torch.isin(landmarks.detector_index, landmarks.outline_index.cpu())
         group_weights = torch.where(on_outline, torch.zeros_like(group_weights), group_weights)
@@ -77,7 +78,7 @@ def landmark_problem(track: LandmarkTrack, model: FlameModel, landmarks: Landmar
              TemporalEnergy(cfg.energy.temporal)]
     if outline:
         terms.insert(1, ContourEnergy(cfg.energy.contour, model, landmarks.outline))
-    return obs, Problem(model, landmarks, camera, terms)
+    return obs, Problem(model, landmarks, camera, terms, jacobian="differences")
 
 
 def observations_from_track(track: LandmarkTrack, landmarks: LandmarkSet, group_weights: torch.Tensor,
@@ -94,7 +95,7 @@ def observations_from_track(track: LandmarkTrack, landmarks: LandmarkSet, group_
     hi = np.where(finite[..., None], pts, -np.inf).max(1)
     size = np.where(track.valid, np.linalg.norm(hi - lo, axis=-1), 1.0)
     size = np.where(np.isfinite(size) & (size > 1), size, 1.0)
-    to = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=device)  # noqa: E731
+    to = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=device)
     extras = {}
     if outline:
         out = landmarks.outline_index.cpu().numpy()
@@ -117,6 +118,9 @@ class RunSummary:
     lmk_error_px_mean: float = float("nan")
     lmk_error_px_p95: float = float("nan")
     focal_px: float = float("nan")
+    focal: dict = field(default_factory=dict)
+    """How the focal length was found: px, fov_deg, source (given | estimated from the keyframes | prior, when
+    they left it uncertain) and log_std (the estimate's standard deviation in log focal)."""
     outputs: dict[str, str] = field(default_factory=dict)
     stages: dict = field(default_factory=dict)
     """Each refinement stage's status, {name: {"ran": bool, "reason": why not, ...}}; DenseMarks adds its
@@ -202,20 +206,20 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
     if len(track) == 0:
         raise TrackerError(f"{video}: no frames selected (start {cfg.video.start} is past the end?)")
 
-    camera = Camera.from_image(info.height, info.width, cfg.camera.fov_init_deg, cfg.camera.focal, device)
+    camera = Camera.from_image(info.height, info.width, cfg.camera.fov_prior_deg, cfg.camera.focal, device)
     obs, problem = landmark_problem(track, model, landmarks, camera, cfg, scheme)
     metadata = build_metadata(cfg, bundle, video, detector_settings)
     writer = OutputWriter(out_dir, camera, info.fps, metadata, track)
 
     with writer.keep_partial_on_failure():
-        result = fit_landmarks(problem, obs, track, cfg, writer, timings, show_progress)
+        result, focal = fit_landmarks(problem, obs, track, cfg, writer, timings, show_progress)
     stage_energy = {"landmarks": frame_energy(problem, result, obs)}
     # The landmark track is complete and safe on disk before the (slower) image stages refine it.
     writer.write_final(FrameTable(result.params, track.frame_indices, track.timestamps, result.valid,
                                   result.lmk_error_px, stage_energy))
     outputs = {"params": str(writer.path)}
 
-    frames = lambda: read_frames(video, selection)  # noqa: E731  (re-decodes the selected frames)
+    frames = lambda: read_frames(video, selection)
     with _timed(timings, "densemarks"):
         result, writer.metadata["densemarks"] = densemarks_stage(problem, result, obs, track, frames, bundle, cfg,
                                                                  out_dir, show_progress)
@@ -250,6 +254,7 @@ def track_video(video: str | Path, cfg: TrackerConfig, show_progress: bool = Tru
                                                  title=video.name))
 
     summary = _summarise(video, out_dir, track, result, timings, camera, outputs)
+    summary.focal = {**focal, "px": float(camera.focal)}
     summary.stages = stages
     summary.flame_model = bundle.model_record
     write_json(out_dir / "summary.json", summary.__dict__)
@@ -272,14 +277,19 @@ def detect_landmarks(video: Path, cfg: TrackerConfig, selection: FrameSelection,
 
 
 def fit_landmarks(problem: Problem, obs: Observations, track: LandmarkTrack, cfg: TrackerConfig,
-                  writer: "OutputWriter", timings: dict, show_progress: bool) -> TrackResult:
-    """Identity and focal on keyframes, frame-by-frame tracking, optional global refinement."""
+                  writer: OutputWriter, timings: dict, show_progress: bool) -> tuple[TrackResult, dict]:
+    """Identity and focal on keyframes, frame-by-frame tracking, optional global refinement. Returns the track
+    and how the focal length was found (Identity.focal_report)."""
     fitter = SequenceTracker(problem, cfg)
     device = obs.landmarks.device
     with _timed(timings, "identity"):
         shape = torch.zeros(1, problem.model.n_shape, device=device)
+        focal = {"px": float(problem.camera.focal), "source": "given" if cfg.camera.focal else "prior",
+                 "log_std": None}
         if track.valid.any():
-            shape, problem.camera.focal = fitter.estimate_identity(obs, track.valid)
+            identity = fitter.estimate_identity(obs, track.valid)
+            shape, problem.camera.focal = identity.shape, identity.focal
+            focal = identity.focal_report(problem.camera)
     with _timed(timings, "fitting"):
         with tqdm(total=len(track), desc="fitting", unit="frame", disable=not show_progress) as bar:
             result = fitter.track(obs, track.valid, shape, on_frame=writer.add, progress=lambda: bar.update(1))
@@ -288,7 +298,7 @@ def fit_landmarks(problem: Problem, obs: Observations, track: LandmarkTrack, cfg
                       disable=not show_progress) as bar:
                 result = refine_globally(problem, result, obs, cfg.fit.global_iters, cfg.fit.global_window,
                                          cfg.fit.lr, progress=bar.update)
-    return result
+    return result, focal
 
 
 def densemarks_stage(problem: Problem, result: TrackResult, obs: Observations, track: LandmarkTrack, frames,

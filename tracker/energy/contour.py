@@ -49,6 +49,10 @@ class ContourMatch:
     weights: torch.Tensor
     """(B, C) point weights, 0 where unmatched."""
 
+    def frames(self, rows: torch.Tensor) -> ContourMatch:
+        """The matches of frames `rows` (repeats allowed)."""
+        return ContourMatch(self.model, self.ends[rows], self.t[rows], self.direction[rows], self.weights[rows])
+
 
 class ContourEnergy:
     name = "contour"

@@ -79,6 +79,9 @@ class LandmarkSet:
     """(79, 17, 3) long: dynamic-contour triangle corners per yaw bin (ibug68 only)."""
     contour_bary: torch.Tensor | None = None
     """(79, 17, 3) dynamic-contour barycentric weights per yaw bin."""
+    sigma: torch.Tensor | None = None
+    """(L,) how far the detector strays from each embedded point (robust standard deviation, face-size units),
+    from a calibrated embedding (eval.calibrate_embedding); None when the embedding has no such record."""
     outline_index: torch.Tensor | None = None
     """(C,) long: detector points on the lower face outline, matched to the silhouette (energy.contour)."""
     outline: ContourRegion | None = None
@@ -88,12 +91,12 @@ class LandmarkSet:
     def n_landmarks(self) -> int:
         return int(self.corners.shape[0])
 
-    def to(self, device: torch.device | str) -> "LandmarkSet":
+    def to(self, device: torch.device | str) -> LandmarkSet:
         moved = {k: (v.to(device) if isinstance(v, (torch.Tensor, ContourRegion)) else v)
                  for k, v in self.__dict__.items()}
         return LandmarkSet(**moved)
 
-    def with_outline(self, region: ContourRegion) -> "LandmarkSet":
+    def with_outline(self, region: ContourRegion) -> LandmarkSet:
         """A copy whose scheme's face-outline points are matched to the silhouette of `region`."""
         index = torch.tensor(OUTLINE_POINTS[self.scheme], dtype=torch.long, device=self.vertex_ids.device)
         return LandmarkSet(**{**self.__dict__, "outline_index": index, "outline": region})
@@ -147,7 +150,8 @@ def read_dynamic_contour(path: Path) -> dict:
 
 
 def _build(scheme: str, faces: np.ndarray, tri_corners: list[np.ndarray], detector_index: np.ndarray,
-           bary: np.ndarray, contour: tuple[np.ndarray, np.ndarray] | None) -> LandmarkSet:
+           bary: np.ndarray, contour: tuple[np.ndarray, np.ndarray] | None,
+           sigma: np.ndarray | None = None) -> LandmarkSet:
     used = np.unique(np.concatenate([c.reshape(-1) for c in tri_corners]))
     local = {int(v): i for i, v in enumerate(used)}
     to_local = np.vectorize(lambda v: local[int(v)], otypes=[np.int64])
@@ -164,6 +168,7 @@ def _build(scheme: str, faces: np.ndarray, tri_corners: list[np.ndarray], detect
         detector_index=torch.from_numpy(detector_index.astype(np.int64)),
         contour_corners=contour_corners,
         contour_bary=contour_bary,
+        sigma=None if sigma is None else torch.from_numpy(np.asarray(sigma, np.float32)),
     )
 
 
@@ -185,10 +190,11 @@ def load_mediapipe105(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
     try:
         with np.load(_require(assets_dir, MEDIAPIPE_FILE), allow_pickle=False) as z:
             face_idx, bary, mp_idx = z["lmk_face_idx"], z["lmk_b_coords"], z["landmark_indices"]
+            sigma = z["landmark_sigma"] if "landmark_sigma" in z.files else None
     except (KeyError, ValueError, OSError) as exc:
         raise TrackerError(f"{MEDIAPIPE_FILE} is unreadable ({exc})") from None
     corners = _face_corners(faces, face_idx)
-    return _build("mediapipe478", faces, [corners], mp_idx, bary, None)
+    return _build("mediapipe478", faces, [corners], mp_idx, bary, None, sigma)
 
 
 def load_landmark_set(scheme: str, assets_dir: str | Path, faces: np.ndarray) -> LandmarkSet:
