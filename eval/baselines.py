@@ -99,7 +99,7 @@ def fit_exact_landmarks(gt: GroundTruth, cfg: TrackerConfig, show_progress: bool
     track = exact_landmark_track(replace(gt, params=truth), bundle.model, bundle.landmarks)
     device = torch.device(cfg.device)
     model, landmarks = bundle.model.to(device), bundle.landmarks.to(device)
-    camera = Camera.from_image(gt.camera.height, gt.camera.width, cfg.camera.fov_init_deg, cfg.camera.focal, device)
+    camera = Camera.from_image(gt.camera.height, gt.camera.width, cfg.camera.fov_prior_deg, cfg.camera.focal, device)
     problem = landmark_problem(track, model, landmarks, camera, cfg, scheme)[1]
     result = fit_known_track(problem, track, cfg, _DiscardFrames(), {}, show_progress)
     fitted_camera = Camera(problem.camera.focal.detach().cpu(), camera.center.cpu(), camera.height, camera.width)

@@ -205,10 +205,11 @@ def track_landmarks(video: Path, cfg: TrackerConfig, bundle: FlameBundle, size: 
         track = detect_video(video, detector, FrameSelection(), use_cache=False)
     finally:
         detector.close()
-    camera = Camera.from_image(size, size, cfg.camera.fov_init_deg)
+    camera = Camera.from_image(size, size, cfg.camera.fov_prior_deg)
     obs, problem = landmark_problem(track, bundle.model, bundle.landmarks, camera, cfg, SCHEME_MEDIAPIPE)
     tracker = SequenceTracker(problem, cfg)
-    shape, problem.camera.focal = tracker.estimate_identity(obs, track.valid)
+    identity = tracker.estimate_identity(obs, track.valid)
+    shape, problem.camera.focal = identity.shape, identity.focal
     result = tracker.track(obs, track.valid, shape)
     return result, obs, track, time.perf_counter() - start
 

@@ -113,7 +113,7 @@ def track_landmarks(video: Path, cfg, bundle, camera: Camera, mediapipe_model: s
         detector.close()
     obs, problem = landmark_problem(track, bundle.model, bundle.landmarks, camera, cfg, SCHEME_MEDIAPIPE)
     fitter = SequenceTracker(problem, cfg)
-    shape, _ = fitter.estimate_identity(obs, track.valid)  # the focal is fixed by the config
+    shape = fitter.estimate_identity(obs, track.valid).shape  # the focal is fixed by the config
     return fitter.track(obs, track.valid, shape), obs, problem, track
 
 

@@ -61,7 +61,8 @@ def sequence(bundle):
     landmark_camera = Camera.from_image(SIZE, SIZE, fov_deg=30.0)
     _, problem = landmark_problem_for(bundle, landmark_camera, cfg, FRAMES)
     tracker = SequenceTracker(problem, cfg)
-    shape, problem.camera.focal = tracker.estimate_identity(obs, found)
+    identity = tracker.estimate_identity(obs, found)
+    shape, problem.camera.focal = identity.shape, identity.focal
     result = tracker.track(obs, found, shape)
     oracle_truth = OracleGroundTruth(truth, camera, np.arange(FRAMES), {"synthetic": True})
     return truth, camera, oracle_truth, obs, result, cfg

@@ -216,7 +216,7 @@ def write_generated(path, spec: dict, width: int, height: int, pix_fmt: str) -> 
 
 
 NUMBER_KEYS = [("fit", "lr"), ("fit", "shape_iters"), ("fit", "global_window"), ("camera", "focal"),
-               ("camera", "fov_init_deg"), ("video", "stride"), ("video", "max_frames"), ("seed",),
+               ("camera", "fov_prior_deg"), ("video", "stride"), ("video", "max_frames"), ("seed",),
                ("energy", "landmarks", "scale"), ("energy", "priors", "weight"), ("photometric", "iters"),
                ("densemarks", "min_inliers"), ("energy", "dense_corr", "min_facing")]
 ANY_VALUE = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**20, 10**20), st.booleans(),

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from tracker.energy.contour import ContourEnergyConfig
 from tracker.energy.dense import DenseCorrespondenceConfig, DenseRenderConfig
 from tracker.energy.landmarks import LandmarkEnergyConfig
 from tracker.energy.photometric import PhotometricConfig
@@ -46,8 +47,12 @@ class FlameConfig:
 class CameraConfig:
     focal: float | None = None
     """Fixed focal length in pixels; None estimates it on keyframes."""
-    fov_init_deg: float = 30.0
-    """Field of view over the longer image side that initialises the focal length, degrees."""
+    fov_prior_deg: float = 30.0
+    """Field of view over the longer image side, degrees, assumed where the video does not constrain the focal
+    length (and where its estimate starts)."""
+    max_focal_log_std: float = 0.1
+    """Largest uncertainty (standard deviation of log focal) at which the estimated focal length is used;
+    above it the prior field of view is."""
 
 
 @dataclass
@@ -77,6 +82,8 @@ class DetectConfig:
 class EnergyConfig:
     landmarks: LandmarkEnergyConfig = field(default_factory=LandmarkEnergyConfig)
     """2D landmark reprojection term."""
+    contour: ContourEnergyConfig = field(default_factory=ContourEnergyConfig)
+    """Face-outline points matched to the mesh's silhouette (sliding contour)."""
     priors: PriorConfig = field(default_factory=PriorConfig)
     """Priors on shape, expression, pose."""
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
@@ -97,6 +104,8 @@ class FitConfig:
     """Levenberg-Marquardt iterations of the keyframe (identity, focal) stage."""
     frame_iters: int = 5
     """Levenberg-Marquardt iterations per frame when warm-started from the previous frame."""
+    frame_rounds: int = 1
+    """Solver rounds per warm-started frame (each re-matches the outline points to the silhouette first)."""
     first_frame_iters: int = 20
     """Levenberg-Marquardt iterations for a frame started from its own landmarks (first frame, re-init)."""
     lr: float = 0.01
@@ -351,10 +360,10 @@ NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
     # (key pattern, lowest, highest, lowest allowed itself); every other number must be finite and >= 0.
     ("seed", 0, 2**32 - 1, True),
     ("camera.focal", 0, math.inf, False),
-    ("camera.fov_init_deg", 0, 170, False),
+    ("camera.fov_prior_deg", 0, 170, False), ("camera.max_focal_log_std", 0, math.inf, False),
     ("video.max_frames", 1, math.inf, True), ("video.stride", 1, math.inf, True),
     ("fit.keyframes", 1, math.inf, True), ("fit.shape_iters", 1, math.inf, True),
-    ("fit.frame_iters", 1, math.inf, True), ("fit.first_frame_iters", 1, math.inf, True),
+    ("fit.frame_iters", 1, math.inf, True), ("fit.frame_rounds", 1, math.inf, True), ("fit.first_frame_iters", 1, math.inf, True),
     ("fit.reinit_factor", 1, math.inf, False), ("fit.global_window", 2, math.inf, True),
     ("*lr", 0, math.inf, False), ("*scale", 0, math.inf, False), ("*distance", 0, math.inf, False),
     ("photometric.resolution", 32, math.inf, True), ("photometric.texture_size", 8, math.inf, True),

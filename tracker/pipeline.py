@@ -7,10 +7,10 @@ import logging
 import platform
 import random
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -19,16 +19,19 @@ from tqdm import tqdm
 import tracker
 from tracker.camera import Camera, check_focal
 from tracker.config import TrackerConfig, config_to_dict
+from tracker.densemarks.stage import run_densemarks_stage
 from tracker.detect.base import SCHEME_IBUG68, SCHEME_MEDIAPIPE, LandmarkTrack, make_detector
 from tracker.detect.sequence import detect_video
 from tracker.detect.stream import KnownTrack, LandmarkStream
 from tracker.energy.base import Observations
+from tracker.energy.contour import POINTS_KEY as CONTOUR_POINTS
+from tracker.energy.contour import WEIGHTS_KEY as CONTOUR_WEIGHTS
+from tracker.energy.contour import ContourEnergy
 from tracker.energy.landmarks import LandmarkEnergy, landmark_group_weights
 from tracker.energy.photometric import Appearance, region_mesh
 from tracker.energy.priors import PriorEnergy
 from tracker.energy.temporal import TemporalEnergy
 from tracker.errors import TrackerError, quote
-from tracker.densemarks.stage import run_densemarks_stage
 from tracker.fit.bridge import bridge_gaps
 from tracker.fit.global_refine import refine_globally
 from tracker.fit.photometric import run_photometric_stage, stage_crop
@@ -67,35 +70,60 @@ def resolve_device(name: str) -> torch.device:
 
 def landmark_problem(track: LandmarkTrack, model: FlameModel, landmarks: LandmarkSet, camera: Camera,
                      cfg: TrackerConfig, scheme: str) -> tuple[Observations, Problem]:
-    """The landmark stage's observations (on the camera's device) and Problem (landmark, prior and temporal
-    terms): what every later stage refines."""
-    group_weights = landmark_group_weights(scheme, landmarks.detector_index, cfg.energy.landmarks)
-    obs = observations_from_track(track, landmarks, group_weights, camera.focal.device)
+    """The landmark stage's observations (on the camera's device) and Problem (landmark, face-outline, prior
+    and temporal terms): what every later stage refines."""
+    obs = observations_from_track(track, landmarks, landmark_weights(landmarks, scheme, cfg), camera.focal.device,
+                                  uses_outline(landmarks, cfg))
     return obs, landmark_terms_problem(model, landmarks, camera, cfg)
 
 
+def uses_outline(landmarks: LandmarkSet, cfg: TrackerConfig) -> bool:
+    """Whether the scheme's face-outline points slide along the silhouette (ContourEnergy) instead of sitting on
+    fixed vertices."""
+    return landmarks.outline is not None and cfg.energy.contour.weight > 0
+
+
+def landmark_weights(landmarks: LandmarkSet, scheme: str, cfg: TrackerConfig) -> torch.Tensor:
+    """(L,) per-landmark weights of the landmark term: group weights, inverse-variance where the embedding is
+    calibrated, zero for the outline points that the face-outline term fits instead."""
+    weights = landmark_group_weights(scheme, landmarks.detector_index.cpu(), cfg.energy.landmarks,
+                                     None if landmarks.sigma is None else landmarks.sigma.cpu())
+    if uses_outline(landmarks, cfg):
+        on_outline = torch.isin(landmarks.detector_index.cpu(), landmarks.outline_index.cpu())
+        weights = torch.where(on_outline, torch.zeros_like(weights), weights)
+    return weights
+
+
 def landmark_terms_problem(model: FlameModel, landmarks: LandmarkSet, camera: Camera, cfg: TrackerConfig) -> Problem:
-    """The landmark stage's Problem: landmark, prior and temporal terms."""
+    """The landmark stage's Problem: landmark, face-outline, prior and temporal terms; per-frame Jacobians by
+    central differences (one batched evaluation beats forward-mode passes on these small problems)."""
     terms = [LandmarkEnergy(cfg.energy.landmarks), PriorEnergy(cfg.energy.priors, model),
              TemporalEnergy(cfg.energy.temporal)]
-    return Problem(model, landmarks, camera, terms)
+    if uses_outline(landmarks, cfg):
+        terms.insert(1, ContourEnergy(cfg.energy.contour, model, landmarks.outline))
+    return Problem(model, landmarks, camera, terms, jacobian="differences")
 
 
 def observations_from_track(track: LandmarkTrack, landmarks: LandmarkSet, group_weights: torch.Tensor,
-                            device: torch.device) -> Observations:
-    """Detected points in embedding order; missing frames/points get weight 0."""
+                            device: torch.device, outline: bool = False) -> Observations:
+    """Detected points in embedding order; missing frames/points get weight 0. With `outline`, the scheme's
+    face-outline points also go to extras for the sliding-contour term."""
+    conf_all = track.confidence * track.valid[:, None]
+    conf_all = np.where(np.isfinite(track.points).all(-1), conf_all, 0.0)
+    points_all = np.nan_to_num(track.points)
     idx = landmarks.detector_index.cpu().numpy()  # the landmark set may live on the GPU
-    pts = track.points[:, idx]
-    conf = track.confidence[:, idx] * track.valid[:, None]
-    finite = np.isfinite(pts).all(-1)
-    conf = np.where(finite, conf, 0.0)
-    pts = np.nan_to_num(pts)
+    pts, conf = points_all[:, idx], conf_all[:, idx]
+    finite = conf > 0
     lo = np.where(finite[..., None], pts, np.inf).min(1)
     hi = np.where(finite[..., None], pts, -np.inf).max(1)
     size = np.where(track.valid, np.linalg.norm(hi - lo, axis=-1), 1.0)
     size = np.where(np.isfinite(size) & (size > 1), size, 1.0)
-    to = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=device)  # noqa: E731
-    return Observations(to(pts), to(conf) * group_weights.to(device)[None], to(size))
+    to = lambda a: torch.as_tensor(np.asarray(a, np.float32), device=device)
+    extras = {}
+    if outline:
+        out = landmarks.outline_index.cpu().numpy()
+        extras = {CONTOUR_POINTS: to(points_all[:, out]), CONTOUR_WEIGHTS: to(conf_all[:, out])}
+    return Observations(to(pts), to(conf) * group_weights.to(device)[None], to(size), extras=extras)
 
 
 @dataclass
@@ -115,6 +143,9 @@ class RunSummary:
     lmk_error_px_mean: float = float("nan")
     lmk_error_px_p95: float = float("nan")
     focal_px: float = float("nan")
+    focal: dict = field(default_factory=dict)
+    """How the focal length was found: px, fov_deg, source (given | estimated from the keyframes | prior, when
+    they left it uncertain) and log_std (the estimate's standard deviation in log focal)."""
     outputs: dict[str, str] = field(default_factory=dict)
     stages: dict = field(default_factory=dict)
     """Each refinement stage's status, {name: {"ran": bool, "reason": why not, ...}}; DenseMarks adds its
@@ -176,7 +207,7 @@ def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folde
     landmarks = bundle.landmarks.to(device)
     out_dir = run_folder.open()  # inputs accepted: now the folder is made, the previous run's outputs go
 
-    camera = Camera.from_image(info.height, info.width, cfg.camera.fov_init_deg, cfg.camera.focal, device)
+    camera = Camera.from_image(info.height, info.width, cfg.camera.fov_prior_deg, cfg.camera.focal, device)
     problem = landmark_terms_problem(model, landmarks, camera, cfg)
     detector = make_detector(cfg.detect.landmarks, **_detector_options(cfg))
     try:
@@ -189,7 +220,8 @@ def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folde
             # The writer reads frame indices and times off the stream, which grows as frames are detected.
             writer = OutputWriter(out_dir, camera, info.fps, metadata, stream, on_disk)
             with writer.keep_partial_on_failure():
-                result = fit_landmarks(problem, stream, scheme, cfg, writer, timings, expected, show_progress)
+                result, focal = fit_landmarks(problem, stream, scheme, cfg, writer, timings, expected,
+                                              show_progress)
             track = stream.track()
             timings["detection"] = stream.detect_seconds
     finally:
@@ -205,7 +237,7 @@ def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folde
                             stage_energy=stage_energy), complete=False)
     outputs = {"params": str(writer.path)}
 
-    frames = lambda: read_frames(video, selection)  # noqa: E731  (re-decodes the selected frames)
+    frames = lambda: read_frames(video, selection)
     with _timed(timings, "bridge"):
         result, bridged, bridge = bridge_gaps(problem, result, obs, frames, bundle.masks, cfg.bridge)
     with _timed(timings, "densemarks"):
@@ -246,6 +278,7 @@ def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folde
     arrays = writer.write(table, complete=decoding.complete)
     summary = _summarise(video, out_dir, arrays, result, timings, time.perf_counter() - started, camera, outputs)
     summary.stages, summary.flame_model, summary.input = stages, bundle.model_record, writer.metadata["input"]
+    summary.focal = {**focal, "px": float(camera.focal)}  # an image stage may have re-estimated it
     summary.complete, summary.incomplete_reason = decoding.complete, "" if decoding.complete else decoding.stopped
     write_json(out_dir / "summary.json", summary.__dict__)
     return summary
@@ -266,10 +299,15 @@ def detect_landmarks(video: Path, cfg: TrackerConfig, selection: FrameSelection,
             detector.close()
 
 
+KEYFRAME_CANDIDATES = 3
+"""Keyframe candidates detected first per identity keyframe: the identity takes the keyframes that span the
+head poses among them (`choose_keyframes`)."""
+
+
 def keyframe_positions(expected_frames: int | None, count: int) -> np.ndarray:
-    """Positions in the selection of the identity keyframes, spread evenly over the expected frame count (none
-    when the container does not tell the count: the identity then waits for the whole track)."""
-    return evenly_spaced(np.arange(expected_frames or 0), count)
+    """Positions in the selection of the identity keyframe candidates, spread evenly over the expected frame
+    count (none when the container does not tell the count: the identity then waits for the whole track)."""
+    return evenly_spaced(np.arange(expected_frames or 0), KEYFRAME_CANDIDATES * count)
 
 
 def fit_known_track(problem: Problem, track: LandmarkTrack, cfg: TrackerConfig, writer: OutputWriter,
@@ -278,19 +316,29 @@ def fit_known_track(problem: Problem, track: LandmarkTrack, cfg: TrackerConfig, 
     one (`fit_landmarks`)."""
     keys = keyframe_positions(len(track), cfg.fit.keyframes)
     return fit_landmarks(problem, KnownTrack(track, keys), track.scheme, cfg, writer, timings, len(track),
-                         show_progress)
+                         show_progress)[0]
 
 
 def fit_landmarks(problem: Problem, stream: LandmarkStream | KnownTrack, scheme: str, cfg: TrackerConfig,
-                  writer: OutputWriter, timings: dict, expected_frames: int | None, show_progress: bool) -> TrackResult:
+                  writer: OutputWriter, timings: dict, expected_frames: int | None,
+                  show_progress: bool) -> tuple[TrackResult, dict]:
     """Identity and focal on keyframes, then frame-by-frame tracking while the stream is still detecting (when
     fewer than half the keyframes show a face, the identity waits for the whole track and takes its keyframes
-    from the valid frames, as a sequential run would), then the optional global refinement."""
+    from the valid frames, as a sequential run would), then the optional global refinement. Returns the track
+    and how the focal length was found (`Identity.focal_report`)."""
     fitter = SequenceTracker(problem, cfg)
     landmarks = problem.landmarks
-    weights = landmark_group_weights(scheme, landmarks.detector_index, cfg.energy.landmarks)
+    weights, outline = landmark_weights(landmarks, scheme, cfg), uses_outline(landmarks, cfg)
     device = problem.camera.focal.device
-    observe = lambda track: observations_from_track(track, landmarks, weights, device)  # noqa: E731
+    observe = lambda track: observations_from_track(track, landmarks, weights, device, outline)
+    focal = {"px": float(problem.camera.focal), "source": "given" if cfg.camera.focal else "prior", "log_std": None}
+
+    def identity_from(obs: Observations, valid: np.ndarray) -> torch.Tensor:
+        nonlocal focal
+        identity = fitter.estimate_identity(obs, valid)
+        problem.camera.focal, focal = identity.focal, identity.focal_report(problem.camera)
+        return identity.shape
+
     with tqdm(total=expected_frames, desc="tracking", unit="frame", disable=not show_progress) as bar:
         with _timed(timings, "identity"):
             keys = stream.keyframes()
@@ -298,7 +346,7 @@ def fit_landmarks(problem: Problem, stream: LandmarkStream | KnownTrack, scheme:
                 frames = ((observe(LandmarkTrack.from_detections(keys.scheme, [f.index], [f.timestamp],
                                                                  [f.landmarks])), f.landmarks is not None)
                           for f in stream)
-                shape, problem.camera.focal = fitter.estimate_identity(observe(keys), keys.valid)
+                shape = identity_from(observe(keys), keys.valid)
             else:
                 for _ in stream:  # the whole track first
                     pass
@@ -307,7 +355,7 @@ def fit_landmarks(problem: Problem, stream: LandmarkStream | KnownTrack, scheme:
                 frames = ((obs.frames(slice(t, t + 1)), bool(track.valid[t])) for t in range(len(track)))
                 shape = torch.zeros(1, problem.model.n_shape, device=device)
                 if track.valid.any():
-                    shape, problem.camera.focal = fitter.estimate_identity(obs, track.valid)
+                    shape = identity_from(obs, track.valid)
         with _timed(timings, "fitting"):
             result = fitter.track_frames(frames, shape, on_frame=writer.add, progress=lambda: bar.update(1))
     if cfg.fit.global_iters > 0:
@@ -317,7 +365,7 @@ def fit_landmarks(problem: Problem, stream: LandmarkStream | KnownTrack, scheme:
                       disable=not show_progress) as bar:
                 result = refine_globally(problem, result, obs, cfg.fit.global_iters, cfg.fit.global_window,
                                          cfg.fit.lr, progress=bar.update)
-    return result
+    return result, focal
 
 
 def densemarks_stage(problem: Problem, result: TrackResult, obs: Observations, track: LandmarkTrack, frames,

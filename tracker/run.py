@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -155,7 +156,8 @@ def print_summary(summary: dict) -> None:
           f"{summary['frames'] - summary['valid_frames']} without a face"
           + (f": {invalid[:10]}{' ...' if len(invalid) > 10 else ''}" if invalid else "") + ")")
     print(f"landmark error: mean {summary['lmk_error_px_mean']:.2f} px, p95 {summary['lmk_error_px_p95']:.2f} px; "
-          f"focal {summary['focal_px']:.0f} px; re-initialised frames: {summary['reinitialised_frames']}")
+          f"focal {summary['focal_px']:.0f} px ({summary.get('focal', {}).get('source', 'estimated')}); "
+          f"re-initialised frames: {summary['reinitialised_frames']}")
     dense, photometric = summary["stages"]["densemarks"], summary["stages"]["photometric"]
     dense_state = f"on ({dense['predictor']})" if dense["ran"] else f"off: {dense['reason']}"
     print(f"DenseMarks: {dense_state}; photometric stage: "

@@ -39,10 +39,6 @@ LANDMARK_AGREEMENT = 0.5
 landmark fit) when the landmark fit agrees with the matches less than this fraction as well as the refined fit."""
 SETTLED_PX = 0.5
 """A frame's rounds stop once one moves no sampled vertex by more than this many video pixels."""
-DIFFERENCE_STEP = 3e-4
-"""Central-difference step of the per-frame Jacobians (radians, metres, coefficients: each moves the mesh by far
-less than a pixel)."""
-
 
 def stage_terms(terms: Iterable[EnergyTerm], stage: DenseMarksStageConfig) -> list[EnergyTerm]:
     """The landmark stage's terms re-weighted for this stage (landmarks, priors and temporal by their stage
@@ -110,10 +106,9 @@ class DenseFitter:
         landmarks are re-chosen only when the landmark term is on. Frame fits use central-difference Jacobians
         (fast); the identity keeps exact forward-mode ones, as it must travel along the weakly seen
         size/depth direction, where Jacobian errors of a fraction of a percent stall it."""
-        contour_rounds = 2 if any(term.name == "landmarks" for term in problem.terms) else 1
-        step = None if shared.get("free_shape") else DIFFERENCE_STEP
-        return fit_lm(problem, params, obs, self.free, iters, reference, contour_rounds=contour_rounds,
-                      difference_step=step, **shared)
+        rounds = 2 if any(term.name == "landmarks" for term in problem.terms) else 1
+        return fit_lm(problem, params, obs, self.free, iters, reference, rounds=rounds,
+                      jacobian=None if shared.get("free_shape") else "differences", **shared)
 
     def correspondence_term(self, positions: torch.Tensor) -> DenseCorrespondenceEnergy:
         return DenseCorrespondenceEnergy(self.corr_cfg, self.model, self.vertex_ids[positions])
@@ -231,8 +226,7 @@ def refine_identity(fitter: DenseFitter, params: FlameParams, obs: Observations,
                   CORR_WEIGHT: torch.cat([f.extras[CORR_WEIGHT][:, positions] for f in frames]),
                   CROP_PX: torch.cat([f.extras[CROP_PX] for f in frames])}
         params, focal = fitter.lm(problem, params, replace(obs, extras=extras), stage.identity_iters,
-                                  free_shape=True, free_focal=free_focal, focal_prior=FOCAL_PRIOR * len(frames),
-                                  depth_follows_focal=True)
+                                  free_shape=True, free_focal=free_focal, focal_prior=FOCAL_PRIOR * len(frames))
         fitter.camera.focal = focal
     return params, used
 

@@ -53,7 +53,8 @@ class Evaluation:
     def __init__(self, model: FlameModel, landmarks: LandmarkSet, camera: Camera, params: FlameParams,
                  obs: Observations, reference: FlameParams | None = None,
                  contour_yaw: torch.Tensor | None = None, landmark_model: FlameModel | None = None,
-                 rasterizer: Callable[[torch.Tensor, torch.Tensor], Fragments] | None = None):
+                 rasterizer: Callable[[torch.Tensor, torch.Tensor], Fragments] | None = None,
+                 term_state: dict | None = None):
         self.model = model
         self.rasterizer = rasterizer
         """rasterizer(verts_screen (B, V, 3), faces) -> Fragments at the size of obs.images."""
@@ -67,6 +68,8 @@ class Evaluation:
         """Parameters of neighbouring (previous) frames for temporal terms, or None."""
         self.contour_yaw = contour_yaw
         """(B,) yaw (degrees) that picks the jaw contour, held fixed by solvers; None: from params."""
+        self.term_state = term_state or {}
+        """Per-term state a solver holds fixed for a round ({term name: term.prepare(ev)}), e.g. matches."""
 
     @cached_property
     def yaw_deg(self) -> torch.Tensor:
@@ -122,7 +125,10 @@ class EnergyTerm(Protocol):
     name: str
 
     def __call__(self, ev: Evaluation) -> torch.Tensor:
-        """(B, N) weighted residuals; the energy is their sum of squares."""
+        """(B, N) weighted residuals; the energy is their sum of squares.
+
+        A term with discrete choices (correspondences) may also define `prepare(ev) -> state`: solvers call
+        it at the start of a round and hand the state back through `ev.term_state[name]`."""
 
 
 class ScaledTerm:

@@ -31,8 +31,11 @@ class LandmarkEnergyConfig:
     """Relative weight of mouth landmarks."""
 
 
-def landmark_group_weights(scheme: str, detector_index: torch.Tensor, cfg: LandmarkEnergyConfig) -> torch.Tensor:
-    """(L,) relative weight per embedded landmark, by facial region."""
+def landmark_group_weights(scheme: str, detector_index: torch.Tensor, cfg: LandmarkEnergyConfig,
+                           sigma: torch.Tensor | None = None) -> torch.Tensor:
+    """(L,) relative weight per embedded landmark: by facial region, or, for a calibrated embedding that
+    records how far the detector strays from each point (sigma, face-size units), by inverse variance
+    relative to the median landmark (clipped to [1/4, 4])."""
     idx = detector_index.tolist()
     if scheme == "ibug68":
         def group(i):
@@ -41,7 +44,13 @@ def landmark_group_weights(scheme: str, detector_index: torch.Tensor, cfg: Landm
     else:
         def group(i):
             return cfg.eye_weight if i in MEDIAPIPE_EYES else cfg.mouth_weight if i in MEDIAPIPE_LIPS else 1.0
-    return torch.tensor([group(i) for i in idx], dtype=torch.float32)
+    weights = torch.tensor([group(i) for i in idx], dtype=torch.float32)
+    if sigma is not None and torch.isfinite(sigma).any():
+        known = torch.isfinite(sigma) & (sigma > 0)
+        ratio = (sigma[known].median() / sigma.clamp(min=1e-6)) ** 2
+        weights = torch.where(known, ratio.clamp(0.25, 4.0), weights)
+    return weights
+
 
 
 class LandmarkEnergy:

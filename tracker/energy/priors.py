@@ -1,8 +1,12 @@
-"""Priors on identity, expression and pose.
+"""Statistical priors (MAP) on identity, expression and pose.
 
-Coefficient priors are measured in vertex displacement (each direction scaled by its RMS displacement per
-unit coefficient), so they mean the same for PCA models (FLAME) and ARKit-style blendshapes (the stand-in),
-whose coefficients have very different natural ranges.
+FLAME's identity and PCA expression coefficients are in standard deviations, so -log p = 1/2 |beta|^2: the
+residuals are the coefficients themselves. Blendshape expressions (the stand-in's ARKit-style shapes, useful
+range 0..1, not orthogonal) get the prior such activations need instead: a quadratic barrier outside [0, 1]
+and a smooth L1 sparsity term (few shapes active at once). Which one applies is read from the model
+(`expression_basis`): files that name their expressions are blendshape rigs, the others PCA.
+
+Weights are relative to the landmark term, which is a mean over landmarks in units of its robust scale.
 """
 
 from __future__ import annotations
@@ -13,28 +17,50 @@ import torch
 
 from tracker.energy.base import Evaluation
 
+SPARSITY_EPS = 0.05
+"""Below this activation the sparsity term is quadratic (smooth for Gauss-Newton), above it linear."""
+
 
 @dataclass
 class PriorConfig:
-    weight: float = 0.1
+    weight: float = 1.0
     """Overall weight of the priors."""
-    shape: float = 0.05
-    """Identity prior, per cm^2 of RMS vertex displacement (weak: many frames constrain the identity)."""
-    expr: float = 0.2
-    """Expression prior, per cm^2 of RMS vertex displacement."""
+    shape: float = 0.02
+    """Identity: 1/2 |beta|^2 (coefficients in standard deviations)."""
+    expr: float = 0.02
+    """PCA expressions: 1/2 |psi|^2; blendshape expressions: a light L2 towards neutral."""
+    expr_sparsity: float = 0.004
+    """Blendshape expressions only: smooth L1 on the activations (few shapes at once)."""
+    expr_bounds: float = 10.0
+    """Blendshape expressions only: quadratic barrier outside the activation range [0, 1]."""
     jaw: float = 1.0
-    """Jaw: penalises sideways/twist rotation and closing past rest."""
-    neck: float = 0.2
-    """Neck rotation prior (the global rotation carries the head pose)."""
-    eyes: float = 0.05
-    """Eyeball rotation prior."""
-    eyelids: float = 0.01
-    """Eyelid coefficient prior."""
+    """Jaw: penalises sideways/twist rotation and closing past rest, per rad^2."""
+    neck: float = 0.02
+    """Neck rotation, per rad^2 (the global rotation carries the head pose)."""
+    eyes: float = 0.005
+    """Eyeball rotation, per rad^2."""
+    eyelids: float = 0.001
+    """Eyelid closing coefficients."""
 
 
-def direction_scale(dirs: torch.Tensor) -> torch.Tensor:
-    """RMS vertex displacement of each blendshape direction. dirs: (V, 3, D) -> (D,) metres."""
-    return dirs.pow(2).sum(1).mean(0).sqrt()
+def gaussian_residuals(coefficients: torch.Tensor) -> torch.Tensor:
+    """Residuals of -log N(0, I) up to the factor 1/2: the coefficients themselves. (B, D) -> (B, D)."""
+    return coefficients
+
+
+def barrier_residuals(activations: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """Distance outside [low, high] (0 inside). (B, D) -> (B, D)."""
+    return torch.relu(low - activations) + torch.relu(activations - high)
+
+
+def sparsity_residuals(activations: torch.Tensor, eps: float = SPARSITY_EPS) -> torch.Tensor:
+    """Residuals whose square is the smooth L1 norm sqrt(a^2 + eps^2) - eps. (B, D) -> (B, D)."""
+    return torch.sqrt(torch.sqrt(activations * activations + eps * eps) - eps + 1e-12)
+
+
+def expression_basis(model) -> str:
+    """'blendshapes' when the model names its expression directions (ARKit-style rig), else 'pca'."""
+    return "blendshapes" if getattr(model, "expression_names", None) else "pca"
 
 
 class PriorEnergy:
@@ -42,16 +68,22 @@ class PriorEnergy:
 
     def __init__(self, cfg: PriorConfig, model):
         self.cfg = cfg
-        n_s, n_e = model.n_shape, model.n_expr
-        self.shape_scale = direction_scale(model.dirs[:, :, :n_s]) * 100  # centimetres
-        self.expr_scale = direction_scale(model.dirs[:, :, n_s:n_s + n_e]) * 100
+        self.basis = expression_basis(model)
+
+    def expression_residuals(self, expr: torch.Tensor) -> torch.Tensor:
+        """(B, n_expr) -> (B, N) weighted expression prior residuals."""
+        c = self.cfg
+        parts = [c.expr ** 0.5 * gaussian_residuals(expr)]
+        if self.basis == "blendshapes":
+            parts += [c.expr_sparsity ** 0.5 * sparsity_residuals(expr), c.expr_bounds ** 0.5 * barrier_residuals(expr)]
+        return torch.cat(parts, dim=1)
 
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         p, c = ev.params, self.cfg
         B = p.batch_size
         # The shared identity is counted once per batch, not once per frame.
-        shape = (p.shape * self.shape_scale).expand(B, -1) / B ** 0.5
-        jaw = torch.cat([p.jaw_pose[:, 1:] * 10 ** 0.5, torch.relu(-p.jaw_pose[:, :1]) * 10 ** 0.5], dim=1)
-        parts = [(c.shape, shape), (c.expr, p.expr * self.expr_scale), (c.jaw, jaw), (c.neck, p.neck_pose),
-                 (c.eyes, p.eyes_pose), (c.eyelids, p.eyelids)]
-        return torch.cat([(c.weight * w) ** 0.5 * r for w, r in parts], dim=1)
+        shape = c.shape ** 0.5 * gaussian_residuals(p.shape).expand(B, -1) / B ** 0.5
+        jaw = torch.cat([p.jaw_pose[:, 1:], torch.relu(-p.jaw_pose[:, :1])], dim=1)
+        parts = [shape, self.expression_residuals(p.expr), c.jaw ** 0.5 * jaw, c.neck ** 0.5 * p.neck_pose,
+                 c.eyes ** 0.5 * p.eyes_pose, c.eyelids ** 0.5 * p.eyelids]
+        return c.weight ** 0.5 * torch.cat(parts, dim=1)

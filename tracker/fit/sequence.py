@@ -3,8 +3,9 @@ a warm start from the previous frame, re-initialising a frame from its own landm
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -12,12 +13,36 @@ import torch
 from tracker.camera import Camera
 from tracker.config import TrackerConfig
 from tracker.energy.base import Observations
-from tracker.fit.init import rigid_from_landmarks
-from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, fit_lm, torch_threads
+from tracker.fit.init import rigid_from_landmarks, rough_head_angles
+from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, fit_lm, log_focal_std, torch_threads
 from tracker.flame.model import FlameParams
 
+KEYFRAME_MAX_ANGLE_DEG = 45.0
+"""Largest rough yaw or pitch of a keyframe."""
 FOCAL_PRIOR = 1e-5
 """Weight pulling log(focal / initial focal) to 0: landmarks constrain the focal length only weakly."""
+
+
+@dataclass
+class Identity:
+    """What the keyframes say about the whole video: the person's shape and the camera's focal length."""
+
+    shape: torch.Tensor
+    """(1, n_shape) identity coefficients."""
+    focal: torch.Tensor
+    """() focal length in pixels."""
+    focal_source: str
+    """given (camera.focal) | estimated (from the keyframes) | prior (the keyframes did not constrain it)."""
+    focal_log_std: float
+    """Uncertainty of the estimate (standard deviation of log focal); NaN when given."""
+    keyframes: np.ndarray
+    """Indices of the keyframes."""
+
+    def focal_report(self, camera: Camera) -> dict:
+        """The focal length as summary.json reports it."""
+        fov = 2 * math.degrees(math.atan(0.5 * max(camera.height, camera.width) / float(self.focal)))
+        return {"px": float(self.focal), "fov_deg": round(fov, 2), "source": self.focal_source,
+                "log_std": None if math.isnan(self.focal_log_std) else round(self.focal_log_std, 4)}
 
 
 @dataclass
@@ -51,9 +76,30 @@ def evenly_spaced(candidates: np.ndarray, count: int) -> np.ndarray:
     return candidates[np.round(np.linspace(0, len(candidates) - 1, count)).astype(int)]
 
 
-def choose_keyframes(valid: np.ndarray, count: int) -> np.ndarray:
-    """Up to `count` valid frame indices spread evenly over the sequence."""
-    return evenly_spaced(np.flatnonzero(valid), count)
+def choose_keyframes(valid: np.ndarray, count: int, angles: np.ndarray | None = None) -> np.ndarray:
+    """Up to `count` valid frame indices that span the head poses seen (sorted).
+
+    angles: (T, 2) rough yaw and pitch per frame in degrees (NaN where unknown); without them, or where
+    fewer than `count` frames have them, frames are spread evenly over the sequence. With them, greedy
+    farthest-point sampling in (yaw, pitch) from the most frontal frame: views from different sides are what
+    separate identity from pose and depth from focal length. Views turned beyond KEYFRAME_MAX_ANGLE_DEG are
+    left out: detectors guess the hidden half of a face there.
+    """
+    candidates = np.flatnonzero(valid)
+    if angles is None or len(candidates) <= count:
+        return evenly_spaced(candidates, count)
+    seen = angles[candidates]
+    known = candidates[np.isfinite(seen).all(1) & (np.abs(seen) <= KEYFRAME_MAX_ANGLE_DEG).all(1)]
+    if len(known) < count:
+        return evenly_spaced(candidates, count)
+    points = angles[known]
+    chosen = [int(np.argmin(np.linalg.norm(points, axis=1)))]
+    distance = np.linalg.norm(points - points[chosen[0]], axis=1)
+    while len(chosen) < count:
+        pick = int(np.argmax(distance))
+        chosen.append(pick)
+        distance = np.minimum(distance, np.linalg.norm(points - points[pick], axis=1))
+    return np.sort(known[chosen])
 
 
 class SequenceTracker:
@@ -80,19 +126,36 @@ class SequenceTracker:
             params.translation[b] = torch.from_numpy(trans)
         return params
 
-    def estimate_identity(self, obs: Observations, valid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shared shape (1, n_shape) and focal from keyframes (focal fixed when the config gives one)."""
-        keys = choose_keyframes(valid, self.cfg.fit.keyframes)
+    def estimate_identity(self, obs: Observations, valid: np.ndarray) -> Identity:
+        """Shared shape and focal from keyframes that span the head poses seen.
+
+        The focal length is estimated jointly with the identity unless the config gives it; when the keyframes
+        leave it uncertain (a frontal video: perspective and face depth explain the same pixels), the prior
+        field of view is used instead and the identity is fitted again under it.
+        """
+        angles = rough_head_angles(self.model, self.problem.landmarks, self.problem.camera,
+                                   obs.landmarks.cpu().numpy(), obs.landmark_weights.cpu().numpy() * valid[:, None])
+        keys = choose_keyframes(valid, self.cfg.fit.keyframes, angles)
         shape = torch.zeros(1, self.model.n_shape, device=obs.landmarks.device)
         key_obs = obs.frames(torch.as_tensor(keys, device=obs.landmarks.device))
         init = self._pnp_init(key_obs, shape)
-        free_focal = self.cfg.camera.focal is None
+        prior_focal = self.problem.camera.focal.detach().clone()
+        iters, prior = self.cfg.fit.shape_iters, FOCAL_PRIOR * len(keys)
         with torch_threads(1):
             # Pose first with the mean shape, then everything together.
-            init, _ = fit_lm(self.problem, init, key_obs, LANDMARK_FIELDS, max(5, self.cfg.fit.shape_iters // 3))
-            params, focal = fit_lm(self.problem, init, key_obs, LANDMARK_FIELDS, self.cfg.fit.shape_iters,
-                                   free_shape=True, free_focal=free_focal, focal_prior=FOCAL_PRIOR * len(keys))
-        return params.shape, focal
+            init, _ = fit_lm(self.problem, init, key_obs, LANDMARK_FIELDS, max(5, iters // 3))
+            if self.cfg.camera.focal is not None:
+                params, focal = fit_lm(self.problem, init, key_obs, LANDMARK_FIELDS, iters, free_shape=True)
+                return Identity(params.shape, focal, "given", float("nan"), keys)
+            params, focal = fit_lm(self.problem, init, key_obs, LANDMARK_FIELDS, iters, free_shape=True,
+                                   free_focal=True, focal_prior=prior)
+            self.problem.camera.focal = focal
+            spread = log_focal_std(self.problem, params, key_obs, LANDMARK_FIELDS, prior)
+            if spread <= self.cfg.camera.max_focal_log_std:
+                return Identity(params.shape, focal, "estimated", spread, keys)
+            self.problem.camera.focal = prior_focal
+            params, focal = fit_lm(self.problem, init, key_obs, LANDMARK_FIELDS, iters, free_shape=True)
+        return Identity(params.shape, focal, "prior", spread, keys)
 
     def track(self, obs: Observations, valid: np.ndarray, shape: torch.Tensor,
               on_frame: Callable[[int, FlameParams, float, bool], None] | None = None,
@@ -126,8 +189,9 @@ class SequenceTracker:
                     params = self._fit_fresh(o, shape)
                 else:
                     predicted = predict_next(prev, prev2)
+                    # One round: the prediction is close enough for its silhouette matches to hold.
                     params = fit_lm(self.problem, predicted, o, LANDMARK_FIELDS, fit.frame_iters,
-                                    reference=predicted)[0]
+                                    reference=predicted, rounds=fit.frame_rounds)[0]
                 err = float(landmark_error_px(self.problem, params, o)[0])
                 baseline = float(np.median(recent[-30:])) if recent else None
                 if prev is not None and baseline is not None and err > fit.reinit_factor * max(baseline, 1.0):

@@ -7,9 +7,10 @@ single forward-mode pass (`torch.func.jacfwd`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Sequence
+from functools import partial
 
 import torch
 from torch.func import jacfwd
@@ -52,24 +53,35 @@ class Problem:
     terms: Sequence[EnergyTerm]
     rasterizer: Callable | None = None
     """rasterizer(verts_screen, faces) -> Fragments, needed by image terms (photometric, DenseMarks)."""
+    jacobian: str = "forward"
+    """How Levenberg-Marquardt differentiates the per-frame parameters: forward (forward-mode AD) or
+    differences (central differences of one batched evaluation: faster for small per-frame terms; every
+    term's per-frame state must then support `frames(rows)`)."""
 
     def __post_init__(self):
         self.landmark_model = self.model.restricted(self.landmarks.vertex_ids)
 
-    def with_terms(self, terms: Sequence[EnergyTerm], rasterizer: Callable | None = None) -> "Problem":
-        """The same model and camera with other energy terms (e.g. a stage adding image terms)."""
+    def with_terms(self, terms: Sequence[EnergyTerm], rasterizer: Callable | None = None) -> Problem:
+        """The same model and camera with other energy terms (e.g. a stage adding image terms); forward-mode
+        Jacobians, which every term supports."""
         return Problem(self.model, self.landmarks, self.camera, terms, rasterizer or self.rasterizer)
 
     def evaluation(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
-                   camera: Camera | None = None, contour_yaw: torch.Tensor | None = None) -> Evaluation:
+                   camera: Camera | None = None, contour_yaw: torch.Tensor | None = None,
+                   term_state: dict | None = None) -> Evaluation:
         return Evaluation(self.model, self.landmarks, camera or self.camera, params, obs, reference, contour_yaw,
-                          self.landmark_model, self.rasterizer)
+                          self.landmark_model, self.rasterizer, term_state)
 
     def residuals(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
-                  camera: Camera | None = None, contour_yaw: torch.Tensor | None = None) -> torch.Tensor:
+                  camera: Camera | None = None, contour_yaw: torch.Tensor | None = None,
+                  term_state: dict | None = None) -> torch.Tensor:
         """(B, N) all terms' residuals side by side."""
-        ev = self.evaluation(params, obs, reference, camera, contour_yaw)
+        ev = self.evaluation(params, obs, reference, camera, contour_yaw, term_state)
         return torch.cat([term(ev) for term in self.terms], dim=1)
+
+    def prepare(self, ev: Evaluation) -> dict:
+        """What the terms with discrete choices (correspondences) hold fixed for a solver round."""
+        return {term.name: term.prepare(ev) for term in self.terms if hasattr(term, "prepare")}
 
     def energy(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
                camera: Camera | None = None) -> torch.Tensor:
@@ -99,14 +111,33 @@ class ParamPacker:
             ([X.new_zeros(1)] if self.free_focal else [])
         return X, torch.cat(parts) if parts else X.new_zeros(0)
 
-    def unpack(self, X: torch.Tensor, s: torch.Tensor) -> tuple[FlameParams, torch.Tensor]:
-        """FlameParams and log focal scale (0 when the focal is fixed)."""
+    def difference_steps(self, X: torch.Tensor) -> torch.Tensor:
+        """(Pf,) central-difference step of each frame parameter: 0.1 mm for translations, 1e-3 for angles
+        (radians) and coefficients."""
+        steps = [torch.full((size,), 1e-4 if name == "translation" else 1e-3)
+                 for name, size in zip(self.frame_fields, self.frame_sizes)]
+        return torch.cat(steps).to(X)
+
+    def unpack(self, X: torch.Tensor, s: torch.Tensor,
+               rows: torch.Tensor | None = None) -> tuple[FlameParams, torch.Tensor]:
+        """FlameParams and log focal scale (0 when the focal is fixed); with `rows`, X holds the parameters of
+        those frames (repeats allowed) and the fixed fields are taken from them."""
+        base = self.base if rows is None else self.base.frames(rows)
         fields = {n: c for n, c in zip(self.frame_fields, torch.split(X, self.frame_sizes, dim=1))}
         shared = torch.split(s, self.shared_sizes) if self.shared_sizes else ()
         if self.free_shape:
             fields["shape"] = shared[0].reshape(1, -1)
         log_focal = shared[-1][0] if self.free_focal else s.new_zeros(())
-        return FlameParams(**{**self.base.__dict__, **fields}), log_focal
+        return FlameParams(**{**base.__dict__, **fields}), log_focal
+
+    def unpack_dolly(self, X: torch.Tensor, s: torch.Tensor,
+                     rows: torch.Tensor | None = None) -> tuple[FlameParams, torch.Tensor]:
+        """`unpack` with the translations scaled by the focal scale (see fit_lm): X holds translations at the
+        initial focal length."""
+        params, log_focal = self.unpack(X, s, rows)
+        if self.free_focal:
+            params = replace(params, translation=params.translation * torch.exp(log_focal))
+        return params, log_focal
 
 
 def block_jacobians(residual_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], X: torch.Tensor,
@@ -122,23 +153,20 @@ def block_jacobians(residual_fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
     return J_frame, jacfwd(lambda v: residual_fn(X, s + v))(s.new_zeros(s.shape[0]))
 
 
-def central_difference_blocks(residual_rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                              X: torch.Tensor, s: torch.Tensor, step: float) -> torch.Tensor:
-    """Per-frame Jacobian blocks (B, N, Pf) by central differences, every perturbation in one batched call.
-
-    residual_rows(rows, X_rows, s) -> (R, N): the residuals of frame rows[i] at per-frame parameters X_rows[i].
-    One evaluation of 2 * B * Pf rows costs far less than forward-mode AD's Pf tangent passes, whose per-op
-    overhead dominates on small per-frame problems; the error (~step^2) does not matter to Levenberg-Marquardt,
-    which accepts a step only when the true cost falls.
-    """
+def difference_jacobians(residual_fn: Callable[..., torch.Tensor], X: torch.Tensor, s: torch.Tensor,
+                         steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like block_jacobians, with the per-frame blocks from central differences: every frame perturbed in
+    every parameter, all 2 * Pf * B copies evaluated as one batch (residual_fn(X_rows, s, rows) evaluates
+    rows of frames `rows`). Shared columns stay forward-mode (a one-off, keyframe-sized problem)."""
     B, Pf = X.shape
-    eye = torch.eye(Pf, dtype=X.dtype, device=X.device) * step
-    shifts = torch.cat([eye, -eye])  # (2 Pf, Pf)
-    rows = torch.arange(B, device=X.device).repeat_interleave(2 * Pf)
-    perturbed = X[rows] + shifts.repeat(B, 1)
-    with torch.no_grad():
-        r = residual_rows(rows, perturbed, s).view(B, 2, Pf, -1)
-    return ((r[:, 0] - r[:, 1]) / (2 * step)).transpose(1, 2)
+    offsets = torch.diag(steps)[:, None, :]  # (Pf, 1, Pf)
+    copies = torch.cat([X[None] + offsets, X[None] - offsets]).reshape(2 * Pf * B, Pf)
+    rows = torch.arange(B, device=X.device).repeat(2 * Pf)
+    r = residual_fn(copies, s, rows).reshape(2, Pf, B, -1)
+    J_frame = ((r[0] - r[1]) / (2 * steps)[:, None, None]).permute(1, 2, 0)
+    if not s.numel():
+        return J_frame, X.new_zeros(*J_frame.shape[:2], 0)
+    return J_frame, jacfwd(lambda v: residual_fn(X, s + v))(s.new_zeros(s.shape[0]))
 
 
 def normal_equations(r: torch.Tensor, J_frame: torch.Tensor, J_shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,15 +191,15 @@ def normal_equations(r: torch.Tensor, J_frame: torch.Tensor, J_shared: torch.Ten
 
 def levenberg_marquardt(residual_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], X: torch.Tensor,
                         s: torch.Tensor, iters: int, damping: float = 1e-3, rel_tol: float = 1e-4,
-                        jacobians: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
-                        = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+                        jacobians: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Minimise ||residual_fn(X, s)||^2 over per-frame X (B, Pf) and shared s (Ps,).
 
     Marquardt's scaled damping (diag of J^T J) makes steps invariant to each parameter's units. Stops when
     a step lowers the cost by less than rel_tol (relative): on tracked frames that halves the iterations
-    without a measurable change in accuracy. jacobians(X, s) -> (J_frame, J_shared) replaces the forward-mode
-    `block_jacobians` of residual_fn. Returns X, s and the final cost.
+    without a measurable change in accuracy. jacobians(X, s) gives the block Jacobians (default:
+    forward-mode, block_jacobians). Returns X, s and the final cost.
     """
+    jacobians = jacobians or (lambda X_, s_: block_jacobians(residual_fn, X_, s_))
     X, s = X.detach().clone(), s.detach().clone()
     B, Pf = X.shape
 
@@ -182,7 +210,7 @@ def levenberg_marquardt(residual_fn: Callable[[torch.Tensor, torch.Tensor], torc
     cost = cost_of(X, s)
     for _ in range(iters):
         r = residual_fn(X, s).detach()
-        A, g = normal_equations(r, *(jacobians(X, s) if jacobians else block_jacobians(residual_fn, X, s)))
+        A, g = normal_equations(r, *jacobians(X, s))
         diag = A.diagonal().clamp(min=1e-9)
         improved = False
         for _ in range(8):
@@ -205,62 +233,92 @@ def levenberg_marquardt(residual_fn: Callable[[torch.Tensor, torch.Tensor], torc
 
 def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequence[str], iters: int,
            reference: FlameParams | None = None, free_shape: bool = False, free_focal: bool = False,
-           focal_prior: float = 0.0, contour_rounds: int = 2, difference_step: float | None = None,
-           depth_follows_focal: bool = False, rel_tol: float = 1e-4) -> tuple[FlameParams, torch.Tensor]:
+           focal_prior: float = 0.0, rounds: int = 2, rel_tol: float = 1e-4,
+           jacobian: str | None = None) -> tuple[FlameParams, torch.Tensor]:
     """Levenberg-Marquardt over the per-frame fields `free` (and optionally the shared identity and log
     focal). Every residual must depend on one frame only. Returns params and the focal length.
 
-    The jaw-contour landmarks are chosen from the yaw at the start of each round and held fixed inside it
-    (switching them mid-solve makes the energy discontinuous); up to contour_rounds rounds run while a yaw bin
-    moves (1: problems without contour landmarks). difference_step: per-frame Jacobian blocks by central
-    differences of that step (`central_difference_blocks`) instead of forward-mode AD. depth_follows_focal
-    (with free_focal): translations scale with the focal length, so a focal change moves every head along its
-    viewing ray and keeps its image size; the focal then only trades perspective, and Levenberg-Marquardt need
-    not crawl along the focal/depth valley. rel_tol: `levenberg_marquardt`'s stopping rule.
+    Discrete choices are made at the start of each of up to `rounds` rounds and held fixed inside it
+    (switching them mid-solve makes the energy discontinuous): the jaw-contour landmarks picked by yaw, and
+    the terms' `prepare` state (silhouette matches). Without such terms a round only follows when a yaw bin
+    moved.
+
+    With a free focal length the translations scale with it: a focal change moves every head along its viewing
+    ray and keeps its image size, so the focal only trades perspective and the solver need not crawl along the
+    focal/depth valley. rel_tol: `levenberg_marquardt`'s stopping rule. jacobian: forward | differences
+    (default: the problem's, but forward-mode whenever the identity is free: it travels along the weakly seen
+    size/depth direction, where Jacobian errors of a fraction of a percent stall it).
     """
+    if jacobian is None:
+        jacobian = "forward" if free_shape else problem.jacobian
     packer = ParamPacker(init, free, free_shape, free_focal)
-    focal0 = problem.camera.focal.detach()
     X, s = packer.pack(init)
-    B = X.shape[0]
     yaw = None
-    for _ in range(contour_rounds):
-        params, _ = packer.unpack(X, s)
-        new_yaw = problem.evaluation(params, obs).yaw_deg
-        if yaw is not None and torch.equal(torch.round(new_yaw), torch.round(yaw)):
+    for round_index in range(rounds):
+        residual_fn, new_yaw, matching = _round_residuals(problem, packer, X, s, obs, reference, focal_prior)
+        if round_index and not matching and torch.equal(torch.round(new_yaw), torch.round(yaw)):
             break
         yaw = new_yaw
+        jacobians = None
+        if jacobian == "differences":
+            steps = packer.difference_steps(X)
+            jacobians = partial(_difference_jacobians_of, residual_fn, steps)
+        X, s, _ = levenberg_marquardt(residual_fn, X, s, iters, rel_tol=rel_tol, jacobians=jacobians)
+    params, log_f = packer.unpack_dolly(X, s)
+    return params.detach(), (problem.camera.focal.detach() * torch.exp(log_f)).detach()
 
-        def residual_fn(X_: torch.Tensor, s_: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-            """Residuals of all frames, or (rows) of frame rows[i] at X_[i] for each row."""
-            if rows is None:
-                p, log_f = packer.unpack(X_, s_)
-                o, ref, yaw_rows, count = obs, reference, yaw, B
-            else:
-                p, log_f = ParamPacker(init.frames(rows), free, free_shape, free_focal).unpack(X_, s_)
-                o, ref, yaw_rows, count = obs.frames(rows), None if reference is None else reference.frames(rows), \
-                    yaw[rows], len(rows)
-            cam = Camera(focal0 * torch.exp(log_f), problem.camera.center, problem.camera.height,
-                         problem.camera.width)
-            if depth_follows_focal:
-                p = replace(p, translation=p.translation * torch.exp(log_f))
-            r = problem.residuals(p, o, ref, cam, contour_yaw=yaw_rows)
-            if free_focal:  # the focal prior, shared out over the frames
-                r = torch.cat([r, (focal_prior / B) ** 0.5 * log_f.expand(count, 1)], dim=1)
-            return r
 
-        def difference_jacobians(X_: torch.Tensor, s_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            J_frame = central_difference_blocks(lambda rows, X_rows, s_rows: residual_fn(X_rows, s_rows, rows),
-                                                X_, s_, difference_step)
-            J_shared = jacfwd(lambda v: residual_fn(X_, s_ + v))(s_.new_zeros(s_.shape[0])) if s_.numel() \
-                else J_frame.new_zeros(*J_frame.shape[:2], 0)
-            return J_frame, J_shared
+def _difference_jacobians_of(residual_fn, steps: torch.Tensor, X: torch.Tensor, s: torch.Tensor):
+    """`difference_jacobians` with the round's residual function and steps bound (argument order for partial)."""
+    return difference_jacobians(residual_fn, X, s, steps)
 
-        X, s, _ = levenberg_marquardt(residual_fn, X, s, iters, rel_tol=rel_tol,
-                                      jacobians=difference_jacobians if difference_step is not None else None)
-    params, log_f = packer.unpack(X, s)
-    if depth_follows_focal:
-        params = replace(params, translation=params.translation * torch.exp(log_f))
-    return params.detach(), (focal0 * torch.exp(log_f)).detach()
+
+def _round_residuals(problem: Problem, packer: ParamPacker, X: torch.Tensor, s: torch.Tensor, obs: Observations,
+                     reference: FlameParams | None, focal_prior: float):
+    """The residual function of one solver round, with its discrete choices made at (X, s); also the yaw that
+    picked the jaw contour and whether a term matched correspondences."""
+    focal0 = problem.camera.focal.detach()
+    B = X.shape[0]
+
+    def camera_at(log_f: torch.Tensor) -> Camera:
+        return Camera(focal0 * torch.exp(log_f), problem.camera.center, problem.camera.height, problem.camera.width)
+
+    params, log_f = packer.unpack_dolly(X, s)
+    ev = problem.evaluation(params, obs, camera=camera_at(log_f.detach()))
+    yaw = ev.yaw_deg
+    state = problem.prepare(ev)
+
+    def residual_fn(X_: torch.Tensor, s_: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N) residuals; with `rows`, X_ holds parameters for those frames (repeats allowed)."""
+        p, log_f_ = packer.unpack_dolly(X_, s_, rows)
+        if rows is None:
+            r = problem.residuals(p, obs, reference, camera_at(log_f_), contour_yaw=yaw, term_state=state)
+        else:
+            r = problem.residuals(p, obs.frames(rows), None if reference is None else reference.frames(rows),
+                                  camera_at(log_f_), contour_yaw=yaw[rows],
+                                  term_state={k: v.frames(rows) for k, v in state.items() if v is not None})
+        if packer.free_focal:  # the focal prior, shared out over the frames
+            r = torch.cat([r, (focal_prior / B) ** 0.5 * log_f_.expand(r.shape[0], 1)], dim=1)
+        return r
+
+    return residual_fn, yaw, any(v is not None for v in state.values())
+
+
+def log_focal_std(problem: Problem, params: FlameParams, obs: Observations, free: Sequence[str],
+                  focal_prior: float = 0.0) -> float:
+    """Laplace estimate of the standard deviation of log(focal) at a joint identity and focal fit: how well
+    the frames constrain the focal length (correlations with identity and poses included). The energy's
+    residual variance scales the Gauss-Newton covariance, so landmark noise counts as measured."""
+    packer = ParamPacker(params, free, free_shape=True, free_focal=True)
+    X, s = packer.pack(params)
+    with torch.no_grad():
+        residual_fn, _, _ = _round_residuals(problem, packer, X, s, obs, None, focal_prior)
+        r = residual_fn(X, s)
+    A, _ = normal_equations(r, *block_jacobians(residual_fn, X, s))
+    dof = max(r.numel() - A.shape[0], 1)
+    variance = float(r.pow(2).sum()) / dof
+    covariance = torch.linalg.pinv(A.double()) * variance
+    return float(covariance[-1, -1].clamp(min=0).sqrt())
 
 
 def leaf_params(params: FlameParams, free: Sequence[str]) -> FlameParams:

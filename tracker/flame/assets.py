@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from tracker.errors import MissingAssetError, TrackerError, quote
+from tracker.flame.contour import outline_region
 from tracker.flame.landmarks import STATIC_68_FILES, LandmarkSet, find_side_file, load_landmark_set
 from tracker.flame.loading import FLAME_DOWNLOAD_HINT, load_flame_file, read_array_dict
 from tracker.flame.model import FlameModel
-from tracker.resources import shipped_assets_dir
 from tracker.io.safe_load import read_npy
+from tracker.resources import shipped_assets_dir
 
 REPO_ASSETS = shipped_assets_dir()
 """The project's flame_assets/ (in a checkout or the installed package): the shipped default model and side
@@ -131,10 +132,12 @@ def load_flame_bundle(flame: str | None, assets: str | None, n_shape: int, n_exp
     data = load_flame_file(flame_file, n_shape, n_expr)
     eyelids = load_eyelids(assets_dir, data.v_template.shape[0]) if use_eyelids else None
     model = FlameModel(data, eyelids)
+    masks = load_region_masks(assets_dir, data.v_template.shape[0])
+    landmarks = load_landmark_set(landmark_scheme, assets_dir, data.faces)
     return FlameBundle(
         model=model,
-        landmarks=load_landmark_set(landmark_scheme, assets_dir, data.faces),
-        masks=load_region_masks(assets_dir, data.v_template.shape[0]),
+        landmarks=landmarks.with_outline(outline_region(data.v_template, data.faces, masks)),
+        masks=masks,
         flame_file=flame_file,
         assets_dir=assets_dir,
         model_record={

@@ -21,6 +21,7 @@ import torch
 
 from tracker.detect.base import POINTS_PER_SCHEME, SCHEME_MEDIAPIPE
 from tracker.errors import MissingAssetError, TrackerError
+from tracker.flame.contour import ContourRegion
 from tracker.flame.loading import read_array_dict
 from tracker.io.safe_load import read_npy, read_npz
 
@@ -29,6 +30,13 @@ DYNAMIC_CONTOUR_FILES = ("flame_dynamic_embedding.npz", "flame_dynamic_embedding
 MEDIAPIPE_FILE = "mediapipe_landmark_embedding.npz"
 N_CONTOUR = 17
 CONTOUR_MAX_YAW_DEG = 39
+OUTLINE_POINTS = {
+    "ibug68": tuple(range(17)),
+    "mediapipe478": (454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148, 176, 149, 150, 136, 172, 58, 132,
+                     93, 234),
+}
+"""Detector points on the lower face outline (cheekbone to cheekbone round the chin): the 17 iBUG jaw points,
+and the lower half of MediaPipe's face oval. They follow the silhouette, not a fixed vertex."""
 
 
 def contour_bin(yaw_deg: torch.Tensor) -> torch.Tensor:
@@ -72,14 +80,27 @@ class LandmarkSet:
     """(79, 17, 3) long: dynamic-contour triangle corners per yaw bin (ibug68 only)."""
     contour_bary: torch.Tensor | None = None
     """(79, 17, 3) dynamic-contour barycentric weights per yaw bin."""
+    sigma: torch.Tensor | None = None
+    """(L,) how far the detector strays from each embedded point (robust standard deviation, face-size units),
+    from a calibrated embedding (eval.calibrate_embedding); None when the embedding has no such record."""
+    outline_index: torch.Tensor | None = None
+    """(C,) long: detector points on the lower face outline, matched to the silhouette (energy.contour)."""
+    outline: ContourRegion | None = None
+    """The mesh region whose silhouette those points lie on."""
 
     @property
     def n_landmarks(self) -> int:
         return int(self.corners.shape[0])
 
-    def to(self, device: torch.device | str) -> "LandmarkSet":
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+    def to(self, device: torch.device | str) -> LandmarkSet:
+        moved = {k: (v.to(device) if isinstance(v, (torch.Tensor, ContourRegion)) else v)
+                 for k, v in self.__dict__.items()}
         return LandmarkSet(**moved)
+
+    def with_outline(self, region: ContourRegion) -> LandmarkSet:
+        """A copy whose scheme's face-outline points are matched to the silhouette of `region`."""
+        index = torch.tensor(OUTLINE_POINTS[self.scheme], dtype=torch.long, device=self.vertex_ids.device)
+        return LandmarkSet(**{**self.__dict__, "outline_index": index, "outline": region})
 
     def positions(self, sub_vertices: torch.Tensor, yaw_deg: torch.Tensor | None = None) -> torch.Tensor:
         """Landmark 3D positions. sub_vertices: (B, S, 3) at vertex_ids; yaw_deg: (B,) -> (B, L, 3)."""
@@ -151,7 +172,8 @@ def read_dynamic_contour(path: Path) -> dict:
 
 
 def _build(scheme: str, faces: np.ndarray, tri_corners: list[np.ndarray], detector_index: np.ndarray,
-           bary: np.ndarray, contour: tuple[np.ndarray, np.ndarray] | None) -> LandmarkSet:
+           bary: np.ndarray, contour: tuple[np.ndarray, np.ndarray] | None,
+           sigma: np.ndarray | None = None) -> LandmarkSet:
     used = np.unique(np.concatenate([c.reshape(-1) for c in tri_corners]))
     local = {int(v): i for i, v in enumerate(used)}
     to_local = np.vectorize(lambda v: local[int(v)], otypes=[np.int64])
@@ -168,6 +190,7 @@ def _build(scheme: str, faces: np.ndarray, tri_corners: list[np.ndarray], detect
         detector_index=torch.from_numpy(detector_index.astype(np.int64)),
         contour_corners=contour_corners,
         contour_bary=contour_bary,
+        sigma=None if sigma is None else torch.from_numpy(np.asarray(sigma, np.float32)),
     )
 
 
@@ -197,8 +220,12 @@ def load_mediapipe105(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
     mp_idx = _embedding_array(path, stored, "landmark_indices", np.int64, (n,))
     if n == 0 or mp_idx.min() < 0 or mp_idx.max() >= POINTS_PER_SCHEME[SCHEME_MEDIAPIPE]:
         raise TrackerError(f"{path}: array landmark_indices must hold indices into MediaPipe's 478 points")
+    sigma = (_embedding_array(path, stored, "landmark_sigma", np.float32, (n,))
+             if "landmark_sigma" in stored else None)
+    if sigma is not None and not (sigma > 0).all():
+        raise TrackerError(f"{path}: array landmark_sigma must be positive")
     corners = _face_corners(faces, face_idx, path)
-    return _build("mediapipe478", faces, [corners], mp_idx, bary, None)
+    return _build("mediapipe478", faces, [corners], mp_idx, bary, None, sigma)
 
 
 def load_landmark_set(scheme: str, assets_dir: str | Path, faces: np.ndarray) -> LandmarkSet:

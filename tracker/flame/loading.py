@@ -143,7 +143,7 @@ def _parents(arrays: _ModelArrays) -> np.ndarray:
     return parents
 
 
-def validate_flame_data(data: "FlameData", path: Path) -> None:
+def validate_flame_data(data: FlameData, path: Path) -> None:
     """Check a model's arrays against each other (shapes, index ranges, finiteness): one line naming the file and
     the array otherwise. Every FlameData the loader returns passed this."""
     arrays = _ModelArrays(path, {})

@@ -44,7 +44,7 @@ class FlameParams:
         return int(self.expr.shape[0])
 
     @staticmethod
-    def zeros(batch: int, n_shape: int, n_expr: int, device: torch.device | str = "cpu") -> "FlameParams":
+    def zeros(batch: int, n_shape: int, n_expr: int, device: torch.device | str = "cpu") -> FlameParams:
         def z(*s):
             return torch.zeros(*s, device=device)
 
@@ -55,14 +55,14 @@ class FlameParams:
         """(B, 15) axis-angle pose of FLAME's 5 joints."""
         return torch.cat([self.rotation, self.neck_pose, self.jaw_pose, self.eyes_pose], dim=1)
 
-    def map(self, fn) -> "FlameParams":
+    def map(self, fn) -> FlameParams:
         """A copy with fn applied to every tensor."""
         return FlameParams(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
-    def detach(self) -> "FlameParams":
+    def detach(self) -> FlameParams:
         return self.map(lambda t: t.detach().clone())
 
-    def frames(self, index) -> "FlameParams":
+    def frames(self, index) -> FlameParams:
         """Select frames (shape is shared and kept)."""
         selected = {f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "shape"}
         return FlameParams(shape=self.shape, **selected)
@@ -106,7 +106,7 @@ class FlameModel(nn.Module):
         self.register_buffer("joints_template", torch.from_numpy(reg @ data.v_template))
         self.register_buffer("joint_dirs", torch.from_numpy(np.einsum("jv,vcd->jcd", reg, dirs)))
 
-    def restricted(self, vertex_ids: torch.Tensor) -> "FlameModel":
+    def restricted(self, vertex_ids: torch.Tensor) -> FlameModel:
         """A copy that computes only `vertex_ids` (joints stay exact); for landmark-only fitting."""
         sub = FlameModel.__new__(FlameModel)
         nn.Module.__init__(sub)
