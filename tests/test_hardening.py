@@ -465,12 +465,12 @@ def test_nan_results_become_invalid_frames_and_strict_json(tmp_path, capsys, cli
     real_fit = tracker.pipeline.fit_landmarks
 
     def poisoned_fit(*args, **kwargs):
-        result = real_fit(*args, **kwargs)
+        result, focal = real_fit(*args, **kwargs)
         assert result.valid[:3].all()  # MediaPipe finds the face in the first frames of this clip
         result.params.translation[0, 0] = float("nan")
         result.params.rotation[1, 1] = float("inf")
         result.lmk_error_px[2] = np.nan
-        return result
+        return result, focal
 
     monkeypatch.setattr(tracker.pipeline, "fit_landmarks", poisoned_fit)
     video = tmp_path / os.fsdecode(b"take\xff.mp4")  # a name that is not UTF-8 on the way

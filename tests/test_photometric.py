@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tests.conftest import FLAME_ASSETS, FLAME_STANDIN
 from tracker.camera import Camera
 from tracker.config import TrackerConfig
-from tracker.energy.base import Observations
+from tracker.energy.base import Observations, ScaledTerm
 from tracker.energy.landmarks import LandmarkEnergy, LandmarkEnergyConfig
 from tracker.energy.photometric import (
     SH_UNIT_DC,
@@ -216,7 +216,8 @@ def pose_fits(bundle, cfg, camera, mesh, appearance):
     truth = make_truth(bundle.model, [[0.1, 0.3, 0.0]])
     target, mask = render_frames(appearance, mesh, camera, truth, (SIZE, SIZE), 1.0)
     occluded, fraction = occlude(target[0], mask[0], 0.2)
-    problem = Problem(bundle.model, bundle.landmarks, camera, [PriorEnergy(cfg.energy.priors, bundle.model)])
+    problem = Problem(bundle.model, bundle.landmarks, camera,
+                      [ScaledTerm(PriorEnergy(cfg.energy.priors, bundle.model), cfg.photometric.prior_weight)])
     stage_cfg = TrackerConfig()
     stage_cfg.photometric.pyramid_levels = 3
     far, near = perturbed(truth, 5.0, 12.0), perturbed(truth, 3.0, 6.0)
@@ -246,13 +247,17 @@ def test_occlusion_costs_at_most_twice_the_clean_error(pose_fits):
     assert occluded <= 2.0 * max(clean, 0.2)
 
 
-def test_appearance_fit_recovers_texture_and_lighting(bundle, cfg, camera, mesh, appearance):
-    # Three keyframes turning the head left, centre, right, so albedo and lighting separate.
+@pytest.mark.parametrize("frame_lighting, texture_tolerance", [(False, 0.02), (True, 0.025)])
+def test_appearance_fit_recovers_texture_and_lighting(bundle, cfg, camera, mesh, appearance, frame_lighting,
+                                                      texture_tolerance):
+    # Three keyframes turning the head left, centre, right, so albedo and lighting separate. The frames share
+    # one lighting; fitting one per frame (the default, for real videos) leaves the albedo less determined.
     truth = make_truth(bundle.model, [[0.1, -0.4, 0.0], [0.0, 0.0, 0.05], [-0.05, 0.4, 0.0]])
     images, _ = render_frames(appearance, mesh, camera, truth, (SIZE, SIZE), 1.0)
     geometry = pixel_geometry(mesh, camera, truth, images, 1.0, "torch")
-    init = initial_appearance(cfg.photometric, bundle, geometry.target.mean(dim=1))
-    fitted = fit_appearance(geometry, init, bundle.model.faces, cfg.energy.photometric, cfg.photometric)
+    stage = replace(cfg.photometric, frame_lighting=frame_lighting)
+    init = initial_appearance(stage, bundle, geometry.target.mean(dim=1))
+    fitted = fit_appearance(geometry, init, bundle.model.faces, cfg.energy.photometric, stage)
 
     # Texels seen with at least one pixel's worth of bilinear weight.
     probe = torch.zeros_like(init.texture, requires_grad=True)
@@ -260,14 +265,16 @@ def test_appearance_fit_recovers_texture_and_lighting(bundle, cfg, camera, mesh,
     seen = probe.grad[0] > 1.0
     assert int(seen.sum()) > 5000
     texture_error = (fitted.texture - appearance.texture).abs()[:, seen]
-    assert float(texture_error.mean()) < 0.02
+    assert float(texture_error.mean()) < texture_tolerance
+    if frame_lighting:  # the sequence's lighting is then not the frames' own: only the albedo is compared
+        return
+    assert torch.equal(fitted.sh[0], appearance.sh[0])  # the DC term is the fixed convention
     # Lighting: the first-order terms, and the shading of the normals the keyframes show (second-order terms
     # trade off against low frequencies of the albedo, so their coefficients are only loosely determined).
     assert float((fitted.sh[1:4] - appearance.sh[1:4]).abs().max()) < 0.03
     shading_error = sh_irradiance(geometry.normals, fitted.sh) - sh_irradiance(geometry.normals, appearance.sh)
     assert float(shading_error.abs().mean()) < 0.03
     assert float(shading_error.abs().max()) < 0.1
-    assert torch.equal(fitted.sh[0], appearance.sh[0])  # the DC term is the fixed convention
 
 
 def test_appearance_is_refined_with_the_refined_poses(bundle, cfg, camera, mesh, appearance):
@@ -302,7 +309,8 @@ def test_appearance_is_refined_with_the_refined_poses(bundle, cfg, camera, mesh,
 
 
 def test_vertex_colour_albedo_is_rendered_and_recovered(bundle, cfg, camera, mesh, appearance):
-    # Vertex colours sampled from the known texture at each vertex's first UV, same lighting.
+    # Vertex colours sampled from the known texture at each vertex's first UV, same lighting (one for all
+    # frames, as rendered: per-frame lighting is tested with the texture albedo above).
     faces, uvs = bundle.model.faces, appearance.corner_uvs
     vertex_uv = torch.zeros(bundle.model.n_vertices, 2).index_put_((faces.reshape(-1),), uvs.reshape(-1, 2))
     colors = sample_texture_points(appearance.texture.unsqueeze(0), vertex_uv).t().contiguous()
@@ -314,7 +322,7 @@ def test_vertex_colour_albedo_is_rendered_and_recovered(bundle, cfg, camera, mes
     problem = Problem(bundle.model, bundle.landmarks, camera, [term])
     assert float(problem.residuals(truth, no_landmarks(3)).abs().max()) < 1e-4
 
-    vertex_cfg = replace(cfg.photometric, albedo="vertex", texture_keyframe_iters=100)
+    vertex_cfg = replace(cfg.photometric, albedo="vertex", texture_keyframe_iters=100, frame_lighting=False)
     geometry = pixel_geometry(mesh, camera, truth, images, 1.0, "torch")
     init = initial_appearance(vertex_cfg, bundle, geometry.target.mean(dim=1))
     fitted = fit_appearance(geometry, init, faces, cfg.energy.photometric, vertex_cfg)

@@ -161,6 +161,9 @@ class PhotometricStageConfig:
     landmark_weight: float = 0.1
     """Weight of the landmark term inside the stage, relative to the landmark stage's (landmarks disagree with
     FLAME by a few pixels even at the true parameters: at full weight they outweigh the images)."""
+    prior_weight: float = 0.1
+    """Weight of the prior term inside the stage, relative to the landmark stage's (its MAP priors are sized for
+    a detector's noise; the images see expression and pose far better)."""
     identity_rounds: int = 2
     """Rounds re-estimating the shared identity on the keyframes, each followed by an appearance refit (0 = keep
     the landmark stage's identity)."""
@@ -258,8 +261,11 @@ class DenseMarksStageConfig:
     """Landmark term's weight in this stage relative to the landmark stage's: detected landmarks carry the
     detector's and the embedding's systematic offsets (a few pixels), which would pull a fit away from exact
     dense correspondences."""
-    prior_weight: float = 1.0
-    """Prior term's weight in this stage relative to the landmark stage's."""
+    prior_weight: float = 0.002
+    """Prior term's weight in this stage relative to the landmark stage's: dense correspondences are far more
+    exact than detected landmarks, and the landmark stage's MAP priors (sized for a detector's noise) would hold
+    an exactly observed head off its truth (exact maps: 0.72 mm median at 1.0 with shape/expr priors of 0.02;
+    tests/test_densemarks_recovery.py asserts <= 0.3 mm at this setting)."""
     temporal_weight: float = 0.1
     """Temporal term's weight in this stage relative to the landmark stage's: its reference is a motion
     prediction, which after a gap or a sudden turn is degrees off and would pull fits away from the evidence."""

@@ -41,9 +41,11 @@ SETTLED_PX = 0.5
 """A frame's rounds stop once one moves no sampled vertex by more than this many video pixels."""
 
 def stage_terms(terms: Iterable[EnergyTerm], stage: DenseMarksStageConfig) -> list[EnergyTerm]:
-    """The landmark stage's terms re-weighted for this stage (landmarks, priors and temporal by their stage
-    factors; a factor of 0 leaves the term out, which also saves its cost)."""
-    factors = {"landmarks": stage.landmark_weight, "priors": stage.prior_weight, "temporal": stage.temporal_weight}
+    """The landmark stage's terms re-weighted for this stage (landmarks and the face outline, both detector
+    evidence, priors and temporal by their stage factors; a factor of 0 leaves the term out, which also saves its
+    cost)."""
+    factors = {"landmarks": stage.landmark_weight, "contour": stage.landmark_weight, "priors": stage.prior_weight,
+               "temporal": stage.temporal_weight}
     return [ScaledTerm(term, factors[term.name]) if factors.get(term.name, 1.0) != 1.0 else term for term in terms
             if factors.get(term.name, 1.0) > 0]
 

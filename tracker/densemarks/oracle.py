@@ -134,7 +134,7 @@ def load_oracle_ground_truth(path: str | Path, device: torch.device | str = "cpu
     camera = camera_from_arrays(arrays)
     camera = Camera(camera.focal.to(device), camera.center.to(device), camera.height, camera.width)
     T = params.batch_size
-    rotation = np.broadcast_to(np.asarray(arrays.get("R", WORLD_TO_CAMERA.numpy()), np.float64), (T, 3, 3))
+    rotation = np.broadcast_to(np.asarray(arrays.get("R", WORLD_TO_CAMERA.cpu().numpy()), np.float64), (T, 3, 3))
     translation = np.broadcast_to(np.asarray(arrays.get("t", np.zeros(3)), np.float64), (T, 3))
     orthonormal = np.abs(rotation @ rotation.transpose(0, 2, 1) - np.eye(3)).max() < 1e-4
     if not orthonormal or (np.linalg.det(rotation) < 0).any():

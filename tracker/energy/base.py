@@ -143,6 +143,10 @@ class ScaledTerm:
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         return self.term(ev) * self.factor ** 0.5
 
+    def prepare(self, ev: Evaluation):
+        """The wrapped term's round state (None for a term without discrete choices)."""
+        return self.term.prepare(ev) if hasattr(self.term, "prepare") else None
+
 
 ROBUST_KINDS = ("l2", "l1", "huber", "cauchy", "gm")
 

@@ -34,7 +34,8 @@ from torch import Tensor
 
 from tracker.camera import Camera, to_camera
 from tracker.config import PhotometricStageConfig, TrackerConfig
-from tracker.energy.base import Observations
+from tracker.energy.base import Observations, ScaledTerm
+from tracker.energy.contour import POINTS_KEY as CONTOUR_POINTS
 from tracker.energy.head_size import HeadSizeEnergy
 from tracker.energy.landmarks import LandmarkEnergy
 from tracker.energy.photometric import (
@@ -94,9 +95,13 @@ class StageCrop:
         return Camera(camera.focal * self.scale, (camera.center - origin) * self.scale, self.size, self.size)
 
     def observations(self, obs: Observations) -> Observations:
-        """Landmark observations in stage pixels."""
+        """Landmark (and face-outline) observations in stage pixels."""
         origin = obs.landmarks.new_tensor([self.x0, self.y0])
-        return replace(obs, landmarks=(obs.landmarks - origin) * self.scale, face_size=obs.face_size * self.scale)
+        extras = dict(obs.extras)
+        if CONTOUR_POINTS in extras:
+            extras[CONTOUR_POINTS] = (extras[CONTOUR_POINTS] - origin) * self.scale
+        return replace(obs, landmarks=(obs.landmarks - origin) * self.scale, face_size=obs.face_size * self.scale,
+                       extras=extras)
 
 
 def stage_crop(obs: Observations, valid: np.ndarray, frame_size: tuple[int, int], resolution: int,
@@ -404,11 +409,14 @@ def surface_samples(mesh: RegionMesh, appearance: Appearance, faces: Tensor, cam
                           padded(albedo[:, chosen].t()), padded(offset), padded(seen[chosen]), sh.contiguous())
 
 
-def stage_problem(problem: Problem, crop: StageCrop, landmark_weight: float) -> Problem:
-    """The landmark stage's problem in stage pixels, its landmark term weighted by `landmark_weight`."""
+def stage_problem(problem: Problem, crop: StageCrop, landmark_weight: float, prior_weight: float = 1.0) -> Problem:
+    """The landmark stage's problem in stage pixels, its landmark and face-outline terms (detector evidence)
+    weighted by `landmark_weight`, its priors by `prior_weight`."""
+    factors = {"contour": landmark_weight, "priors": prior_weight}
     terms = [LandmarkEnergy(replace(term.cfg, weight=term.cfg.weight * landmark_weight))
-             if isinstance(term, LandmarkEnergy) else term for term in problem.terms]
-    return Problem(problem.model, problem.landmarks, crop.camera(problem.camera), terms)
+             if isinstance(term, LandmarkEnergy) else ScaledTerm(term, factors[term.name]) if term.name in factors
+             else term for term in problem.terms]
+    return Problem(problem.model, problem.landmarks, crop.camera(problem.camera), terms, jacobian=problem.jacobian)
 
 
 def fit_photometric(problem: Problem, mesh: RegionMesh, appearance: Appearance, params: FlameParams,
@@ -544,7 +552,7 @@ def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observatio
         raise TrackerError("photometric stage: no frame has a landmark fit to refine")
     with torch_threads(1):  # small images: per-op overhead dominates, and extra threads only contend
         # Everything below works in stage pixels: a camera and landmarks for the crop.
-        crop_problem = stage_problem(problem, crop, stage.landmark_weight)
+        crop_problem = stage_problem(problem, crop, stage.landmark_weight, stage.prior_weight)
         crop_obs = crop.observations(obs)
         mesh = region_mesh(problem.model, bundle.masks, term.regions)
         keyframes = appearance_keyframes(result, stage.keyframes)
