@@ -24,8 +24,7 @@ from tracker.flame.loading import file_sha256, read_pickle
 from tracker.io.export import read_params
 
 BUDGET_BYTES = 15 * 1024 * 1024
-COPIED_UNCHANGED = {"mediapipe_landmark_embedding.npz": FLAME_ASSETS / "mediapipe_landmark_embedding.npz",
-                    "l_eyelid.npy": FLAME_ASSETS / "l_eyelid.npy", "r_eyelid.npy": FLAME_ASSETS / "r_eyelid.npy",
+COPIED_UNCHANGED = {"l_eyelid.npy": FLAME_ASSETS / "l_eyelid.npy", "r_eyelid.npy": FLAME_ASSETS / "r_eyelid.npy",
                     "head_template.obj": FLAME_ASSETS / "head_template.obj",
                     "face_landmarker_v2_with_blendshapes.task": MEDIAPIPE_TASK}
 FLAME_ENV = ("FLAME_MODEL", "TRACKER_FLAME_ASSETS", "TRACKER_MEDIAPIPE_MODEL", "TRACKER_SHARED_DATA")
@@ -74,7 +73,7 @@ def test_shipped_side_files_are_plain_arrays_equal_to_their_sources():
 def test_tracked_assets_are_plain_within_budget_and_credited():
     files = tracked_files()
     names = {p.relative_to(REPO_ASSETS).as_posix() for p in files}
-    expected = {"flame_standin.npz", *COPIED_UNCHANGED, "flame_static_embedding_68.npz",
+    expected = {"flame_standin.npz", *COPIED_UNCHANGED, "mediapipe_landmark_embedding.npz", "flame_static_embedding_68.npz",
                 "flame_dynamic_embedding.npz", "FLAME_masks.npz", "README.md", "NOTICE.md"}
     assert expected <= names
     assert sum(p.stat().st_size for p in files) <= BUDGET_BYTES
@@ -92,6 +91,29 @@ def test_tracked_assets_are_plain_within_budget_and_credited():
                               "flame_assets/flame2023_Open.pkl", "flame_assets/FLAME_masks.pkl"],
                              cwd=REPO, capture_output=True, text=True).stdout.split()
     assert len(ignored) == 4
+
+
+def test_shipped_mediapipe_embedding_is_smirks_recalibrated():
+    """The shipped 105-point MediaPipe embedding is SMIRK's (same points, same order), each point moved on
+    FLAME's surface to where MediaPipe puts it (eval.calibrate_embedding): within the calibration's search
+    radius of the published position, and moved (median over points 1-6 mm) rather than copied."""
+    from eval.calibrate_embedding import SEARCH_RADIUS_M
+
+    faces = load_flame_bundle(None, None, 10, 10, "mediapipe478").model
+    template, tri = faces.v_template.numpy().astype(np.float64), faces.faces.numpy()
+
+    def positions(path):
+        with np.load(path, allow_pickle=False) as z:
+            return (template[tri[z["lmk_face_idx"]]] * z["lmk_b_coords"][..., None]).sum(1), z["landmark_indices"]
+
+    shipped, shipped_points = positions(REPO_ASSETS / "mediapipe_landmark_embedding.npz")
+    published, published_points = positions(FLAME_ASSETS / "mediapipe_landmark_embedding.npz")
+    assert np.array_equal(shipped_points, published_points)
+    moved = np.linalg.norm(shipped - published, axis=1)
+    assert moved.max() <= SEARCH_RADIUS_M + 1e-6
+    assert 0.001 < np.median(moved) < 0.006, np.median(moved)
+    with np.load(REPO_ASSETS / "mediapipe_landmark_embedding.npz", allow_pickle=False) as z:
+        assert z["calibrated"].all() and int(z["frames"]) > 500
 
 
 def test_flame_lookup_order(tmp_path, monkeypatch):

@@ -88,10 +88,12 @@ def test_keyframes_span_the_head_poses():
     assert len(choose_keyframes(valid, 3)) == 3  # without angles: spread over the sequence
 
 
-def test_identity_from_exact_landmarks_beats_the_mean_face(bundle):
+@pytest.mark.parametrize("shape_prior, margin", [(None, 0.9), (0.005, 0.6)])
+def test_identity_from_exact_landmarks_beats_the_mean_face(bundle, shape_prior, margin):
     """A known identity drawn from the prior, seen in 10 poses through exact landmarks: the MAP identity fitted
     on keyframes is clearly closer to it than the mean face (neutral face vertices). Landmarks do not see every
-    identity direction (the prior keeps those at the mean), so the fit does not reach the truth."""
+    identity direction (the prior keeps those at the mean), so the fit does not reach the truth; the default
+    prior, sized for a detector's errors, holds it nearer the mean than a weak one."""
     model = bundle.model
     g = torch.Generator().manual_seed(11)
     T = 10
@@ -102,7 +104,8 @@ def test_identity_from_exact_landmarks_beats_the_mean_face(bundle):
     truth.translation[:] = torch.tensor([0.0, 0.0, -0.9])
     truth.jaw_pose[:, 0] = 0.1 * (torch.arange(T) % 3)
     camera = Camera.from_image(512, 512, fov_deg=30)
-    cfg = load_config(overrides={"camera": {"focal": float(camera.focal)}})
+    priors = {} if shape_prior is None else {"shape": shape_prior}
+    cfg = load_config(overrides={"camera": {"focal": float(camera.focal)}, "energy": {"priors": priors}})
     terms = [LandmarkEnergy(cfg.energy.landmarks), PriorEnergy(cfg.energy.priors, model),
              TemporalEnergy(cfg.energy.temporal)]
     problem = Problem(model, bundle.landmarks, camera, terms)
@@ -122,4 +125,4 @@ def test_identity_from_exact_landmarks_beats_the_mean_face(bundle):
         true_face = neutral(truth.shape)
         fitted = (neutral(shape) - true_face).norm(dim=-1).mean()
         mean = (neutral(torch.zeros_like(shape)) - true_face).norm(dim=-1).mean()
-    assert fitted < 0.75 * mean, (float(fitted), float(mean))
+    assert fitted < margin * mean, (float(fitted), float(mean))

@@ -7,8 +7,10 @@
   elsewhere) and float32 arrays (the tracker computes in float32), compressed. A `license` entry is added.
 - the side files as plain arrays: `flame_static_embedding_68.npz` (TF_FLAME's pickle),
   `flame_dynamic_embedding.npz` (RingNet's pickled .npy), `FLAME_masks.npz` (SMIRK's pickle); copied as they
-  are: `mediapipe_landmark_embedding.npz`, `l_eyelid.npy`, `r_eyelid.npy`, `head_template.obj`, and the
-  MediaPipe Face Landmarker `.task`.
+  are: `l_eyelid.npy`, `r_eyelid.npy`, `head_template.obj`, and the MediaPipe Face Landmarker `.task`.
+- not written here: `mediapipe_landmark_embedding.npz` is SMIRK's embedding with each point re-placed where
+  MediaPipe puts it on rendered faces, `python -m eval.calibrate_embedding --sequences 8 --out
+  flame_assets/mediapipe_landmark_embedding.npz`.
 
 It prints each file's size and the vertex error of the compact model against the original (float64) on
 random parameters. flame_assets/NOTICE.md and LICENSES/ are written by hand.
@@ -32,8 +34,7 @@ MODEL_LICENSE = ("CC-BY-4.0 (FLAME 2023 Open template, identity directions, FLAM
                  "MIT (expressions from ICT-FaceKit, eyelids from SMIRK); not the official FLAME model; "
                  "see flame_assets/NOTICE.md")
 FLOAT_KEYS = ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "J")
-COPIED = {"assets/flame/mediapipe_landmark_embedding.npz": "mediapipe_landmark_embedding.npz",
-          "assets/flame/l_eyelid.npy": "l_eyelid.npy", "assets/flame/r_eyelid.npy": "r_eyelid.npy",
+COPIED = {"assets/flame/l_eyelid.npy": "l_eyelid.npy", "assets/flame/r_eyelid.npy": "r_eyelid.npy",
           "assets/flame/head_template.obj": "head_template.obj",
           "assets/mediapipe/face_landmarker_v2_with_blendshapes.task": "face_landmarker_v2_with_blendshapes.task"}
 
