@@ -244,9 +244,9 @@ class DenseMarksStageConfig:
     free_focal: bool = True
     """Re-estimate the focal length with the identity: whole-head correspondences show perspective that face
     landmarks barely do (ignored when camera.focal is given)."""
-    rounds: int = 3
+    rounds: int = 6
     """Correspondence rounds per frame: visibility gates refreshed, then Levenberg-Marquardt steps."""
-    lm_iters: int = 4
+    lm_iters: int = 6
     """Levenberg-Marquardt iterations per round (landmark, prior, temporal and correspondence terms)."""
     iters: int = 0
     """Adam steps per frame with all terms (render-and-compare included) after the rounds (0 = skip: with exact

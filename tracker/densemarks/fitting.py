@@ -240,13 +240,16 @@ def refine_identity(fitter: DenseFitter, params: FlameParams, obs: Observations,
 
 def refine_sequence_dense(fitter: DenseFitter, result: TrackResult, obs: Observations,
                           dense_frame: Callable[[int], DenseFrame],
-                          progress: Callable[[str], None] | None = None) -> tuple[TrackResult, dict]:
+                          progress: Callable[[str], None] | None = None,
+                          refits: FlameParams | None = None) -> tuple[TrackResult, dict]:
     """Refine every frame, in order (temporal reference: the refined predecessors), then guard the result.
 
     `result` holds the landmark fits under the stage's identity and camera (frames without landmarks hold a
     neighbour's values); frames without landmarks are fitted too when densemarks.track_lost, and become valid
     when at least min_inliers of the candidates keep a correspondence. Returns the refined track (before the
     guard) and, per frame, whether the dense evidence supports it and whether its landmarks were overruled.
+    `refits`: the landmark fits re-fitted under the stage's camera, one more start per fitted frame (the stage
+    gives them when its identity step moved the focal length far).
     """
     stage = fitter.stage
     T = len(result.valid)
@@ -270,6 +273,8 @@ def refine_sequence_dense(fitter: DenseFitter, result: TrackResult, obs: Observa
         frame_obs = replace(obs.frames(slice(t, t + 1)), extras=frame.extras)
         reference = predict_next(prev, prev2) if prev is not None else None
         candidates = {"landmarks": landmark_fit} if result.valid[t] else {}
+        if refits is not None and result.valid[t]:
+            candidates["refit"] = refits.frames(slice(t, t + 1))
         if reference is not None:
             candidates["motion"] = reference
         if not candidates:
@@ -277,7 +282,8 @@ def refine_sequence_dense(fitter: DenseFitter, result: TrackResult, obs: Observa
         start, scores = fitter.choose_start(frame, candidates)
         params, inliers = fitter.fit(candidates[start], frame_obs, frame, reference)
         # Detections the matches contradict (MediaPipe's confident garbage near profile) may be left behind.
-        overruled[t] = result.valid[t] and scores["landmarks"] < LANDMARK_AGREEMENT * fitter.agreement(frame, params)
+        landmark_agreement = max(scores["landmarks"], scores.get("refit", 0.0)) if result.valid[t] else 0.0
+        overruled[t] = result.valid[t] and landmark_agreement < LANDMARK_AGREEMENT * fitter.agreement(frame, params)
         starts[start] = starts.get(start, 0) + 1
         inlier_fraction[t] = inliers / max(K, 1)
         valid[t] = result.valid[t] or inlier_fraction[t] >= stage.min_inliers

@@ -56,7 +56,7 @@ from tracker.densemarks.weights import LICENSE, resolve_weights_path
 from tracker.energy.base import Observations
 from tracker.errors import MissingAssetError
 from tracker.fit.sequence import TrackResult, choose_keyframes, evenly_spaced
-from tracker.fit.solver import Problem, torch_threads
+from tracker.fit.solver import LANDMARK_FIELDS, Problem, fit_lm, torch_threads
 from tracker.flame.assets import FlameBundle
 from tracker.flame.model import FlameModel, FlameParams
 from tracker.io.video import Frame
@@ -93,6 +93,27 @@ class UvwSource:
     check_video: Callable[[np.ndarray, int, int], None] = lambda _indices, _height, _width: None
     """check_video(frame indices, height, width) raises TrackerError when the source cannot serve this video
     (the oracle: another video than its ground truth's)."""
+
+
+REFIT_FOCAL_CHANGE = 0.25
+"""When the identity step moved the focal length by more than this fraction, every landmark fit is also re-fitted
+to its landmarks under the new camera and identity, as one more start for its frame: a landmark fit merely moved
+along its viewing ray (`rescale_to_camera`) keeps the expression and pose fitted under the wrong focal length
+(fast synthetic motion, focal 43% short after the landmark stage: 4-10 frames ended far off without it)."""
+
+
+def refit_landmark_track(problem: Problem, track: TrackResult, obs: Observations, iters: int,
+                         chunk: int = 16) -> FlameParams:
+    """The track's parameters with its fitted frames re-fitted to their landmarks (problem's landmark-stage terms,
+    `iters` LM steps, `chunk` frames per solve) under problem's camera and the track's identity."""
+    params = track.params.detach()
+    fitted = np.flatnonzero(track.valid)
+    for begin in range(0, len(fitted), chunk):
+        rows = torch.as_tensor(fitted[begin:begin + chunk], device=obs.landmarks.device)
+        refit = fit_lm(problem, params.frames(rows), obs.frames(rows), LANDMARK_FIELDS, iters)[0]
+        for name in LANDMARK_FIELDS:
+            getattr(params, name)[rows] = getattr(refit, name)
+    return params
 
 
 def choose_source(cfg: DenseMarksStageConfig, model: FlameModel, device: torch.device) -> tuple[UvwSource | None, str]:
@@ -337,7 +358,9 @@ def run_densemarks_stage(problem: Problem, result: TrackResult, obs: Observation
         seconds["identity_and_map"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        refined, evidence = refine_sequence_dense(fitter, working, obs, dense_frame, progress)
+        refits = (refit_landmark_track(problem, working, obs, cfg.fit.first_frame_iters)
+                  if abs(working.focal / result.focal - 1) > REFIT_FOCAL_CHANGE else None)
+        refined, evidence = refine_sequence_dense(fitter, working, obs, dense_frame, progress, refits)
         refined, report = guarded(fitter, problem, result, refined, obs, evidence, cfg.guard,
                                   cfg.fit.first_frame_iters)
         if report.sequence_fallback:  # the landmark track stands, with its own focal length
