@@ -190,3 +190,26 @@ def test_garbage_maps_on_some_frames_fall_back_frame_by_frame(bundle, sequence, 
     assert (rigid[[4, 7]] <= landmark_rigid[[4, 7]] + 0.5).all()
     others = np.setdiff1d(np.arange(FRAMES), [4, 7])
     assert np.median(rigid[others]) < 0.5 * np.median(landmark_rigid[others]), (rigid, landmark_rigid, info)
+
+
+def test_landmark_fits_are_refitted_under_a_far_focal_length(bundle, sequence):
+    """The dense identity step may move the focal length by tens of percent; a landmark fit merely moved along
+    its viewing ray (rescale_to_camera) then misses its landmarks by pixels, while the refit start the stage
+    adds (refit_landmark_track) meets them again under the new camera."""
+    from dataclasses import replace
+
+    from tracker.densemarks.fitting import rescale_to_camera
+    from tracker.densemarks.stage import refit_landmark_track
+    from tracker.fit.sequence import landmark_error_px
+
+    _, _, _, obs, result, cfg = sequence
+    camera = Camera.from_image(SIZE, SIZE, focal=1.6 * result.focal)
+    _, problem = landmark_problem_for(bundle, camera, cfg, FRAMES)
+    moved = replace(result, params=rescale_to_camera(result.params, result.focal, 1.6 * result.focal),
+                    focal=1.6 * result.focal)
+    refits = refit_landmark_track(problem, moved, obs, cfg.fit.first_frame_iters)
+    rows = torch.as_tensor(np.flatnonzero(result.valid))
+    before = landmark_error_px(problem, moved.params.frames(rows), obs.frames(rows))
+    after = landmark_error_px(problem, refits.frames(rows), obs.frames(rows))
+    assert float(after.max()) < 0.5 * float(before.median()), (after, before)
+    assert torch.equal(refits.shape, moved.params.shape)  # the identity stays the stage's
