@@ -27,7 +27,7 @@ from eval.synthetic.scenario import Segment, SequenceSpec
 from eval.tracked import head_yaw_deg
 from tracker.detect.base import SCHEME_IBUG68, SCHEME_MEDIAPIPE, make_detector
 from tracker.detect.sequence import detect_video
-from tracker.errors import run_reporting_errors
+from tracker.errors import TrackerError, run_reporting_errors
 from tracker.flame.assets import load_flame_bundle
 from tracker.flame.landmarks import OUTLINE_POINTS, LandmarkSet
 
@@ -143,6 +143,9 @@ def calibrate(detector: str, count: int, out: Path, cache: Path, with_sigma: boo
             frames_vertices.append(vertices[t])
             frames_points.append(track.points[t][landmarks.detector_index.numpy()])
             cameras.append(gt.camera)
+    if not frames_vertices:
+        raise TrackerError(f"no usable calibration frame: {detector} found no face within {MAX_YAW_DEG:.0f} "
+                           "degrees of frontal in the renders")
     log(f"{len(frames_vertices)} frames")
 
     def project(f: int, pts: np.ndarray) -> np.ndarray:
@@ -176,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output .npz (default: eval/results/calibration/<detector>_embedding.npz)")
     parser.add_argument("--sigma", action="store_true", help="also write each point's spread as landmark_sigma")
     args = parser.parse_args(argv)
+    if args.sequences < 1:
+        parser.error("--sequences must be >= 1")
     out = Path(args.out) if args.out else RESULTS / "calibration" / f"{args.detector}_embedding.npz"
     return run_reporting_errors(lambda: calibrate(args.detector, args.sequences, out, RESULTS / "cache", args.sigma))
 

@@ -197,6 +197,6 @@ def test_difference_jacobians_match_forward_mode(bundle):
     X, s = packer.pack(start)
     residual_fn, _, _ = _round_residuals(problem, packer, X, s, obs, truth, 0.0)
     forward = block_jacobians(residual_fn, X, s)
-    differences = difference_jacobians(residual_fn, X, s, packer.difference_steps(X))
+    differences = difference_jacobians(residual_fn, packer.difference_steps(X), X, s)
     for a, b in zip(forward, differences):
         assert (a - b).abs().max() < 1e-3 * a.abs().max()

@@ -75,6 +75,12 @@ def test_barrier_and_sparsity_residuals():
     small, large = torch.tensor([[1e-3]]), torch.tensor([[2.0]])
     assert float(sparsity_residuals(small) ** 2) == pytest.approx(1e-6 / (2 * SPARSITY_EPS), rel=1e-2)
     assert float(sparsity_residuals(large) ** 2) == pytest.approx(2.0 - SPARSITY_EPS, rel=1e-3)
+    # Signed and smooth through 0 (sqrt of the smooth L1 has a kink there that stalls Gauss-Newton): odd, with a
+    # finite, non-zero slope 1 / sqrt(2 eps) at 0.
+    assert torch.equal(sparsity_residuals(-large), -sparsity_residuals(large))
+    zero = torch.zeros(1, 1, requires_grad=True)
+    sparsity_residuals(zero).sum().backward()
+    assert float(zero.grad) == pytest.approx((2 * SPARSITY_EPS) ** -0.5, rel=1e-6)
 
 
 def test_keyframes_span_the_head_poses():

@@ -10,7 +10,7 @@ alone (RANSAC PnP), so neither detector failures nor fast motion leave it in a w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from tracker.camera import Camera
 from tracker.config import DenseMarksStageConfig, TrackerConfig
 from tracker.densemarks.frames import DenseFrame, agreement, refresh_gates, rigid_from_matches
-from tracker.energy.base import EnergyTerm, Observations, ScaledTerm
+from tracker.energy.base import EnergyTerm, Observations, reweighted
 from tracker.energy.dense import (
     CORR_TARGET,
     CORR_WEIGHT,
@@ -40,14 +40,12 @@ landmark fit) when the landmark fit agrees with the matches less than this fract
 SETTLED_PX = 0.5
 """A frame's rounds stop once one moves no sampled vertex by more than this many video pixels."""
 
-def stage_terms(terms: Iterable[EnergyTerm], stage: DenseMarksStageConfig) -> list[EnergyTerm]:
-    """The landmark stage's terms re-weighted for this stage (landmarks and the face outline, both detector
-    evidence, priors and temporal by their stage factors; a factor of 0 leaves the term out, which also saves its
-    cost)."""
-    factors = {"landmarks": stage.landmark_weight, "contour": stage.landmark_weight, "priors": stage.prior_weight,
-               "temporal": stage.temporal_weight}
-    return [ScaledTerm(term, factors[term.name]) if factors.get(term.name, 1.0) != 1.0 else term for term in terms
-            if factors.get(term.name, 1.0) > 0]
+
+def stage_terms(terms: Sequence[EnergyTerm], stage: DenseMarksStageConfig) -> list[EnergyTerm]:
+    """The landmark stage's terms re-weighted for this stage: landmarks and the face outline (both detector
+    evidence), priors and temporal by their stage factors."""
+    return reweighted(terms, {"landmarks": stage.landmark_weight, "contour": stage.landmark_weight,
+                              "priors": stage.prior_weight, "temporal": stage.temporal_weight})
 
 
 @dataclass

@@ -8,9 +8,10 @@ all vertices, projections), and each quantity is computed once per optimiser ste
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -39,7 +40,7 @@ class Observations:
     extras: dict = field(default_factory=dict)
     """Term-specific per-frame inputs (DenseMarks uvw maps, ...): tensors with frames first."""
 
-    def frames(self, index) -> "Observations":
+    def frames(self, index) -> Observations:
         return Observations(
             self.landmarks[index], self.landmark_weights[index], self.face_size[index],
             None if self.images is None else self.images[index], self.image_scale,
@@ -146,6 +147,13 @@ class ScaledTerm:
     def prepare(self, ev: Evaluation):
         """The wrapped term's round state (None for a term without discrete choices)."""
         return self.term.prepare(ev) if hasattr(self.term, "prepare") else None
+
+
+def reweighted(terms: Sequence[EnergyTerm], factors: dict[str, float]) -> list[EnergyTerm]:
+    """`terms` with the energy of each term named in `factors` multiplied by its factor (how an image stage
+    re-weights the landmark stage's terms); a factor of 0 leaves the term out, which also saves its cost."""
+    return [ScaledTerm(term, factors[term.name]) if factors.get(term.name, 1.0) != 1.0 else term
+            for term in terms if factors.get(term.name, 1.0) > 0]
 
 
 ROBUST_KINDS = ("l2", "l1", "huber", "cauchy", "gm")

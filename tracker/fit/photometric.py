@@ -34,10 +34,9 @@ from torch import Tensor
 
 from tracker.camera import Camera, to_camera
 from tracker.config import PhotometricStageConfig, TrackerConfig
-from tracker.energy.base import Observations, ScaledTerm
+from tracker.energy.base import Observations, reweighted
 from tracker.energy.contour import POINTS_KEY as CONTOUR_POINTS
 from tracker.energy.head_size import HeadSizeEnergy
-from tracker.energy.landmarks import LandmarkEnergy
 from tracker.energy.photometric import (
     Appearance,
     PhotometricConfig,
@@ -412,10 +411,8 @@ def surface_samples(mesh: RegionMesh, appearance: Appearance, faces: Tensor, cam
 def stage_problem(problem: Problem, crop: StageCrop, landmark_weight: float, prior_weight: float = 1.0) -> Problem:
     """The landmark stage's problem in stage pixels, its landmark and face-outline terms (detector evidence)
     weighted by `landmark_weight`, its priors by `prior_weight`."""
-    factors = {"contour": landmark_weight, "priors": prior_weight}
-    terms = [LandmarkEnergy(replace(term.cfg, weight=term.cfg.weight * landmark_weight))
-             if isinstance(term, LandmarkEnergy) else ScaledTerm(term, factors[term.name]) if term.name in factors
-             else term for term in problem.terms]
+    terms = reweighted(problem.terms, {"landmarks": landmark_weight, "contour": landmark_weight,
+                                       "priors": prior_weight})
     return Problem(problem.model, problem.landmarks, crop.camera(problem.camera), terms, jacobian=problem.jacobian)
 
 

@@ -99,6 +99,7 @@ class ParamPacker:
     def __init__(self, base: FlameParams, frame_fields: Sequence[str], free_shape: bool = False,
                  free_focal: bool = False):
         self.base = base.detach()
+        self._rows_base: tuple[torch.Tensor, FlameParams] | None = None
         self.frame_fields = list(frame_fields)
         self.free_shape = free_shape
         self.free_focal = free_focal
@@ -122,13 +123,20 @@ class ParamPacker:
                rows: torch.Tensor | None = None) -> tuple[FlameParams, torch.Tensor]:
         """FlameParams and log focal scale (0 when the focal is fixed); with `rows`, X holds the parameters of
         those frames (repeats allowed) and the fixed fields are taken from them."""
-        base = self.base if rows is None else self.base.frames(rows)
+        base = self.base if rows is None else self._base_of(rows)
         fields = {n: c for n, c in zip(self.frame_fields, torch.split(X, self.frame_sizes, dim=1))}
         shared = torch.split(s, self.shared_sizes) if self.shared_sizes else ()
         if self.free_shape:
             fields["shape"] = shared[0].reshape(1, -1)
         log_focal = shared[-1][0] if self.free_focal else s.new_zeros(())
         return FlameParams(**{**base.__dict__, **fields}), log_focal
+
+    def _base_of(self, rows: torch.Tensor) -> FlameParams:
+        """The fixed fields of frames `rows`, selected once for the rows that come back at every iteration."""
+        cached = self._rows_base
+        if cached is None or not torch.equal(cached[0], rows):
+            self._rows_base = cached = (rows, self.base.frames(rows))
+        return cached[1]
 
     def unpack_dolly(self, X: torch.Tensor, s: torch.Tensor,
                      rows: torch.Tensor | None = None) -> tuple[FlameParams, torch.Tensor]:
@@ -153,8 +161,8 @@ def block_jacobians(residual_fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
     return J_frame, jacfwd(lambda v: residual_fn(X, s + v))(s.new_zeros(s.shape[0]))
 
 
-def difference_jacobians(residual_fn: Callable[..., torch.Tensor], X: torch.Tensor, s: torch.Tensor,
-                         steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def difference_jacobians(residual_fn: Callable[..., torch.Tensor], steps: torch.Tensor, X: torch.Tensor,
+                         s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Like block_jacobians, with the per-frame blocks from central differences: every frame perturbed in
     every parameter, all 2 * Pf * B copies evaluated as one batch (residual_fn(X_rows, s, rows) evaluates
     rows of frames `rows`). Shared columns stay forward-mode (a one-off, keyframe-sized problem)."""
@@ -262,15 +270,10 @@ def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequenc
         jacobians = None
         if jacobian == "differences":
             steps = packer.difference_steps(X)
-            jacobians = partial(_difference_jacobians_of, residual_fn, steps)
+            jacobians = partial(difference_jacobians, residual_fn, steps)
         X, s, _ = levenberg_marquardt(residual_fn, X, s, iters, rel_tol=rel_tol, jacobians=jacobians)
     params, log_f = packer.unpack_dolly(X, s)
     return params.detach(), (problem.camera.focal.detach() * torch.exp(log_f)).detach()
-
-
-def _difference_jacobians_of(residual_fn, steps: torch.Tensor, X: torch.Tensor, s: torch.Tensor):
-    """`difference_jacobians` with the round's residual function and steps bound (argument order for partial)."""
-    return difference_jacobians(residual_fn, X, s, steps)
 
 
 def _round_residuals(problem: Problem, packer: ParamPacker, X: torch.Tensor, s: torch.Tensor, obs: Observations,
@@ -287,6 +290,16 @@ def _round_residuals(problem: Problem, packer: ParamPacker, X: torch.Tensor, s: 
     ev = problem.evaluation(params, obs, camera=camera_at(log_f.detach()))
     yaw = ev.yaw_deg
     state = problem.prepare(ev)
+    by_rows: dict = {}
+
+    def inputs_of(rows: torch.Tensor) -> tuple:
+        """The round's fixed inputs of frames `rows`; difference Jacobians ask for the same rows at every
+        iteration, so they are selected once."""
+        if "rows" not in by_rows or not torch.equal(by_rows["rows"], rows):
+            by_rows.update(rows=rows, obs=obs.frames(rows), yaw=yaw[rows],
+                           reference=None if reference is None else reference.frames(rows),
+                           state={k: v.frames(rows) for k, v in state.items() if v is not None})
+        return by_rows["obs"], by_rows["reference"], by_rows["yaw"], by_rows["state"]
 
     def residual_fn(X_: torch.Tensor, s_: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N) residuals; with `rows`, X_ holds parameters for those frames (repeats allowed)."""
@@ -294,9 +307,9 @@ def _round_residuals(problem: Problem, packer: ParamPacker, X: torch.Tensor, s: 
         if rows is None:
             r = problem.residuals(p, obs, reference, camera_at(log_f_), contour_yaw=yaw, term_state=state)
         else:
-            r = problem.residuals(p, obs.frames(rows), None if reference is None else reference.frames(rows),
-                                  camera_at(log_f_), contour_yaw=yaw[rows],
-                                  term_state={k: v.frames(rows) for k, v in state.items() if v is not None})
+            obs_rows, reference_rows, yaw_rows, state_rows = inputs_of(rows)
+            r = problem.residuals(p, obs_rows, reference_rows, camera_at(log_f_), contour_yaw=yaw_rows,
+                                  term_state=state_rows)
         if packer.free_focal:  # the focal prior, shared out over the frames
             r = torch.cat([r, (focal_prior / B) ** 0.5 * log_f_.expand(r.shape[0], 1)], dim=1)
         return r
