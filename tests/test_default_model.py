@@ -93,11 +93,12 @@ def test_tracked_assets_are_plain_within_budget_and_credited():
     assert len(ignored) == 4
 
 
-def test_shipped_mediapipe_embedding_is_smirks_recalibrated():
-    """The shipped 105-point MediaPipe embedding is SMIRK's (same points, same order), each point moved on
+def test_shipped_mediapipe_embedding_is_smirks_recalibrated_plus_the_mesh():
+    """The shipped MediaPipe embedding starts with SMIRK's 105 points (same points, same order), each moved on
     FLAME's surface to where MediaPipe puts it (eval.calibrate_embedding): within the calibration's search
-    radius of the published position, and moved (median over points 1-6 mm) rather than copied."""
-    from eval.calibrate_embedding import SEARCH_RADIUS_M
+    radius of the published position, and moved (median over points 1-6 mm) rather than copied; then the rest
+    of MediaPipe's face mesh, face oval and irises aside, each on the face region's surface."""
+    from eval.calibrate_embedding import MEDIAPIPE_FACE_OVAL, MEDIAPIPE_MESH_POINTS, SEARCH_RADIUS_M
 
     faces = load_flame_bundle(None, None, 10, 10, "mediapipe478").model
     template, tri = faces.v_template.numpy().astype(np.float64), faces.faces.numpy()
@@ -108,8 +109,11 @@ def test_shipped_mediapipe_embedding_is_smirks_recalibrated():
 
     shipped, shipped_points = positions(REPO_ASSETS / "mediapipe_landmark_embedding.npz")
     published, published_points = positions(FLAME_ASSETS / "mediapipe_landmark_embedding.npz")
-    assert np.array_equal(shipped_points, published_points)
-    moved = np.linalg.norm(shipped - published, axis=1)
+    n = len(published_points)
+    assert np.array_equal(shipped_points[:n], published_points)
+    rest = set(range(MEDIAPIPE_MESH_POINTS)) - set(published_points.tolist()) - set(MEDIAPIPE_FACE_OVAL)
+    assert sorted(shipped_points[n:].tolist()) == sorted(rest) and len(rest) > 300
+    moved = np.linalg.norm(shipped[:n] - published, axis=1)
     assert moved.max() <= SEARCH_RADIUS_M + 1e-6
     assert 0.001 < np.median(moved) < 0.006, np.median(moved)
     with np.load(REPO_ASSETS / "mediapipe_landmark_embedding.npz", allow_pickle=False) as z:

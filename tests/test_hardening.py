@@ -191,7 +191,7 @@ def test_broken_model_through_the_cli_is_not_unexpected(tmp_path, capsys, clip):
 def test_asset_index_ranges_are_checked(tmp_path):
     from tests.conftest import FLAME_ASSETS
     from tracker.flame.assets import load_region_masks
-    from tracker.flame.landmarks import load_mediapipe105
+    from tracker.flame.landmarks import load_mediapipe
 
     faces = np.load(FLAME_NPZ)["f"]
     with np.load(FLAME_ASSETS / "mediapipe_landmark_embedding.npz") as stored:
@@ -201,7 +201,7 @@ def test_asset_index_ranges_are_checked(tmp_path):
     (assets / "mediapipe_landmark_embedding.npz").unlink()
     np.savez(assets / "mediapipe_landmark_embedding.npz", **arrays)
     with pytest.raises(TrackerError, match="lmk_face_idx holds triangle indices outside"):
-        load_mediapipe105(assets, faces)
+        load_mediapipe(assets, faces)
     with pytest.raises(TrackerError, match="outside 0..99"):
         load_region_masks(FLAME_ASSETS, 100)
 

@@ -8,6 +8,7 @@ from tests.conftest import FLAME_ASSETS, FLAME_STANDIN
 from tracker.camera import Camera
 from tracker.config import load_config
 from tracker.energy.base import Observations
+from tracker.energy.head_size import head_size
 from tracker.energy.landmarks import LandmarkEnergy
 from tracker.energy.priors import (
     SPARSITY_EPS,
@@ -99,7 +100,8 @@ def test_identity_from_exact_landmarks_beats_the_mean_face(bundle, shape_prior, 
     """A known identity drawn from the prior, seen in 10 poses through exact landmarks: the MAP identity fitted
     on keyframes is clearly closer to it than the mean face (neutral face vertices). Landmarks do not see every
     identity direction (the prior keeps those at the mean), so the fit does not reach the truth; the default
-    prior, sized for a detector's errors, holds it nearer the mean than a weak one."""
+    prior, sized for a detector's errors, holds it nearer the mean than a weak one. Faces are compared at the
+    true head's size: landmarks cannot see size (the fit keeps the mean head's, `fit.hold_head_size`)."""
     model = bundle.model
     g = torch.Generator().manual_seed(11)
     T = 10
@@ -123,12 +125,49 @@ def test_identity_from_exact_landmarks_beats_the_mean_face(bundle, shape_prior, 
     face = torch.as_tensor(bundle.masks["face"])
 
     def neutral(beta):
+        """Neutral face vertices, scaled about the head's centroid to the true head's size."""
         p = FlameParams.zeros(1, model.n_shape, model.n_expr)
         p.shape = beta
-        return model(p).vertices[0, face]
+        head = model(p).vertices[0]
+        centre = head.mean(0)
+        return centre + (head[face] - centre) * float(head_size(model, truth.shape) / head_size(model, beta))
 
     with torch.no_grad():
         true_face = neutral(truth.shape)
         fitted = (neutral(shape) - true_face).norm(dim=-1).mean()
         mean = (neutral(torch.zeros_like(shape)) - true_face).norm(dim=-1).mean()
     assert fitted < margin * mean, (float(fitted), float(mean))
+
+
+def test_identity_keeps_the_mean_head_size_unless_told_otherwise(bundle):
+    """One camera sees a head's size only together with its distance, so the keyframe identity keeps the mean
+    head's size (`fit.hold_head_size`) while its shape follows the landmarks; switched off, the size drifts with
+    the shape (here towards the true head's, 3% larger)."""
+    model = bundle.model
+    T = 6
+    truth = FlameParams.zeros(T, model.n_shape, model.n_expr)
+    g = torch.Generator().manual_seed(5)
+    truth.shape = 0.5 * torch.randn(1, model.n_shape, generator=g)
+    mean_size = float(head_size(model, torch.zeros_like(truth.shape)))
+    # Grow the head 3% along the identity directions that scale the template best.
+    dirs = model.dirs[:, :, :model.n_shape].reshape(-1, model.n_shape)
+    centred = model.v_template - model.v_template.mean(0)
+    grow = torch.linalg.lstsq(dirs, 0.03 * centred.reshape(-1, 1)).solution[:, 0]
+    truth.shape = truth.shape + grow
+    true_size = float(head_size(model, truth.shape))
+    assert true_size / mean_size > 1.02
+    truth.rotation[:, 1] = torch.linspace(-0.6, 0.6, T)
+    truth.translation[:] = torch.tensor([0.0, 0.0, -0.9])
+    camera = Camera.from_image(512, 512, fov_deg=30)
+    sizes = {}
+    for hold in (True, False):
+        cfg = load_config(overrides={"camera": {"focal": float(camera.focal)}, "fit": {"hold_head_size": hold},
+                                     "energy": {"priors": {"shape": 0.005}}})
+        terms = [LandmarkEnergy(cfg.energy.landmarks), PriorEnergy(cfg.energy.priors, model)]
+        problem = Problem(model, bundle.landmarks, camera, terms)
+        clean = problem.evaluation(truth, None).landmarks_2d.detach()
+        obs = Observations(clean, torch.ones(clean.shape[:2]), (clean.amax(1) - clean.amin(1)).norm(dim=-1))
+        shape = SequenceTracker(problem, cfg).estimate_identity(obs, np.ones(T, bool)).shape
+        sizes[hold] = float(head_size(model, shape)) / mean_size
+    assert abs(sizes[True] - 1) < 0.002, sizes
+    assert sizes[False] > 1.01, sizes

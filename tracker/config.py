@@ -102,6 +102,8 @@ class FitConfig:
     """Frames used to estimate shared identity and focal length."""
     shape_iters: int = 30
     """Levenberg-Marquardt iterations of the keyframe (identity, focal) stage."""
+    hold_head_size: bool = True
+    """Keep the identity's neutral head at the mean head's size (one camera cannot tell size from distance)."""
     frame_iters: int = 5
     """Levenberg-Marquardt iterations per frame when warm-started from the previous frame."""
     frame_rounds: int = 1

@@ -13,6 +13,7 @@ import torch
 from tracker.camera import Camera
 from tracker.config import TrackerConfig
 from tracker.energy.base import Observations
+from tracker.energy.head_size import HeadSizeEnergy
 from tracker.fit.init import rigid_from_landmarks, rough_head_angles
 from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, fit_lm, log_focal_std, torch_threads
 from tracker.flame.model import FlameParams
@@ -141,20 +142,24 @@ class SequenceTracker:
         init = self._pnp_init(key_obs, shape)
         prior_focal = self.problem.camera.focal.detach().clone()
         iters, prior = self.cfg.fit.shape_iters, FOCAL_PRIOR * len(keys)
+        # A single camera sees size only together with distance: without a held size the identity takes up
+        # whatever size the detector's biases suggest, and only the prior knows better (the mean head's).
+        problem = (self.problem.with_terms([*self.problem.terms, HeadSizeEnergy(self.model, shape)])
+                   if self.cfg.fit.hold_head_size else self.problem)
         with torch_threads(1):
             # Pose first with the mean shape, then everything together.
             init, _ = fit_lm(self.problem, init, key_obs, LANDMARK_FIELDS, max(5, iters // 3))
             if self.cfg.camera.focal is not None:
-                params, focal = fit_lm(self.problem, init, key_obs, LANDMARK_FIELDS, iters, free_shape=True)
+                params, focal = fit_lm(problem, init, key_obs, LANDMARK_FIELDS, iters, free_shape=True)
                 return Identity(params.shape, focal, "given", float("nan"), keys)
-            params, focal = fit_lm(self.problem, init, key_obs, LANDMARK_FIELDS, iters, free_shape=True,
+            params, focal = fit_lm(problem, init, key_obs, LANDMARK_FIELDS, iters, free_shape=True,
                                    free_focal=True, focal_prior=prior)
             self.problem.camera.focal = focal
-            spread = log_focal_std(self.problem, params, key_obs, LANDMARK_FIELDS, prior)
+            spread = log_focal_std(problem, params, key_obs, LANDMARK_FIELDS, prior)
             if spread <= self.cfg.camera.max_focal_log_std:
                 return Identity(params.shape, focal, "estimated", spread, keys)
             self.problem.camera.focal = prior_focal
-            params, focal = fit_lm(self.problem, init, key_obs, LANDMARK_FIELDS, iters, free_shape=True)
+            params, focal = fit_lm(problem, init, key_obs, LANDMARK_FIELDS, iters, free_shape=True)
         return Identity(params.shape, focal, "prior", spread, keys)
 
     def track(self, obs: Observations, valid: np.ndarray, shape: torch.Tensor,

@@ -4,8 +4,9 @@ Two detector schemes map onto FLAME:
 - 'ibug68' (dlib, FAN): TF_FLAME's static 68-point embedding whose 17 jaw-contour points are replaced, per
   frame, by the yaw-dependent dynamic contour (79 yaw bins x 17 points, RingNet's convention), because the
   visible silhouette of the cheek moves over the surface as the head turns.
-- 'mediapipe478' (MediaPipe Face Landmarker): metrical-tracker's 105-point embedding; `landmark_indices`
-  picks those 105 out of MediaPipe's 478.
+- 'mediapipe478' (MediaPipe Face Landmarker): `landmark_indices` picks the embedded points out of MediaPipe's
+  478: metrical-tracker's / SMIRK's 105 (the published file), or the shipped calibrated embedding's 432 (those
+  105 plus the rest of MediaPipe's face mesh without the face oval, eval.calibrate_embedding).
 
 Each file is looked up under its shipped plain-array name (.npz, in flame_assets/) first, then under the
 name the original projects publish it with (.pkl / pickled .npy, read by the restricted readers).
@@ -210,8 +211,8 @@ def load_ibug68(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
                   (contour_corners, contour_bary))
 
 
-def load_mediapipe105(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
-    """MediaPipe's 478 points, 105 of them embedded on FLAME."""
+def load_mediapipe(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
+    """MediaPipe's 478 points, those `landmark_indices` names embedded on FLAME."""
     path = _require(assets_dir, MEDIAPIPE_FILE)
     stored = read_npz(path, "landmark embedding")
     face_idx = _embedding_array(path, stored, "lmk_face_idx", np.int64, (None,))
@@ -230,7 +231,7 @@ def load_mediapipe105(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
 
 def load_landmark_set(scheme: str, assets_dir: str | Path, faces: np.ndarray) -> LandmarkSet:
     """The FLAME embedding for a detector's landmark scheme ('ibug68' or 'mediapipe478')."""
-    loaders = {"ibug68": load_ibug68, "mediapipe478": load_mediapipe105}
+    loaders = {"ibug68": load_ibug68, "mediapipe478": load_mediapipe}
     if scheme not in loaders:
         raise TrackerError(f"no FLAME embedding for landmark scheme {scheme!r} (known: {', '.join(loaders)})")
     return loaders[scheme](Path(assets_dir), faces)
