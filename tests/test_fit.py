@@ -155,31 +155,91 @@ def test_reinitialises_after_a_jump():
     assert result.lmk_error_px[5] < 1.0
 
 
-def test_global_refinement_removes_jitter():
-    """A static head seen through 1 px landmark noise: frame-by-frame tracking jitters; the joint
-    refinement cuts the jitter (rotation second differences) at least in half without losing accuracy."""
-    from tracker.fit.global_refine import refine_globally
+def test_smooth_run_solves_the_banded_least_squares():
+    """smooth_run's maths: no smoothing returns the fits; overwhelming smoothing returns the straight line that
+    best fits them (second differences zero); and in between the result is the normal equations' solution."""
+    from tracker.fit.smooth import smooth_run
+
+    rng = np.random.default_rng(0)
+    n, d = 9, 2
+    fits = rng.normal(size=(n, d))
+    info = np.stack([np.eye(d) * (1 + t) for t in range(n)])
+    assert np.allclose(smooth_run(fits, info, np.zeros(d)), fits)
+    line = smooth_run(fits, info, np.full(d, 1e9))
+    assert np.abs(line[2:] - 2 * line[1:-1] + line[:-2]).max() < 1e-6
+    t = np.arange(n)
+    for k in range(d):  # the weighted least-squares line through the fits
+        w = info[:, k, k]
+        A = np.stack([np.ones(n), t], 1)
+        coef = np.linalg.solve(A.T @ (w[:, None] * A), A.T @ (w * fits[:, k]))
+        assert np.allclose(line[:, k], A @ coef, atol=1e-5)
+    weights = np.array([3.0, 0.5])
+    mid = smooth_run(fits, info, weights)
+    D = np.diff(np.eye(n), 2, axis=0)
+    for k in range(d):
+        A = np.diag(info[:, k, k]) + weights[k] * D.T @ D
+        assert np.allclose(mid[:, k], np.linalg.solve(A, info[:, k, k] * fits[:, k]), atol=1e-8)
+
+
+def test_robust_smoothing_keeps_a_motion_onset():
+    """A head that rests, then turns at a constant rate (one large acceleration), seen with small noise: quadratic
+    smoothing strong enough to remove the noise rounds the onset off; the Huber smoothing keeps it and still
+    removes the noise."""
+    from tracker.fit.smooth import smooth_run
+
+    rng = np.random.default_rng(1)
+    n = 30
+    truth = np.concatenate([np.zeros(15), 0.05 * np.arange(1, 16)])[:, None]
+    fits = truth + 0.002 * rng.normal(size=truth.shape)
+    # A weakly seen direction (information 100 per rad^2) and the default rotation weight.
+    info, weights = np.full((n, 1, 1), 100.0), np.array([1000.0])
+    quadratic, robust = smooth_run(fits, info, weights), smooth_run(fits, info, weights, robust=0.1)
+    error = lambda x: np.abs(x - truth).max()  # noqa: E731
+    assert error(quadratic) > 0.02 and error(robust) < 0.5 * error(quadratic), (error(quadratic), error(robust))
+    noise = lambda x: np.abs(np.diff(x[:14], 2, axis=0)).mean()  # noqa: E731
+    assert noise(robust) < 0.3 * noise(fits)
+
+
+def test_pose_smoothing_removes_jitter_without_lag():
+    """Landmarks with 1 px noise: on a static head, frame-by-frame tracking jitters and the pose smoothing cuts the
+    face's jitter (camera-space vertex acceleration) at least in half; on a head turning and stopping fast, the
+    smoothed poses stay as close to the truth as the tracked ones (directions the landmarks see are kept)."""
+    from tracker.fit.smooth import smooth_track
 
     bundle = load_flame_bundle(str(FLAME_STANDIN), str(FLAME_ASSETS), 300, 100, "mediapipe478")
     camera = Camera.from_image(512, 512, fov_deg=30)
-    truth = make_truth(bundle.model, 16, seed=6)
-    truth.rotation[:] = torch.tensor([0.05, 0.2, 0.0])
-    truth.jaw_pose[:] = 0.1
-    obs, _ = observe(make_problem(bundle, camera), truth, noise_px=1.0, seed=7)
     cfg = load_config()
     terms = [LandmarkEnergy(cfg.energy.landmarks), PriorEnergy(cfg.energy.priors, bundle.model),
              TemporalEnergy(cfg.energy.temporal)]
     problem = Problem(bundle.model, bundle.landmarks, camera, terms)
-    tracked = SequenceTracker(problem, cfg).track(obs, np.ones(16, bool), truth.shape)
-    refined = refine_globally(problem, tracked, obs, iters=60, window=16, lr=cfg.fit.lr)
+    face = torch.as_tensor(bundle.masks["face"])
+
+    def vertices(p):
+        with torch.no_grad():
+            return bundle.model(p).vertices[:, face]
 
     def jitter(p):
-        return (p.rotation[2:] - 2 * p.rotation[1:-1] + p.rotation[:-2]).norm(dim=-1).mean()
+        v = vertices(p)
+        return float((v[2:] - 2 * v[1:-1] + v[:-2]).norm(dim=-1).mean())
 
-    assert jitter(refined.params) < 0.5 * jitter(tracked.params)
-    err_before = rotation_error_deg(tracked.params.rotation, truth.rotation).mean()
-    err_after = rotation_error_deg(refined.params.rotation, truth.rotation).mean()
-    assert err_after < err_before + 0.2
+    static = make_truth(bundle.model, 16, seed=6)
+    static.rotation[:] = torch.tensor([0.05, 0.2, 0.0])
+    static.jaw_pose[:] = 0.1
+    turning = make_truth(bundle.model, 16, seed=8)
+    turning.rotation[:, 1] = torch.tensor([0.0] * 4 + [0.1 * k for k in range(1, 9)] + [0.8] * 4)
+    for truth, seed in ((static, 7), (turning, 9)):
+        obs, _ = observe(make_problem(bundle, camera), truth, noise_px=1.0, seed=seed)
+        tracked = SequenceTracker(problem, cfg).track(obs, np.ones(16, bool), truth.shape)
+        smoothed = smooth_track(problem, tracked, obs, cfg.fit.smooth_rotation, cfg.fit.smooth_translation,
+                                cfg.fit.smooth_robust)
+        error = {name: float((vertices(p.params) - vertices(truth)).norm(dim=-1).mean())
+                 for name, p in (("tracked", tracked), ("smoothed", smoothed))}
+        if truth is static:
+            assert jitter(smoothed.params) < 0.5 * jitter(tracked.params)
+            assert error["smoothed"] < error["tracked"] + 1e-4
+        else:
+            assert error["smoothed"] < 1.1 * error["tracked"] + 1e-4, error
+        assert np.abs(smoothed.lmk_error_px - tracked.lmk_error_px).max() < 1.0
 
 
 def test_difference_jacobians_match_forward_mode(bundle):

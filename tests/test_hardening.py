@@ -224,9 +224,8 @@ def test_input_refused_during_the_run_leaves_nothing(tmp_path, capsys, clip):
 
 
 @pytest.mark.parametrize("overrides, key", [
-    ({"fit": {"shape_iters": 0}}, "fit.shape_iters"), ({"fit": {"global_iters": -1}}, "fit.global_iters"),
-    ({"fit": {"global_window": 0}}, "fit.global_window"), ({"energy": {"landmarks": {"scale": 0.0}}},
-                                                             "energy.landmarks.scale"),
+    ({"fit": {"shape_iters": 0}}, "fit.shape_iters"), ({"fit": {"smooth_rotation": -1}}, "fit.smooth_rotation"),
+    ({"energy": {"landmarks": {"scale": 0.0}}}, "energy.landmarks.scale"),
     ({"energy": {"dense_corr": {"scale": -1.0}}}, "energy.dense_corr.scale"),
     ({"energy": {"landmarks": {"weight": float("nan")}}}, "energy.landmarks.weight"),
     ({"energy": {"priors": {"jaw": float("inf")}}}, "energy.priors.jaw"),

@@ -114,10 +114,14 @@ class FitConfig:
     """Adam learning rate of the image-based stages (per-parameter multipliers in fit/solver.py)."""
     reinit_factor: float = 3.0
     """Re-initialise a frame from its own landmarks when its error exceeds this times the running median."""
-    global_iters: int = 0
-    """Steps of the optional joint refinement over all frames (0 = off)."""
-    global_window: int = 64
-    """Frames per chunk in the global refinement."""
+    smooth_rotation: float = 1000.0
+    """Pose smoothing after tracking (tracker.fit.smooth): weight of the rotation's second difference, per rad^2
+    (0 with smooth_translation 0: off). It moves a frame's pose only where its landmarks leave it free."""
+    smooth_translation: float = 100000.0
+    """Pose smoothing: weight of the translation's second difference, per m^2."""
+    smooth_robust: float = 0.1
+    """Pose smoothing: Huber scale of the weighted second difference (0: quadratic); larger accelerations (a
+    motion starting or stopping) are penalised linearly, so they are not rounded off as noise is."""
 
 
 @dataclass
@@ -372,7 +376,7 @@ NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("video.max_frames", 1, math.inf, True), ("video.stride", 1, math.inf, True),
     ("fit.keyframes", 1, math.inf, True), ("fit.shape_iters", 1, math.inf, True),
     ("fit.frame_iters", 1, math.inf, True), ("fit.frame_rounds", 1, math.inf, True), ("fit.first_frame_iters", 1, math.inf, True),
-    ("fit.reinit_factor", 1, math.inf, False), ("fit.global_window", 2, math.inf, True),
+    ("fit.reinit_factor", 1, math.inf, False),
     ("*lr", 0, math.inf, False), ("*scale", 0, math.inf, False), ("*distance", 0, math.inf, False),
     ("photometric.resolution", 32, math.inf, True), ("photometric.texture_size", 8, math.inf, True),
     ("photometric.frame_iters", 1, math.inf, True), ("photometric.keyframes", 1, math.inf, True),

@@ -33,9 +33,9 @@ from tracker.energy.priors import PriorEnergy
 from tracker.energy.temporal import TemporalEnergy
 from tracker.errors import TrackerError, quote
 from tracker.fit.bridge import bridge_gaps
-from tracker.fit.global_refine import refine_globally
 from tracker.fit.photometric import run_photometric_stage, stage_crop
 from tracker.fit.sequence import SequenceTracker, TrackResult, evenly_spaced
+from tracker.fit.smooth import smooth_track
 from tracker.fit.solver import Problem
 from tracker.flame.assets import DEFAULT_MODEL_NOTE, FlameBundle, load_flame_bundle
 from tracker.flame.landmarks import LandmarkSet
@@ -325,7 +325,7 @@ def fit_landmarks(problem: Problem, stream: LandmarkStream | KnownTrack, scheme:
                   show_progress: bool) -> tuple[TrackResult, dict]:
     """Identity and focal on keyframes, then frame-by-frame tracking while the stream is still detecting (when
     fewer than half the keyframes show a face, the identity waits for the whole track and takes its keyframes
-    from the valid frames, as a sequential run would), then the optional global refinement. Returns the track
+    from the valid frames, as a sequential run would), then the pose smoothing (`tracker.fit.smooth`). Returns the track
     and how the focal length was found (`Identity.focal_report`)."""
     fitter = SequenceTracker(problem, cfg)
     landmarks = problem.landmarks
@@ -359,13 +359,9 @@ def fit_landmarks(problem: Problem, stream: LandmarkStream | KnownTrack, scheme:
                     shape = identity_from(obs, track.valid)
         with _timed(timings, "fitting"):
             result = fitter.track_frames(frames, shape, on_frame=writer.add, progress=lambda: bar.update(1))
-    if cfg.fit.global_iters > 0:
-        obs = observe(stream.track())
-        with _timed(timings, "fitting"):
-            with tqdm(total=int(result.valid.sum()), desc="global refinement", unit="frame",
-                      disable=not show_progress) as bar:
-                result = refine_globally(problem, result, obs, cfg.fit.global_iters, cfg.fit.global_window,
-                                         cfg.fit.lr, progress=bar.update)
+    with _timed(timings, "fitting"):
+        result = smooth_track(problem, result, observe(stream.track()), cfg.fit.smooth_rotation,
+                              cfg.fit.smooth_translation, cfg.fit.smooth_robust)
     return result, focal
 
 

@@ -69,8 +69,6 @@ FLAGS = (
     Flag("--stream", ("video", "stream"), "video stream to track, counted from 0 (default: the main one)",
          {"type": int}),
     Flag("--focal", ("camera", "focal"), "fixed focal length in pixels (default: estimated)", {"type": float}),
-    Flag("--global-iters", ("fit", "global_iters"), "steps of the joint refinement over all frames (0 = off)",
-         {"type": int}),
     Flag("--photometric", ("photometric", "enabled"), "photometric stage", {"choices": ["on", "off"]},
          to_config=lambda v: v == "on", show_default=_on_off),
     Flag("--densemarks", ("densemarks", "mode"), "DenseMarks stage (auto: when the weights are found)",
