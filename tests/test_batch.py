@@ -134,3 +134,60 @@ def test_ray_batch_on_a_local_instance(clips, tmp_path):
     arrays, meta = read_params(tmp_path / "out" / "second" / "flame_params.npz")  # written by a Ray worker
     assert meta["complete"] and np.isfinite(arrays["rotation"]).all()
     assert set(read_csv(tmp_path / "out")) == {"first", "second", "broken"}
+
+
+def test_a_batch_killed_mid_video_resumes(clips, tmp_path):
+    """A real interruption: `python -m tracker.batch` gets SIGTERM while a long video is being tracked. It stops
+    its worker, exits with the signal's code, and leaves batch_summary.csv with the finished video done and the
+    other interrupted; the same command again skips the finished one and tracks the other."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tracker.errors import Interrupted
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    (folder / "a_short.mp4").symlink_to(clips / "first.mp4")
+    with av.open(str(SOURCE)) as source, av.open(str(folder / "b_long.mp4"), "w") as target:
+        stream = target.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 224, 224, "yuv420p"
+        frames = [frame.to_ndarray(format="rgb24") for frame in source.decode(video=0)]
+        for _ in range(6):  # 330 frames: far longer than the test waits before the signal
+            for rgb in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(rgb)):
+                    target.mux(packet)
+        for packet in stream.encode():
+            target.mux(packet)
+    config = tmp_path / "batch.yaml"
+    config.write_text(json.dumps({**QUICK, "video": {"max_frames": None}}))
+    out = tmp_path / "out"
+    args = [str(folder), "--out", str(out), "--config", str(config), "--workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen([sys.executable, "-m", "tracker.batch", *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        # The short video is done and the long one has started writing frames: then the signal.
+        while not (out / "b_long" / "batch.log").exists() or "done" not in str(read_csv(out).get("a_short")):
+            assert process.poll() is None and time.monotonic() < deadline, "the batch ended or stalled"
+            time.sleep(0.2)
+        time.sleep(2.0)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == Interrupted(signal.SIGTERM).exit_code, err
+    assert "run the same command again to resume" in err
+    rows = read_csv(out)
+    assert rows["a_short"]["status"] == "done" and rows["b_long"]["status"] == "interrupted"
+    assert not (out / "b_long" / "summary.json").exists()
+
+    assert main(args) == 0
+    rows = read_csv(out)
+    assert rows["a_short"]["status"] == "skipped" and rows["b_long"]["status"] == "done"
+    arrays, meta = read_params(out / "b_long" / "flame_params.npz")
+    assert meta["complete"] and len(arrays["frame_index"]) == 6 * len(frames)
