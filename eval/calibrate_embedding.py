@@ -186,8 +186,8 @@ def calibrate(detector: str, count: int, out: Path, cache: Path, with_sigma: boo
     unknown = np.full((len(extra), 3), np.nan)
     published = np.concatenate([np.stack([published_positions(template[None], landmarks, l)[0]
                                           for l in range(n_published)]), unknown])
-    published_surface = np.concatenate([np.stack([published_positions(verts, landmarks, l) for l in range(n_published)], 1),
-                                        np.broadcast_to(unknown, (len(verts), *unknown.shape))], 1)
+    on_frames = np.stack([published_positions(verts, landmarks, l) for l in range(n_published)], 1)
+    published_surface = np.concatenate([on_frames, np.broadcast_to(unknown, (len(verts), *unknown.shape))], 1)
     eyeballs = np.concatenate([bundle.masks["left_eyeball"], bundle.masks["right_eyeball"]])
     region = np.setdiff1d(np.concatenate([bundle.masks[name] for name in SEARCH_REGIONS]), eyeballs)
     face_idx, bary, costs, spread = fit_embedding(frames_vertices, frames_points, published_surface, faces, template,

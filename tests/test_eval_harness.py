@@ -28,6 +28,7 @@ from eval.synthetic.uvmap import uv_atlas
 from eval.tracked import TrackedSequence, load_tracked
 from tests.conftest import FLAME_ASSETS, FLAME_STANDIN, MEDIAPIPE_TASK, VIDEOS
 from tracker.detect.base import make_detector
+from tracker.flame.assets import load_flame_bundle
 from tracker.flame.landmarks import load_landmark_set
 from tracker.io.video import read_frames
 from tracker.render.texture import load_obj
@@ -231,3 +232,44 @@ def test_quick_run_end_to_end(tmp_path, cache_dir):
     assert "densemarks" in dense["skipped"]
     bench = json.loads((run_dir / "bench" / "bench.json").read_text())
     assert {"decode", "detection", "fitting", "render"} <= set(bench["configs"]["landmarks"]["median_s_per_frame"])
+
+
+def test_embedding_calibration_finds_a_point_without_a_published_position():
+    """eval.calibrate_embedding: a detector point with no published position is searched over the whole face
+    region; seen exactly in a few posed frames, it lands on its true surface point (within 1 mm), and a point with a
+    published position 1 cm off is moved back to the truth."""
+    from eval.calibrate_embedding import SEARCH_REGIONS, fit_embedding
+    from tracker.camera import Camera
+    from tracker.flame.model import FlameParams
+
+    bundle = load_flame_bundle(str(FLAME_STANDIN), str(FLAME_ASSETS), 20, 10, "mediapipe478")
+    model, faces = bundle.model, bundle.model.faces.numpy()
+    template = model.v_template.numpy().astype(np.float64)
+    region = np.unique(np.concatenate([bundle.masks[name] for name in SEARCH_REGIONS]))
+    g = torch.Generator().manual_seed(3)
+    params = FlameParams.zeros(6, model.n_shape, model.n_expr)
+    params.shape = 0.5 * torch.randn(1, model.n_shape, generator=g)
+    params.rotation[:, 1] = torch.linspace(-0.5, 0.5, 6)
+    params.rotation[:, 0] = torch.tensor([0.1, -0.1, 0.0, 0.15, -0.05, 0.0])
+    params.translation[:] = torch.tensor([0.0, 0.0, -0.8])
+    with torch.no_grad():
+        verts = model(params).vertices.numpy().astype(np.float64)
+    camera = Camera.from_image(512, 512, fov_deg=25)
+
+    def project(f, pts):
+        return camera.project(torch.from_numpy(np.asarray(pts)).float())[0].numpy()
+
+    truth_faces = np.array([int(np.flatnonzero(np.isin(faces, region).all(1))[k]) for k in (100, 900)])
+    truth_bary = np.array([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+
+    def surface(v):
+        return (v[faces[truth_faces]] * truth_bary[..., None]).sum(1)
+
+    points = [project(f, surface(verts[f])) for f in range(len(verts))]
+    published = np.stack([np.full(3, np.nan), surface(template)[1] + np.array([0.01, 0.0, 0.0])])
+    published_surface = np.stack([np.stack([np.full(3, np.nan), surface(v)[1] + [0.01, 0.0, 0.0]]) for v in verts])
+    face_idx, bary, costs, _ = fit_embedding(list(verts), points, published_surface, faces, template, published,
+                                             region, project)
+    found = (template[faces[face_idx]] * bary[..., None]).sum(1)
+    assert np.linalg.norm(found - surface(template), axis=1).max() < 1e-3
+    assert np.isnan(costs[0, 0]) and costs[1, 1] < costs[1, 0]

@@ -194,9 +194,15 @@ def test_robust_smoothing_keeps_a_motion_onset():
     # A weakly seen direction (information 100 per rad^2) and the default rotation weight.
     info, weights = np.full((n, 1, 1), 100.0), np.array([1000.0])
     quadratic, robust = smooth_run(fits, info, weights), smooth_run(fits, info, weights, robust=0.1)
-    error = lambda x: np.abs(x - truth).max()  # noqa: E731
+
+    def error(x):
+        return np.abs(x - truth).max()
+
     assert error(quadratic) > 0.02 and error(robust) < 0.5 * error(quadratic), (error(quadratic), error(robust))
-    noise = lambda x: np.abs(np.diff(x[:14], 2, axis=0)).mean()  # noqa: E731
+
+    def noise(x):  # acceleration while the head rests
+        return np.abs(np.diff(x[:14], 2, axis=0)).mean()
+
     assert noise(robust) < 0.3 * noise(fits)
 
 

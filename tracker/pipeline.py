@@ -325,8 +325,8 @@ def fit_landmarks(problem: Problem, stream: LandmarkStream | KnownTrack, scheme:
                   show_progress: bool) -> tuple[TrackResult, dict]:
     """Identity and focal on keyframes, then frame-by-frame tracking while the stream is still detecting (when
     fewer than half the keyframes show a face, the identity waits for the whole track and takes its keyframes
-    from the valid frames, as a sequential run would), then the pose smoothing (`tracker.fit.smooth`). Returns the track
-    and how the focal length was found (`Identity.focal_report`)."""
+    from the valid frames, as a sequential run would), then the pose smoothing (`tracker.fit.smooth`). Returns
+    the track and how the focal length was found (`Identity.focal_report`)."""
     fitter = SequenceTracker(problem, cfg)
     landmarks = problem.landmarks
     weights, outline = landmark_weights(landmarks, scheme, cfg), uses_outline(landmarks, cfg)
