@@ -117,6 +117,22 @@ def test_landmarks_lie_on_mesh_surface(scheme):
     assert torch.cdist(lmk, verts[0]).min(1).values.max() < 0.01
 
 
+def test_landmark_positions_of_a_batch_match_each_frames_triangles():
+    """LandmarkSet.positions on a batch (the row-gather path for fixed triangles) equals each frame's barycentric
+    points of its own landmark triangles, and carries forward-mode derivatives (the identity fit uses them)."""
+    from tracker.flame.landmarks import barycentric_points
+
+    b = load_flame_bundle(str(FLAME_STANDIN), str(FLAME_ASSETS), 20, 10, "mediapipe478")
+    marks = b.landmarks
+    sub = torch.randn(5, len(marks.vertex_ids), 3, generator=torch.Generator().manual_seed(0))
+    expected = torch.stack([barycentric_points(frame[marks.corners], marks.bary) for frame in sub])
+    assert torch.allclose(marks.positions(sub, torch.zeros(5)), expected, atol=1e-6)
+    tangent = torch.randn_like(sub)
+    jvp = torch.func.jvp(lambda v: marks.positions(v, torch.zeros(5)), (sub,), (tangent,))[1]
+    assert torch.allclose(jvp, torch.stack([barycentric_points(t[marks.corners], marks.bary) for t in tangent]),
+                          atol=1e-6)
+
+
 def test_ibug68_semantics():
     b = load_flame_bundle(str(FLAME_STANDIN), str(FLAME_ASSETS), 300, 100, "ibug68")
     lmk = b.landmarks.full_positions(b.model.v_template[None], torch.zeros(1))[0]
