@@ -35,7 +35,7 @@ from tracker.detect.base import SCHEME_IBUG68, SCHEME_MEDIAPIPE, make_detector
 from tracker.detect.sequence import detect_video
 from tracker.errors import TrackerError, run_reporting_errors
 from tracker.flame.assets import load_flame_bundle
-from tracker.flame.landmarks import OUTLINE_POINTS, LandmarkSet
+from tracker.flame.landmarks import MEDIAPIPE_FACE_OVAL, OUTLINE_POINTS, LandmarkSet
 
 MAX_YAW_DEG = 40.0
 """Frames turned further than this are not used (landmarks there are occluded or guessed)."""
@@ -47,9 +47,6 @@ CALIBRATION_PHOTOS = (0, 9)
 SCHEMES = {"mediapipe": SCHEME_MEDIAPIPE, "dlib": SCHEME_IBUG68}
 MEDIAPIPE_MESH_POINTS = 468
 """MediaPipe's face-mesh points (the 10 iris points after them are not on the skin)."""
-MEDIAPIPE_FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152,
-                       148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)
-"""MediaPipe's FACEMESH_FACE_OVAL: where the face meets hair and background, a silhouette, not a surface point."""
 SEARCH_REGIONS = ("face", "forehead", "nose", "lips", "eye_region")
 """FLAME mask regions searched for the points without a published position (eyeballs excluded)."""
 

@@ -98,7 +98,8 @@ def test_shipped_mediapipe_embedding_is_smirks_recalibrated_plus_the_mesh():
     FLAME's surface to where MediaPipe puts it (eval.calibrate_embedding): within the calibration's search
     radius of the published position, and moved (median over points 1-6 mm) rather than copied; then the rest
     of MediaPipe's face mesh, face oval and irises aside, each on the face region's surface."""
-    from eval.calibrate_embedding import MEDIAPIPE_FACE_OVAL, MEDIAPIPE_MESH_POINTS, SEARCH_RADIUS_M
+    from eval.calibrate_embedding import MEDIAPIPE_MESH_POINTS, SEARCH_RADIUS_M
+    from tracker.flame.landmarks import MEDIAPIPE_FACE_OVAL
 
     faces = load_flame_bundle(None, None, 10, 10, "mediapipe478").model
     template, tri = faces.v_template.numpy().astype(np.float64), faces.faces.numpy()

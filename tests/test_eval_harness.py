@@ -12,7 +12,6 @@ import torch
 from eval.ablation import AblationConfig, load_ablation, merge, stage_ran
 from eval.bench.stages import BenchOptions, run_bench
 from eval.photometric import PhotometricOptions
-from eval.real.evaluate import valid_runs
 from eval.run import EvalOptions, run_evaluation
 from eval.synthetic.dense import DenseOptions
 from eval.synthetic.evaluate import score_sequence
@@ -182,7 +181,11 @@ def test_bench_skips_oracle_configs_without_a_synthetic_sequence(tmp_path):
 
 
 def test_valid_runs():
-    assert valid_runs(np.array([1, 1, 1, 0, 1, 1, 1, 1, 0, 1], bool)) == [(0, 3), (4, 8)]
+    from tracker.fit.sequence import valid_runs
+
+    valid = np.array([1, 1, 1, 0, 1, 1, 1, 1, 0, 1], bool)
+    assert valid_runs(valid, min_length=3) == [(0, 3), (4, 8)]
+    assert valid_runs(valid) == [(0, 3), (4, 8), (9, 10)]
 
 
 def test_quick_run_end_to_end(tmp_path, cache_dir):

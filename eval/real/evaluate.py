@@ -32,6 +32,7 @@ from eval.synthetic.uvmap import UvAtlas
 from eval.tracked import TrackedSequence
 from tracker.detect.base import SCHEME_IBUG68, SCHEME_MEDIAPIPE, LandmarkTrack, make_detector
 from tracker.detect.sequence import detect_video
+from tracker.fit.sequence import valid_runs
 from tracker.flame.landmarks import LandmarkSet, load_landmark_set
 from tracker.flame.model import FlameModel
 from tracker.io.video import FrameSelection, read_frames
@@ -82,12 +83,6 @@ def landmark_agreement(reference: LandmarkTrack, tracked: TrackedSequence, verti
     return nme, points
 
 
-def valid_runs(valid: np.ndarray, min_length: int = 3) -> list[tuple[int, int]]:
-    """Half-open [start, stop) ranges of consecutive True values, at least min_length long."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], valid.astype(int), [0]])))
-    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True) if b - a >= min_length]
-
-
 @torch.no_grad()
 def score_video(video: Path, tracked: TrackedSequence, tracking_detector: str, model: FlameModel,
                 assets_dir: Path, face_ids: np.ndarray, atlas: UvAtlas, selection: FrameSelection,
@@ -110,7 +105,7 @@ def score_video(video: Path, tracked: TrackedSequence, tracking_detector: str, m
     frames = {wanted[f.index]: f.rgb for f in read_frames(video, selection) if f.index in wanted}
     psnr_values, ssim_values = photometric_scores(atlas, vertices, tracked.camera, frames, tracked.valid,
                                                   face_ids, photometric)
-    runs = valid_runs(tracked.valid)
+    runs = valid_runs(tracked.valid, min_length=3)
     face = torch.as_tensor(face_ids)
     jitter = temporal_jitter_mm(vertices[:, face], runs) if runs else float("nan")
     per_frame.update(psnr_db=psnr_values, ssim=ssim_values)

@@ -241,6 +241,12 @@ def predict_next(prev: FlameParams, prev2: FlameParams | None) -> FlameParams:
     return predicted
 
 
+def valid_runs(valid: np.ndarray, min_length: int = 1) -> list[tuple[int, int]]:
+    """Half-open [start, stop) ranges of consecutive True values, at least min_length long."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(valid).astype(int), [0]])))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True) if b - a >= min_length]
+
+
 def fill_gaps(results: list[FlameParams | None]) -> list[FlameParams]:
     """Replace None entries with the nearest non-None neighbour (earlier wins ties); [] if all are None."""
     known = [i for i, r in enumerate(results) if r is not None]

@@ -23,11 +23,10 @@ import scipy.sparse.linalg as spla
 import torch
 
 from tracker.energy.base import Observations
-from tracker.fit.sequence import TrackResult, landmark_error_px
+from tracker.fit.sequence import TrackResult, landmark_error_px, valid_runs
 from tracker.fit.solver import Problem
 from tracker.flame.model import FlameParams
 
-POSE_FIELDS = ("rotation", "translation")
 STEPS = (1e-3, 1e-3, 1e-3, 1e-4, 1e-4, 1e-4)
 """Central-difference steps of the pose Jacobian: radians, metres."""
 CHUNK = 256
@@ -42,10 +41,8 @@ def pose_vector(params: FlameParams) -> torch.Tensor:
 
 
 def with_pose(params: FlameParams, pose: torch.Tensor) -> FlameParams:
-    """A copy of params whose rotation and translation are pose (B, 6)."""
-    out = params.map(lambda t: t.clone())
-    out.rotation, out.translation = pose[:, :3].clone(), pose[:, 3:].clone()
-    return out
+    """params with rotation and translation taken from pose (B, 6); the other fields are shared, not copied."""
+    return replace(params, rotation=pose[:, :3], translation=pose[:, 3:])
 
 
 @torch.no_grad()
@@ -96,18 +93,6 @@ def smooth_run(poses: np.ndarray, information: np.ndarray, weights: np.ndarray, 
     return x.reshape(n, d)
 
 
-def valid_runs(valid: np.ndarray) -> list[range]:
-    """Maximal runs of consecutive True frames."""
-    runs, start = [], None
-    for t, v in enumerate(list(valid) + [False]):
-        if v and start is None:
-            start = t
-        elif not v and start is not None:
-            runs.append(range(start, t))
-            start = None
-    return runs
-
-
 def smooth_poses(problem: Problem, params: FlameParams, obs: Observations, valid: np.ndarray,
                  rotation_weight: float, translation_weight: float, robust: float = 0.0) -> FlameParams:
     """params with the rotation and translation of every run of valid frames smoothed (invalid frames untouched).
@@ -117,21 +102,20 @@ def smooth_poses(problem: Problem, params: FlameParams, obs: Observations, valid
     weights = np.array([rotation_weight] * 3 + [translation_weight] * 3, np.float64)
     pose = pose_vector(params).detach()
     smoothed = pose.clone()
-    for run in valid_runs(valid):
-        if len(run) < 3:
-            continue
+    for start, stop in valid_runs(valid, min_length=3):
         info = torch.cat([pose_information(problem, params.frames(idx), obs.frames(idx))
-                          for idx in (torch.arange(s, min(s + CHUNK, run.stop), device=pose.device)
-                                      for s in range(run.start, run.stop, CHUNK))])
-        result = smooth_run(pose[run.start:run.stop].double().cpu().numpy(), info.double().cpu().numpy(), weights,
-                            robust)
-        smoothed[run.start:run.stop] = torch.as_tensor(result, dtype=pose.dtype, device=pose.device)
+                          for idx in (torch.arange(s, min(s + CHUNK, stop), device=pose.device)
+                                      for s in range(start, stop, CHUNK))])
+        result = smooth_run(pose[start:stop].double().cpu().numpy(), info.double().cpu().numpy(), weights, robust)
+        smoothed[start:stop] = torch.as_tensor(result, dtype=pose.dtype, device=pose.device)
     return with_pose(params, smoothed)
 
 
 def smooth_track(problem: Problem, result: TrackResult, obs: Observations, rotation_weight: float,
                  translation_weight: float, robust: float = 0.0) -> TrackResult:
     """The landmark stage's track with its poses smoothed (`smooth_poses`) and its landmark errors updated."""
+    if rotation_weight <= 0 and translation_weight <= 0:
+        return result
     params = smooth_poses(problem, result.params, obs, result.valid, rotation_weight, translation_weight, robust)
     errors = result.lmk_error_px.copy()
     valid_idx = np.flatnonzero(result.valid)

@@ -31,13 +31,17 @@ DYNAMIC_CONTOUR_FILES = ("flame_dynamic_embedding.npz", "flame_dynamic_embedding
 MEDIAPIPE_FILE = "mediapipe_landmark_embedding.npz"
 N_CONTOUR = 17
 CONTOUR_MAX_YAW_DEG = 39
+MEDIAPIPE_FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152,
+                       148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)
+"""MediaPipe's FACEMESH_FACE_OVAL, from the top of the forehead round the right cheek, the chin and back: where the
+face meets hair and background, a silhouette rather than a surface point."""
 OUTLINE_POINTS = {
     "ibug68": tuple(range(17)),
-    "mediapipe478": (454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148, 176, 149, 150, 136, 172, 58, 132,
-                     93, 234),
+    "mediapipe478": MEDIAPIPE_FACE_OVAL[8:29],
 }
 """Detector points on the lower face outline (cheekbone to cheekbone round the chin): the 17 iBUG jaw points,
-and the lower half of MediaPipe's face oval. They follow the silhouette, not a fixed vertex."""
+and the lower half of MediaPipe's face oval (454 ... 152 ... 234). They follow the silhouette, not a fixed
+vertex."""
 
 
 def contour_bin(yaw_deg: torch.Tensor) -> torch.Tensor:
@@ -112,12 +116,10 @@ class LandmarkSet:
             rows = sub_vertices.permute(1, 0, 2).reshape(S, B * 3).index_select(0, self.corners.reshape(-1))
             points = torch.bmm(self.bary[:, None, :], rows.view(-1, 3, B * 3))[:, 0]  # (L, B * 3)
             return points.view(-1, B, 3).permute(1, 0, 2)
-        corners = self.corners[None].expand(B, -1, -1)
-        bary = self.bary[None].expand(B, -1, -1)
-        if self.contour_corners is not None and yaw_deg is not None:
-            bins = contour_bin(yaw_deg)
-            corners = torch.cat([self.contour_corners[bins], corners[:, N_CONTOUR:]], dim=1)
-            bary = torch.cat([self.contour_bary[bins], bary[:, N_CONTOUR:]], dim=1)
+        # The jaw contour's triangles follow each frame's yaw.
+        bins = contour_bin(yaw_deg)
+        corners = torch.cat([self.contour_corners[bins], self.corners[None, N_CONTOUR:].expand(B, -1, -1)], dim=1)
+        bary = torch.cat([self.contour_bary[bins], self.bary[None, N_CONTOUR:].expand(B, -1, -1)], dim=1)
         batch = torch.arange(B, device=sub_vertices.device)[:, None, None]
         return barycentric_points(sub_vertices[batch, corners], bary)
 
