@@ -6,6 +6,8 @@ Runs the landmark pipeline (tracker.pipeline.track_video, no overlay video), reb
 from the written flame_params.npz and the cached detections, then runs the photometric stage on them. Each
 track is rendered with the appearance (texture, lighting) estimated on its own keyframes and refined under its own
 poses, in the stage's crop.
+The head model and landmark embedding are the tracker's own (flame_assets/, or $FLAME_MODEL and
+$TRACKER_FLAME_ASSETS where set), so the numbers are those of the defaults.
 Writes the refined track's appearance and a few overlays (frame | textured mesh) under --out.
 
     python -m eval.photometric_compare ../shared/data/videos/dev/wojtek.mp4 [--max-frames 100] [--out DIR]
@@ -22,7 +24,6 @@ stage fed exact projected landmarks.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,6 @@ import cv2
 import numpy as np
 import torch
 
-from eval import SHARED_DATA
 from eval.baselines import SequenceScorer, fit_exact_landmarks
 from eval.bench.machine import machine_description
 from eval.metrics import psnr
@@ -60,13 +60,6 @@ from tracker.io.export import read_params
 from tracker.io.video import FrameSelection, read_frames
 from tracker.pipeline import SCHEME_OF_DETECTOR, detect_landmarks, landmark_problem, track_video
 
-ENVIRONMENT = {
-    "FLAME_MODEL": SHARED_DATA / "assets" / "flame_standin" / "flame_standin.pkl",
-    "TRACKER_FLAME_ASSETS": SHARED_DATA / "assets" / "flame",
-    "TRACKER_MEDIAPIPE_MODEL": SHARED_DATA / "assets" / "mediapipe" / "face_landmarker_v2_with_blendshapes.task",
-}
-"""Defaults of the tracker's asset variables (the shared stand-in) where they are not set."""
-
 
 def landmark_run(video: Path, cfg: TrackerConfig) -> tuple[Problem, TrackResult, Observations, dict, FlameBundle]:
     """track_video, then its Problem, TrackResult, Observations, timings (wall seconds per step and process
@@ -85,7 +78,7 @@ def landmark_run(video: Path, cfg: TrackerConfig) -> tuple[Problem, TrackResult,
     selection = FrameSelection(cfg.video.start, cfg.video.max_frames, cfg.video.stride)
     track, _ = detect_landmarks(video, cfg, selection, len(arrays["valid"]), Path(summary.out_dir), False)
     obs, problem = landmark_problem(track, model, landmarks, camera, cfg, scheme)
-    tensor = lambda name: torch.as_tensor(arrays[name], device=device)  # noqa: E731
+    tensor = lambda name: torch.as_tensor(arrays[name], device=device)
     params = FlameParams(shape=tensor("shape").view(1, -1), **{name: tensor(name) for name in FRAME_FIELDS})
     result = TrackResult(params, float(camera.focal), arrays["valid"].astype(bool),
                          arrays["lmk_error_px"].astype(np.float32), np.zeros(len(arrays["valid"]), bool))
@@ -146,7 +139,8 @@ def compare(video: Path, max_frames: int, out_dir: Path) -> None:
         print(f"  {name:24s} {seconds / T:6.3f} s/frame wall ({cpu / T:.3f} CPU)  "
               f"PSNR {region_psnr(track_appearance, mesh, camera, track, images):6.2f} dB  "
               f"landmark error {np.nanmean(track.lmk_error_px[track.valid]):5.2f} px")
-    print(f"  photometric stage alone  {stage_seconds / T:6.3f} s/frame wall ({stage_cpu / T:.3f} CPU)")
+    print(f"  photometric stage alone  {stage_seconds / T:6.3f} s/frame wall ({stage_cpu / T:.3f} CPU); identity "
+          f"moved {report['identity_change_mm']} mm, guard rejected {report['guard']['rejected']} frames")
 
     folder = out_dir / video.stem / "appearance"
     write_appearance(folder, refined_appearance)
@@ -204,8 +198,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/photometric_compare"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the stages set their own)")
     args = parser.parse_args()
-    for key, value in ENVIRONMENT.items():
-        os.environ.setdefault(key, str(value))
     torch.set_num_threads(args.threads)
     print(machine_description(), f"- torch threads {torch.get_num_threads()}")
     if args.max_frames < 2:

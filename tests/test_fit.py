@@ -249,8 +249,9 @@ def test_pose_smoothing_removes_jitter_without_lag():
 
 
 def test_difference_jacobians_match_forward_mode(bundle):
-    """The landmark stage's batched central differences give the forward-mode Jacobian (robust loss, prior
-    and temporal terms included) to within 1e-3 of its scale."""
+    """The landmark stage's batched finite differences give the forward-mode Jacobian (robust loss, prior
+    and temporal terms included) to within 1e-3 of its scale: central ones everywhere, and one-sided ones in
+    the blendshape columns (what the solver uses)."""
     from tracker.fit.solver import ParamPacker, _round_residuals, block_jacobians, difference_jacobians
 
     camera = Camera.from_image(512, 512, fov_deg=30)
@@ -264,6 +265,9 @@ def test_difference_jacobians_match_forward_mode(bundle):
     X, s = packer.pack(start)
     residual_fn, _, _ = _round_residuals(problem, packer, X, s, obs, truth, 0.0)
     forward = block_jacobians(residual_fn, X, s)
-    differences = difference_jacobians(residual_fn, packer.difference_steps(X), X, s)
-    for a, b in zip(forward, differences):
-        assert (a - b).abs().max() < 1e-3 * a.abs().max()
+    linear = packer.linear_columns(X)
+    assert int(linear.sum()) == bundle.model.n_expr + start.eyelids.shape[1] and not bool(linear[-3:].any())
+    for one_sided in (None, linear):
+        differences = difference_jacobians(residual_fn, packer.difference_steps(X), X, s, one_sided)
+        for a, b in zip(forward, differences):
+            assert (a - b).abs().max() < 1e-3 * a.abs().max()

@@ -11,7 +11,6 @@ Everything is deterministic given its inputs (seeds, image index).
 
 from __future__ import annotations
 
-
 import cv2
 import numpy as np
 import torch
@@ -42,6 +41,13 @@ MIN_HAIR_TEXELS = 200
 """Seen scalp texels needed to take the hair from the photo."""
 FACE_MASK_ERODE_PX = 3
 """Photo face-mask erosion: texels right at the mask border often see hair or background."""
+PHOTO_FIT_LANDMARKS = LandmarkEnergyConfig(weight=1.0, robust="cauchy", scale=0.02, contour_weight=0.5,
+                                           eye_weight=1.5, mouth_weight=1.5)
+PHOTO_FIT_PRIOR = PriorConfig(weight=1.0, shape=0.1, expr=0.1, expr_sparsity=0.05, expr_bounds=10.0, jaw=1.0,
+                              neck=0.02, eyes=0.005, eyelids=0.001)
+"""The photo fit's energy, written out rather than the tracker's defaults: a change of the tracker's settings
+must not change the benchmark's textures (and so its frames) under it. The fit still runs the tracker's solver
+and landmark embedding, so compare releases on one cache (eval/results/cache keeps its textures as PNG)."""
 
 
 def load_ffhq(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -66,13 +72,13 @@ def fit_flame_to_photo(bundle: FlameBundle, landmarks: np.ndarray, height: int,
     model, lmk_set = bundle.model, bundle.landmarks
     camera = Camera.from_image(height, width, PHOTO_FOV_DEG)
     points = torch.from_numpy(landmarks)[lmk_set.detector_index][None]
-    weights = landmark_group_weights(SCHEME_IBUG68, lmk_set.detector_index, LandmarkEnergyConfig())[None]
+    weights = landmark_group_weights(SCHEME_IBUG68, lmk_set.detector_index, PHOTO_FIT_LANDMARKS)[None]
     face_size = (points[0].amax(0) - points[0].amin(0)).norm()[None]
     obs = Observations(points, weights, face_size)
     rotation, translation = rigid_from_landmarks(model, lmk_set, camera, points[0].numpy(), weights[0].numpy())
     init = FlameParams.zeros(1, model.n_shape, model.n_expr)
     init.rotation[0], init.translation[0] = torch.from_numpy(rotation), torch.from_numpy(translation)
-    terms = [LandmarkEnergy(LandmarkEnergyConfig()), PriorEnergy(PriorConfig(), model)]
+    terms = [LandmarkEnergy(PHOTO_FIT_LANDMARKS), PriorEnergy(PHOTO_FIT_PRIOR, model)]
     problem = Problem(model, lmk_set, camera, terms)
     with torch_threads(1):  # many tiny ops: extra threads only slow them down
         params, _ = fit_lm(problem, init, obs, LANDMARK_FIELDS, FIT_ITERS, free_shape=True)
@@ -103,7 +109,7 @@ def photo_texture(bundle: FlameBundle, atlas: UvAtlas, index: int) -> np.ndarray
     skin_weight = torch.where(on_face & ~scalp, weight, torch.zeros_like(weight))
     hair_weight = torch.where(scalp & above_brows & ~on_face, weight, torch.zeros_like(weight))
     texture = atlas.to_image(colors).numpy()
-    as_image = lambda w: atlas.to_image(w[:, None])[..., 0].numpy()  # noqa: E731
+    as_image = lambda w: atlas.to_image(w[:, None])[..., 0].numpy()
     skin = push_pull_fill(*mirror_fill(texture, as_image(skin_weight), FLAME_UV_MIRROR_U))
     hair_seen = as_image(hair_weight)
     hair = push_pull_fill(texture, hair_seen) if (hair_seen > 0).sum() >= MIN_HAIR_TEXELS else \

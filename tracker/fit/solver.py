@@ -22,6 +22,8 @@ from tracker.flame.model import FlameModel, FlameParams
 
 FRAME_FIELDS = ("expr", "rotation", "neck_pose", "jaw_pose", "eyes_pose", "eyelids", "translation")
 """Per-frame parameters (everything but the shared identity)."""
+BLENDSHAPE_FIELDS = ("expr", "eyelids")
+"""Per-frame blendshape coefficients: with the pose held, the posed vertices are linear in them."""
 LANDMARK_FIELDS = tuple(f for f in FRAME_FIELDS if f != "neck_pose")
 """What face landmarks can determine: the neck and the global rotation turn the face alike, so the neck
 stays at rest until image terms that see the neck (photometric, DenseMarks) are on."""
@@ -113,11 +115,17 @@ class ParamPacker:
         return X, torch.cat(parts) if parts else X.new_zeros(0)
 
     def difference_steps(self, X: torch.Tensor) -> torch.Tensor:
-        """(Pf,) central-difference step of each frame parameter: 0.1 mm for translations, 1e-3 for angles
+        """(Pf,) finite-difference step of each frame parameter: 0.1 mm for translations, 1e-3 for angles
         (radians) and coefficients."""
         steps = [torch.full((size,), 1e-4 if name == "translation" else 1e-3)
                  for name, size in zip(self.frame_fields, self.frame_sizes)]
         return torch.cat(steps).to(X)
+
+    def linear_columns(self, X: torch.Tensor) -> torch.Tensor:
+        """(Pf,) bool: frame parameters the posed vertices are linear in (blendshape coefficients; the pose
+        is held): a one-sided difference is as good as a central one there, at half the evaluations."""
+        flags = [torch.full((size,), name in BLENDSHAPE_FIELDS) for name, size in zip(self.frame_fields, self.frame_sizes)]
+        return torch.cat(flags).to(X.device)
 
     def unpack(self, X: torch.Tensor, s: torch.Tensor,
                rows: torch.Tensor | None = None) -> tuple[FlameParams, torch.Tensor]:
@@ -162,16 +170,24 @@ def block_jacobians(residual_fn: Callable[[torch.Tensor, torch.Tensor], torch.Te
 
 
 def difference_jacobians(residual_fn: Callable[..., torch.Tensor], steps: torch.Tensor, X: torch.Tensor,
-                         s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like block_jacobians, with the per-frame blocks from central differences: every frame perturbed in
-    every parameter, all 2 * Pf * B copies evaluated as one batch (residual_fn(X_rows, s, rows) evaluates
-    rows of frames `rows`). Shared columns stay forward-mode (a one-off, keyframe-sized problem)."""
+                         s: torch.Tensor, one_sided: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like block_jacobians, with the per-frame blocks from finite differences: every frame perturbed in
+    every parameter, all copies evaluated as one batch (residual_fn(X_rows, s, rows) evaluates rows of frames
+    `rows`). Central differences, except forward ones in the columns flagged `one_sided` (Pf,) bool (e.g.
+    `ParamPacker.linear_columns`): 2 * Pc + Pf1 + 1 copies of each frame for Pc central and Pf1 one-sided
+    columns. Shared columns stay forward-mode (a one-off, keyframe-sized problem)."""
     B, Pf = X.shape
+    one_sided = torch.zeros(Pf, dtype=torch.bool, device=X.device) if one_sided is None else one_sided
+    central, forward = (~one_sided).nonzero().squeeze(1), one_sided.nonzero().squeeze(1)
     offsets = torch.diag(steps)[:, None, :]  # (Pf, 1, Pf)
-    copies = torch.cat([X[None] + offsets, X[None] - offsets]).reshape(2 * Pf * B, Pf)
-    rows = torch.arange(B, device=X.device).repeat(2 * Pf)
-    r = residual_fn(copies, s, rows).reshape(2, Pf, B, -1)
-    J_frame = ((r[0] - r[1]) / (2 * steps)[:, None, None]).permute(1, 2, 0)
+    copies = torch.cat([X[None] + offsets[central], X[None] - offsets[central], X[None] + offsets[forward], X[None]])
+    rows = torch.arange(B, device=X.device).repeat(copies.shape[0])
+    r = residual_fn(copies.reshape(-1, Pf), s, rows).reshape(copies.shape[0], B, -1)
+    n_central, n_forward = len(central), len(forward)
+    J = r.new_empty(Pf, *r.shape[1:])
+    J[central] = (r[:n_central] - r[n_central:2 * n_central]) / (2 * steps[central])[:, None, None]
+    J[forward] = (r[2 * n_central:2 * n_central + n_forward] - r[-1:]) / steps[forward][:, None, None]
+    J_frame = J.permute(1, 2, 0)
     if not s.numel():
         return J_frame, X.new_zeros(*J_frame.shape[:2], 0)
     return J_frame, jacfwd(lambda v: residual_fn(X, s + v))(s.new_zeros(s.shape[0]))
@@ -269,8 +285,8 @@ def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequenc
         yaw = new_yaw
         jacobians = None
         if jacobian == "differences":
-            steps = packer.difference_steps(X)
-            jacobians = partial(difference_jacobians, residual_fn, steps)
+            jacobians = partial(difference_jacobians, residual_fn, packer.difference_steps(X),
+                                one_sided=packer.linear_columns(X))
         X, s, _ = levenberg_marquardt(residual_fn, X, s, iters, rel_tol=rel_tol, jacobians=jacobians)
     params, log_f = packer.unpack_dolly(X, s)
     return params.detach(), (problem.camera.focal.detach() * torch.exp(log_f)).detach()
