@@ -82,3 +82,32 @@ def test_sliding_contour_recovers_the_pose(bundle):
     assert float(problem.energy(truth, obs)) < 1e-6 * before
     assert (fitted.translation - truth.translation).norm() < 0.002
     assert (fitted.rotation - truth.rotation).norm() < 0.02
+
+
+def test_matches_read_the_landmark_pass_or_their_own_vertices_alike(bundle):
+    """In a solver round the outline's partner vertices are computed in the landmarks' FLAME pass
+    (Problem.sparse_layout); outside one (no layout) the term evaluates them itself: same residuals, and the
+    layout holds the landmark vertices first, then only the partners' other vertices."""
+    model, region = bundle.model, bundle.landmarks.outline
+    camera = Camera.from_image(512, 512, fov_deg=30)
+    truth = head(model, yaw=0.4)
+    with torch.no_grad():
+        pix = camera.project(model(truth, region.vertex_ids).vertices)[0]
+    g = torch.Generator().manual_seed(1)
+    points = pix[0, torch.randperm(pix.shape[1], generator=g)[:25]] + torch.randn(25, 2, generator=g) * 4
+    obs = Observations(torch.zeros(1, 0, 2), torch.zeros(1, 0), torch.tensor([200.0]),
+                       extras={POINTS_KEY: points[None], WEIGHTS_KEY: torch.ones(1, 25)})
+    term = ContourEnergy(ContourEnergyConfig(weight=1.0, robust="cauchy"), model, region)
+    problem = Problem(model, bundle.landmarks, camera, [term])
+    moved = truth.detach()
+    moved.expr[0, :3] += 0.5
+    state = problem.prepare(problem.evaluation(truth, obs))
+    ids, _ = layout = problem.sparse_layout(state)
+    landmark_ids = bundle.landmarks.vertex_ids
+    partners = torch.unique(state["contour"].vertex_ids)
+    assert torch.equal(ids[:len(landmark_ids)], landmark_ids)
+    assert set(ids.tolist()) == set(landmark_ids.tolist()) | set(partners.tolist())
+    assert len(ids) - len(landmark_ids) < 2 * 25  # the partners, not the whole outline region
+    shared = problem.residuals(moved, obs, term_state=state, layout=layout)
+    alone = problem.residuals(moved, obs, term_state=state)
+    assert shared.abs().max() > 1e-3 and torch.allclose(shared, alone, atol=1e-6)

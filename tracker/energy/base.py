@@ -55,12 +55,14 @@ class Evaluation:
                  obs: Observations, reference: FlameParams | None = None,
                  contour_yaw: torch.Tensor | None = None, landmark_model: FlameModel | None = None,
                  rasterizer: Callable[[torch.Tensor, torch.Tensor], Fragments] | None = None,
-                 term_state: dict | None = None):
+                 term_state: dict | None = None, sparse_ids: torch.Tensor | None = None):
         self.model = model
         self.rasterizer = rasterizer
         """rasterizer(verts_screen (B, V, 3), faces) -> Fragments at the size of obs.images."""
         self.landmark_model = landmark_model or model.restricted(landmarks.vertex_ids)
-        """The model restricted to the landmark vertices (callers that evaluate often pass it in)."""
+        """The model restricted to `sparse_ids` (callers that evaluate often pass it in)."""
+        self.sparse_ids = landmarks.vertex_ids if landmark_model is None or sparse_ids is None else sparse_ids
+        """(S,) FLAME vertex ids `landmark_model` computes: the landmarks' first, then others terms read."""
         self.landmark_set = landmarks
         self.camera = camera
         self.params = params
@@ -81,10 +83,21 @@ class Evaluation:
         return yaw_degrees(rot.detach())
 
     @cached_property
+    def sparse_vertices(self) -> torch.Tensor:
+        """(B, S, 3) world positions of the vertices `sparse_ids`."""
+        return self.landmark_model(self.params).vertices
+
+    def sparse_index(self, vertex_ids: torch.Tensor) -> torch.Tensor | None:
+        """Where FLAME vertices `vertex_ids` (any shape) sit in `sparse_vertices`; None when some are not there."""
+        lookup = torch.full((self.model.n_vertices,), -1, dtype=torch.long, device=vertex_ids.device)
+        lookup[self.sparse_ids] = torch.arange(len(self.sparse_ids), device=vertex_ids.device)
+        index = lookup[vertex_ids]
+        return None if bool((index < 0).any()) else index
+
+    @cached_property
     def landmarks_3d(self) -> torch.Tensor:
         """(B, L, 3) world landmark positions."""
-        sub = self.landmark_model(self.params).vertices
-        return self.landmark_set.positions(sub, self.yaw_deg)
+        return self.landmark_set.positions(self.sparse_vertices, self.yaw_deg)
 
     @cached_property
     def landmarks_2d(self) -> torch.Tensor:

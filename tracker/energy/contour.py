@@ -38,10 +38,9 @@ class ContourEnergyConfig:
 class ContourMatch:
     """Each outline point's partner on the silhouette, fixed for a solver round."""
 
-    model: torch.nn.Module
-    """The FLAME model restricted to the vertices the partners need."""
-    ends: torch.Tensor
-    """(B, C, 2) long: the partner edge's endpoints, indices into the restricted model's vertices."""
+    vertex_ids: torch.Tensor
+    """(B, C, 2) long: the partner edge's endpoints, FLAME vertex ids (a solver's round evaluates them with
+    the landmarks: Problem.sparse_layout)."""
     t: torch.Tensor
     """(B, C) position along the edge."""
     direction: torch.Tensor
@@ -51,7 +50,7 @@ class ContourMatch:
 
     def frames(self, rows: torch.Tensor) -> ContourMatch:
         """The matches of frames `rows` (repeats allowed)."""
-        return ContourMatch(self.model, self.ends[rows], self.t[rows], self.direction[rows], self.weights[rows])
+        return ContourMatch(self.vertex_ids[rows], self.t[rows], self.direction[rows], self.weights[rows])
 
 
 class ContourEnergy:
@@ -85,10 +84,8 @@ class ContourEnergy:
         direction = torch.where(dist[..., None] > 1e-3, offset, normal)
         direction = direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-9)
         matched = dist < self.cfg.max_distance * ev.obs.face_size[:, None]
-        ends = self.region.edges[edge]  # (B, C, 2) into region vertices
-        used, local = torch.unique(ends, return_inverse=True)
-        return ContourMatch(self.model.restricted(self.region.vertex_ids[used]), local, t, direction,
-                            weights * matched)
+        ends = self.region.vertex_ids[self.region.edges[edge]]  # (B, C, 2) FLAME vertex ids
+        return ContourMatch(ends, t, direction, weights * matched)
 
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         match = ev.term_state.get(self.name) if ev.term_state else None
@@ -96,9 +93,14 @@ class ContourEnergy:
             match = self.prepare(ev)
         if match is None:
             return ev.params.expr.new_zeros(ev.params.batch_size, 0)
-        verts = match.model(ev.params).vertices  # (B, U, 3)
+        ends = ev.sparse_index(match.vertex_ids)
+        if ends is None:  # not evaluated with the landmarks (no solver round): only the partners' vertices
+            used, ends = torch.unique(match.vertex_ids, return_inverse=True)
+            verts = self.model.restricted(used)(ev.params).vertices
+        else:
+            verts = ev.sparse_vertices
         batch = torch.arange(verts.shape[0], device=verts.device)[:, None]
-        va, vb = verts[batch, match.ends[..., 0]], verts[batch, match.ends[..., 1]]
+        va, vb = verts[batch, ends[..., 0]], verts[batch, ends[..., 1]]
         pix = ev.camera.project(va + match.t[..., None] * (vb - va))[0]
         target = ev.obs.extras[POINTS_KEY]
         distance = ((pix - target) * match.direction).sum(-1, keepdim=True) / ev.obs.face_size[:, None, None]

@@ -63,6 +63,18 @@ class Problem:
     def __post_init__(self):
         self.landmark_model = self.model.restricted(self.landmarks.vertex_ids)
 
+    def sparse_layout(self, state: dict) -> tuple[torch.Tensor, FlameModel]:
+        """The FLAME vertex ids an evaluation computes in one pass, and the model restricted to them: the
+        landmark vertices (first, in their order) and the vertices that a solver round's term states read
+        (`vertex_ids` of e.g. the face outline's matches)."""
+        ids = self.landmarks.vertex_ids
+        extra = [v.vertex_ids.reshape(-1) for v in state.values() if v is not None and hasattr(v, "vertex_ids")]
+        if not extra:
+            return ids, self.landmark_model
+        others = torch.unique(torch.cat(extra))
+        ids = torch.cat([ids, others[~torch.isin(others, ids)]])
+        return ids, self.model.restricted(ids)
+
     def with_terms(self, terms: Sequence[EnergyTerm], rasterizer: Callable | None = None) -> Problem:
         """The same model and camera with other energy terms (e.g. a stage adding image terms); forward-mode
         Jacobians, which every term supports."""
@@ -70,15 +82,19 @@ class Problem:
 
     def evaluation(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
                    camera: Camera | None = None, contour_yaw: torch.Tensor | None = None,
-                   term_state: dict | None = None) -> Evaluation:
+                   term_state: dict | None = None,
+                   layout: tuple[torch.Tensor, FlameModel] | None = None) -> Evaluation:
+        """layout: `sparse_layout(term_state)` (default: the landmark vertices alone)."""
+        ids, sparse_model = layout or (self.landmarks.vertex_ids, self.landmark_model)
         return Evaluation(self.model, self.landmarks, camera or self.camera, params, obs, reference, contour_yaw,
-                          self.landmark_model, self.rasterizer, term_state)
+                          sparse_model, self.rasterizer, term_state, ids)
 
     def residuals(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
                   camera: Camera | None = None, contour_yaw: torch.Tensor | None = None,
-                  term_state: dict | None = None) -> torch.Tensor:
+                  term_state: dict | None = None,
+                  layout: tuple[torch.Tensor, FlameModel] | None = None) -> torch.Tensor:
         """(B, N) all terms' residuals side by side."""
-        ev = self.evaluation(params, obs, reference, camera, contour_yaw, term_state)
+        ev = self.evaluation(params, obs, reference, camera, contour_yaw, term_state, layout)
         return torch.cat([term(ev) for term in self.terms], dim=1)
 
     def prepare(self, ev: Evaluation) -> dict:
@@ -306,6 +322,7 @@ def _round_residuals(problem: Problem, packer: ParamPacker, X: torch.Tensor, s: 
     ev = problem.evaluation(params, obs, camera=camera_at(log_f.detach()))
     yaw = ev.yaw_deg
     state = problem.prepare(ev)
+    layout = problem.sparse_layout(state)  # one FLAME pass per evaluation for the landmarks and the matches
     by_rows: dict = {}
 
     def inputs_of(rows: torch.Tensor) -> tuple:
@@ -321,11 +338,12 @@ def _round_residuals(problem: Problem, packer: ParamPacker, X: torch.Tensor, s: 
         """(B, N) residuals; with `rows`, X_ holds parameters for those frames (repeats allowed)."""
         p, log_f_ = packer.unpack_dolly(X_, s_, rows)
         if rows is None:
-            r = problem.residuals(p, obs, reference, camera_at(log_f_), contour_yaw=yaw, term_state=state)
+            r = problem.residuals(p, obs, reference, camera_at(log_f_), contour_yaw=yaw, term_state=state,
+                                  layout=layout)
         else:
             obs_rows, reference_rows, yaw_rows, state_rows = inputs_of(rows)
             r = problem.residuals(p, obs_rows, reference_rows, camera_at(log_f_), contour_yaw=yaw_rows,
-                                  term_state=state_rows)
+                                  term_state=state_rows, layout=layout)
         if packer.free_focal:  # the focal prior, shared out over the frames
             r = torch.cat([r, (focal_prior / B) ** 0.5 * log_f_.expand(r.shape[0], 1)], dim=1)
         return r
