@@ -12,13 +12,15 @@ Writes the refined track's appearance and a few overlays (frame | textured mesh)
 
     python -m eval.photometric_compare ../shared/data/videos/dev/wojtek.mp4 [--max-frames 100] [--out DIR]
     python -m eval.photometric_compare --synthetic [talking turns ...] [--quick] [--exact-landmarks]
+                                       [--true-appearance]
 
 --synthetic tracks sequences of the synthetic suite (eval.synthetic.suite; all of it when none is named, the
 --quick one with --quick) and prints per sequence the face-region vertex error after per-frame rigid alignment
-(median over frames, mm) of the landmark stage and of landmarks + photometric, the cut, the stage's seconds per
-frame (process CPU; the identity's fixed cost shared out), and the baselines of eval.baselines: mean face with
-the true pose and expression, true shape with zero expression, and (--exact-landmarks, slower) the landmark
-stage fed exact projected landmarks.
+(median over frames, mm; and 2D reprojection, px) of the landmark stage and of landmarks + photometric, the cut,
+the stage's seconds per frame (process CPU; the identity's fixed cost shared out), and the baselines of
+eval.baselines: mean face with the true pose and expression, true shape with zero expression, and
+(--exact-landmarks, slower) the landmark stage fed exact projected landmarks. --true-appearance adds the stage
+given the texture and lighting the sequence was rendered with: what estimating the appearance costs.
 """
 
 from __future__ import annotations
@@ -35,7 +37,14 @@ import torch
 from eval.baselines import SequenceScorer, fit_exact_landmarks
 from eval.bench.machine import machine_description
 from eval.metrics import psnr
-from eval.synthetic.generate import generate_sequence, load_assets, load_ground_truth
+from eval.synthetic.generate import (
+    GroundTruth,
+    SyntheticAssets,
+    generate_sequence,
+    load_assets,
+    load_ground_truth,
+    sequence_texture,
+)
 from eval.synthetic.suite import suite
 from eval.tracked import TrackedSequence
 from tracker.camera import Camera
@@ -46,6 +55,7 @@ from tracker.errors import TrackerError, run_reporting_errors
 from tracker.fit.photometric import (
     StageCrop,
     estimate_appearance,
+    load_corner_uvs,
     refine_appearance,
     render_frames,
     run_photometric_stage,
@@ -152,7 +162,18 @@ def compare(video: Path, max_frames: int, out_dir: Path) -> None:
     print(f"  appearance and overlays in {folder}")
 
 
-def compare_synthetic(names: list[str], quick: bool, exact_landmarks: bool, out_dir: Path) -> None:
+def true_appearance(gt: GroundTruth, assets: SyntheticAssets, bundle: FlameBundle, cfg: TrackerConfig) -> Appearance:
+    """The texture and (mean) lighting a synthetic sequence was rendered with, every texel marked seen."""
+    device = torch.device(cfg.device)
+    texture = torch.from_numpy(sequence_texture(assets, gt.spec.photo, gt.spec.seed)).permute(2, 0, 1)
+    return Appearance(torch.from_numpy(gt.sh.mean(axis=0)).float().to(device),
+                      texture=texture.contiguous().to(device),
+                      corner_uvs=load_corner_uvs(cfg.photometric, bundle, device),
+                      coverage=torch.ones(texture.shape[1:], device=device))
+
+
+def compare_synthetic(names: list[str], quick: bool, exact_landmarks: bool, known_appearance: bool,
+                      out_dir: Path) -> None:
     """Landmark stage vs landmarks + photometric on synthetic sequences, scored against the truth (see the
     module docstring)."""
     specs = {spec.name: spec for spec in suite(quick)}
@@ -173,15 +194,23 @@ def compare_synthetic(names: list[str], quick: bool, exact_landmarks: bool, out_
         stage_cpu = (time.process_time() - cpu_start) / len(result.valid)
         scorer = SequenceScorer(gt, problem.model, bundle.masks["face"])
         camera = Camera(problem.camera.focal, problem.camera.center, problem.camera.height, problem.camera.width)
+        tracks = [("landmarks", result), ("photometric", refined)]
+        if known_appearance:
+            with_truth, _, _ = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg,
+                                                     appearance=true_appearance(gt, assets, bundle, cfg))
+            tracks.append(("known appearance", with_truth))
         tracked = {label: scorer.score(label, TrackedSequence(track.params, camera, np.arange(gt.n_frames),
                                                               track.valid))
-                   for label, track in (("landmarks", result), ("photometric", refined))}
+                   for label, track in tracks}
         baselines = scorer.baseline_rows(fit_exact_landmarks(gt, cfg) if exact_landmarks else None)
         landmark_mm, photometric_mm = tracked["landmarks"].v2v_rigid_mm, tracked["photometric"].v2v_rigid_mm
-        rows.append([name, gt.n_frames, landmark_mm, photometric_mm, 100 * (1 - photometric_mm / landmark_mm),
-                     stage_cpu, *[row.v2v_rigid_mm for row in baselines], report["guard"]["rejected"]])
-    header = ["sequence", "frames", "landmarks (mm)", "+ photometric (mm)", "cut (%)", "stage CPU s/frame",
-              "mean face, true pose/expr (mm)", "true shape, zero expr (mm)"] + \
+        known = [tracked["known appearance"].v2v_rigid_mm] if known_appearance else []
+        rows.append([name, gt.n_frames, landmark_mm, tracked["landmarks"].reproj_px, photometric_mm,
+                     tracked["photometric"].reproj_px, 100 * (1 - photometric_mm / landmark_mm), stage_cpu,
+                     *known, *[row.v2v_rigid_mm for row in baselines], report["guard"]["rejected"]])
+    header = ["sequence", "frames", "landmarks (mm)", "(px)", "+ photometric (mm)", "(px)", "cut (%)",
+              "stage CPU s/frame"] + (["+ photometric, true appearance (mm)"] if known_appearance else []) + \
+        ["mean face, true pose/expr (mm)", "true shape, zero expr (mm)"] + \
         (["exact landmarks (mm)"] if exact_landmarks else []) + ["guard rejected"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
@@ -194,6 +223,9 @@ def main() -> int:
     parser.add_argument("--synthetic", action="store_true", help="score on the synthetic benchmark's sequences")
     parser.add_argument("--quick", action="store_true", help="with --synthetic: the quick suite")
     parser.add_argument("--exact-landmarks", action="store_true", help="with --synthetic: that baseline too")
+    parser.add_argument("--true-appearance", action="store_true",
+                        help="with --synthetic: also the stage given the true texture and lighting (what "
+                             "estimating them costs)")
     parser.add_argument("--max-frames", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("/tmp/photometric_compare"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the stages set their own)")
@@ -207,7 +239,7 @@ def main() -> int:
 
     def compare_all() -> None:
         if args.synthetic:
-            compare_synthetic(args.videos, args.quick, args.exact_landmarks, args.out)
+            compare_synthetic(args.videos, args.quick, args.exact_landmarks, args.true_appearance, args.out)
         for video in [] if args.synthetic else args.videos:
             compare(Path(video), args.max_frames, args.out)
 

@@ -385,6 +385,42 @@ def test_stage_refines_a_synthetic_sequence(bundle, cfg, camera, mesh, appearanc
     assert np.allclose(refined.lmk_error_px, landmark_error_px(problem, refined.params, obs).numpy(), atol=1e-4)
 
 
+def test_a_known_appearance_is_used_as_is_and_corrects_every_frame(bundle, cfg, camera, mesh, appearance):
+    """Given the appearance the frames were rendered with, the stage neither estimates nor refits it, and
+    every frame comes back to the truth, the keyframes too (an appearance estimated under their wrong poses
+    would have kept them where they were)."""
+    truth = make_truth(bundle.model, [[0.1, 0.25 + 0.05 * t, 0.0] for t in range(3)])
+    frames, _ = render_frames(appearance, mesh, camera, truth, (SIZE, SIZE), 1.0)
+    frames = (frames.numpy() * 255).round().astype(np.uint8)
+    problem = Problem(bundle.model, bundle.landmarks, camera,
+                      [LandmarkEnergy(LandmarkEnergyConfig()), PriorEnergy(PriorConfig(weight=1e-3), bundle.model)])
+    landmarks = problem.evaluation(truth, None).landmarks_2d.detach()
+    obs = Observations(landmarks, torch.ones(landmarks.shape[:2]),
+                       (landmarks.max(1).values - landmarks.min(1).values).norm(dim=-1))
+    start = truth.detach()
+    off = perturbed(truth, 1.0, 3.0)
+    for name in ("rotation", "translation", "expr"):
+        setattr(start, name, getattr(off, name))
+    result = TrackResult(start, float(camera.focal), np.ones(3, bool), landmark_error_px(problem, start, obs).numpy(),
+                         np.zeros(3, bool))
+    stage_cfg = TrackerConfig()
+    stage_cfg.photometric.keyframes = 2
+    crop = stage_crop(obs, result.valid, (SIZE, SIZE), stage_cfg.photometric.resolution,
+                      stage_cfg.photometric.crop_margin)
+    known = replace(appearance, coverage=torch.ones(appearance.texture.shape[1:]))
+    images = np.stack([crop.image(f) for f in frames])
+    refined, used, _ = run_photometric_stage(problem, result, obs, images, crop, bundle, stage_cfg, appearance=known)
+    assert used is known
+    estimated, _, _ = run_photometric_stage(problem, result, obs, images, crop, bundle, stage_cfg)
+    face = torch.as_tensor(bundle.masks["face"])
+    with torch.no_grad():
+        error = lambda p: ((bundle.model(p).vertices - bundle.model(truth).vertices)[:, face]
+                           .norm(dim=-1).mean(1) * 1000).numpy()
+        before, after, after_estimated = error(start), error(refined.params), error(estimated.params)
+    assert np.all(before > 2.0) and np.all(after < 0.35 * before), (before, after)
+    assert after.mean() < 0.6 * after_estimated.mean(), (after, after_estimated)
+
+
 def test_frames_that_images_carry_away_from_their_landmarks_keep_the_landmark_fit(bundle, camera, appearance):
     """One frame's image disagrees with its landmarks (shifted by 12 pixels, as a wrong crop would give): the
     photometric term carries it away from them, the guard rejects it and it keeps its landmark fit; the other

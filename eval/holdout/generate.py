@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from eval.holdout.raster import Light, UvMesh, rasterize, read_uv_mesh, shade
 from eval.holdout.scenes import SEGMENT_KIND, HoldoutScript, HoldoutSpec, build_script, hand_alpha
-from eval.synthetic.appearance import adjust_skin
 from eval.synthetic.degrade import to_uint8
 from eval.synthetic.generate import (
     GT_SUFFIX,
@@ -37,6 +36,7 @@ from eval.synthetic.generate import (
     light_sh,
     load_assets,
     save_ground_truth,
+    sequence_texture,
     write_video,
 )
 from eval.synthetic.scenario import Segment, SequenceSpec
@@ -76,7 +76,7 @@ def script_params(script: HoldoutScript) -> FlameParams:
     """FLAME parameters of every frame (eyelid blendshapes stay 0: blinks use the eyelid expressions)."""
     T = len(script.pose)
     gaze = euler_to_axis_angle(np.stack([script.gaze[:, 0], script.gaze[:, 1], np.zeros(T)], axis=1))
-    to = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    to = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)
     return FlameParams(
         shape=to(script.shape[None]), expr=to(script.expr), rotation=to(euler_to_axis_angle(script.pose[:, :3])),
         neck_pose=torch.zeros(T, 3), jaw_pose=to(np.stack([script.jaw_open, np.zeros(T), np.zeros(T)], 1)),
@@ -152,7 +152,7 @@ def draw_hand(image: np.ndarray, occluder: np.ndarray, rgb: np.ndarray, rng: np.
 def render_frames(gt: GroundTruth, script: HoldoutScript, spec: HoldoutSpec, assets: HoldoutAssets,
                   progress: bool = False) -> Iterator[np.ndarray]:
     """The sequence's frames, (H, W, 3) uint8 RGB, in order."""
-    texture = adjust_skin(assets.synthetic.texture(spec.photo), np.random.default_rng([spec.seed, 2]))
+    texture = sequence_texture(assets.synthetic, spec.photo, spec.seed)
     backdrop = background(np.random.default_rng([spec.seed, 3]), spec.image_size)
     vertices = assets.model(gt.params).vertices
     mesh, light, size = assets.uv_mesh, light_of(script), spec.image_size

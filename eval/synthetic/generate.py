@@ -140,7 +140,7 @@ def script_params(script: Script, shape: np.ndarray) -> FlameParams:
     """FLAME parameters of every frame of a script. shape: (n_shape,) identity."""
     T = len(script.pose)
     gaze = euler_to_axis_angle(np.stack([script.gaze[:, 0], script.gaze[:, 1], np.zeros(T)], axis=1))
-    to = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    to = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)
     return FlameParams(
         shape=to(shape[None]), expr=to(script.expr), rotation=to(euler_to_axis_angle(script.pose[:, :3])),
         neck_pose=torch.zeros(T, 3), jaw_pose=to(np.stack([script.jaw_open, np.zeros(T), np.zeros(T)], 1)),
@@ -192,10 +192,16 @@ def build_ground_truth(spec: SequenceSpec, assets: SyntheticAssets) -> GroundTru
 
 
 @torch.no_grad()
+def sequence_texture(assets: SyntheticAssets, photo: int, seed: int) -> np.ndarray:
+    """(S, S, 3) float albedo texture a sequence's head is rendered with: its photo's, skin adjusted by its
+    seed."""
+    return adjust_skin(assets.texture(photo), np.random.default_rng([seed, 2]))
+
+
 def render_frames(gt: GroundTruth, assets: SyntheticAssets) -> Iterator[np.ndarray]:
     """The sequence's frames, (H, W, 3) uint8 RGB, in order."""
     spec = gt.spec
-    texture = adjust_skin(assets.texture(spec.photo), np.random.default_rng([spec.seed, 2]))
+    texture = sequence_texture(assets, spec.photo, spec.seed)
     head = TexturedHead(assets.atlas.faces, assets.atlas.corner_uvs, torch.from_numpy(texture).permute(2, 0, 1))
     background = procedural_background(np.random.default_rng([spec.seed, 3]), gt.camera.height, gt.camera.width)
     vertices = assets.bundle.model(gt.params).vertices

@@ -459,12 +459,13 @@ def appearance_keyframes(result: TrackResult, count: int) -> np.ndarray:
 
 def refine_identity(problem: Problem, mesh: RegionMesh, appearance: Appearance, result: TrackResult,
                     obs: Observations, images: np.ndarray, keyframes: np.ndarray, bundle: FlameBundle,
-                    cfg: TrackerConfig) -> tuple[Tensor, Appearance]:
+                    cfg: TrackerConfig, refit_appearance: bool = True) -> tuple[Tensor, Appearance]:
     """The shared identity (1, n_shape) re-estimated on keyframes, and the appearance refitted along.
 
     Each of photometric.identity_rounds rounds runs `fit_photometric` on the keyframes with the shape free
     (their poses and expressions free too, no temporal term: keyframes are not neighbours), then refits the
-    appearance under the new geometry (photometric.identity_appearance_iters steps from the current one).
+    appearance under the new geometry (photometric.identity_appearance_iters steps from the current one;
+    not with refit_appearance off: a known appearance).
     A single camera sees the head's size only together with its distance: the compared regions of the neutral
     head keep their size under the landmark identity (`HeadSizeEnergy` on the region mesh), the images choose
     their shape.
@@ -480,6 +481,8 @@ def refine_identity(problem: Problem, mesh: RegionMesh, appearance: Appearance, 
     for _ in range(stage.identity_rounds):
         params = fit_photometric(problem, mesh, appearance, params, key_obs, key_images, cfg, LANDMARK_FIELDS,
                                  stage.identity_iters, free_shape=True)
+        if not refit_appearance:
+            continue
         geometry = pixel_geometry(mesh, problem.camera, params, key_images, 1.0, stage.renderer)
         appearance = fit_appearance(geometry, appearance, faces, cfg.energy.photometric, stage,
                                     iters=stage.identity_appearance_iters, warmup=0)
@@ -531,7 +534,8 @@ def check_stage_inputs(result: TrackResult, images: np.ndarray, crop: StageCrop,
 
 def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observations, images: np.ndarray,
                           crop: StageCrop, bundle: FlameBundle, cfg: TrackerConfig,
-                          progress: Callable[[], None] | None = None) -> tuple[TrackResult, Appearance, dict]:
+                          progress: Callable[[], None] | None = None,
+                          appearance: Appearance | None = None) -> tuple[TrackResult, Appearance, dict]:
     """Refine a landmark track photometrically (see the module docstring).
 
     problem: the landmark stage's Problem (landmark, prior and temporal terms; its camera holds the
@@ -540,6 +544,8 @@ def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observatio
     images: (T, size, size, 3) uint8 RGB stage images, crop.image(frame) of every tracked frame;
     crop: from `stage_crop` (obs, result.valid, video size, photometric.resolution, photometric.crop_margin).
     progress: called once per frame.
+    appearance: the sequence's albedo and lighting when known (a scan, or a synthetic sequence's truth, to
+        measure what estimating it costs): used as is, neither estimated nor refitted.
     Returns the refined TrackResult (landmark errors recomputed, video pixels), the sequence's Appearance and
     a report: the identity's change (RMS vertex displacement of the neutral head, mm) and the guard's report.
     """
@@ -553,16 +559,19 @@ def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observatio
         crop_obs = crop.observations(obs)
         mesh = region_mesh(problem.model, bundle.masks, term.regions)
         keyframes = appearance_keyframes(result, stage.keyframes)
-        appearance = estimate_appearance(mesh, crop_problem.camera, result.params, images, bundle, cfg, keyframes)
+        known = appearance is not None
+        if not known:
+            appearance = estimate_appearance(mesh, crop_problem.camera, result.params, images, bundle, cfg, keyframes)
         shape, appearance = refine_identity(crop_problem, mesh, appearance, result, crop_obs, images, keyframes,
-                                            bundle, cfg)
+                                            bundle, cfg, refit_appearance=not known)
         # The neck turns the head like the global rotation: free it only when the neck itself is compared.
         free = FRAME_FIELDS if "neck" in term.regions else LANDMARK_FIELDS
         refined = refine_frames(crop_problem, mesh, appearance, result, shape, crop_obs, images, cfg, free, progress)
         refined = replace(refined, lmk_error_px=refined.lmk_error_px / crop.scale)
         refined, guard = guard_error_growth(result, refined, obs.face_size.cpu().numpy(), stage.guard, "photometric")
         refined = with_landmark_errors(problem, refined, obs)
-        appearance = refine_appearance(appearance, mesh, crop_problem.camera, refined, images, bundle, cfg)
+        if not known:
+            appearance = refine_appearance(appearance, mesh, crop_problem.camera, refined, images, bundle, cfg)
     report = {"keyframes": len(keyframes), "identity_change_mm": round(shape_change_mm(
         problem.model, result.params.shape, refined.params.shape), 3), "guard": guard}
     return refined, appearance, report
