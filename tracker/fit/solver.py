@@ -243,20 +243,21 @@ def levenberg_marquardt(residual_fn: Callable[[torch.Tensor, torch.Tensor], torc
     X, s = X.detach().clone(), s.detach().clone()
     B, Pf = X.shape
 
-    def cost_of(X_, s_):
+    def residuals_at(X_, s_):
         with torch.no_grad():
-            return residual_fn(X_, s_).pow(2).sum()
+            return residual_fn(X_, s_)
 
-    cost = cost_of(X, s)
+    r = residuals_at(X, s)  # the residuals at the current X, kept from the step that reached it
+    cost = r.pow(2).sum()
     for _ in range(iters):
-        r = residual_fn(X, s).detach()
         A, g = normal_equations(r, *jacobians(X, s))
         diag = A.diagonal().clamp(min=1e-9)
         improved = False
         for _ in range(8):
             step = torch.linalg.solve(A + damping * torch.diag(diag), -g)
             X_new, s_new = X + step[:B * Pf].view(B, Pf), s + step[B * Pf:]
-            new_cost = cost_of(X_new, s_new)
+            r_new = residuals_at(X_new, s_new)
+            new_cost = r_new.pow(2).sum()
             if torch.isfinite(new_cost) and new_cost < cost:
                 improved = True
                 break
@@ -264,7 +265,7 @@ def levenberg_marquardt(residual_fn: Callable[[torch.Tensor, torch.Tensor], torc
         if not improved:
             break
         decrease = (cost - new_cost) / cost.clamp(min=1e-30)
-        X, s, cost = X_new, s_new, new_cost
+        X, s, cost, r = X_new, s_new, new_cost, r_new
         damping = max(damping / 4, 1e-9)
         if decrease < rel_tol:
             break
