@@ -336,17 +336,24 @@ def test_vertex_colour_albedo_is_rendered_and_recovered(bundle, cfg, camera, mes
     assert float((rendered - images)[mask].abs().mean()) < 0.01
 
 
-def test_stage_refines_a_synthetic_sequence(bundle, cfg, camera, mesh, appearance):
-    # Exact landmarks and images of a turning head. The track to refine is right on the two keyframes (first
-    # and last frame, which give the appearance) and off by 1 degree, 3 mm and in its expression in between.
-    truth = make_truth(bundle.model, [[0.1, 0.25 + 0.05 * t, 0.0] for t in range(4)])
-    frames, _ = render_frames(appearance, mesh, camera, truth, (SIZE, SIZE), 1.0)
-    frames = (frames.numpy() * 255).round().astype(np.uint8)
+def turning_head(bundle, camera, mesh, appearance, frames: int) -> tuple[FlameParams, np.ndarray, Problem,
+                                                                         Observations]:
+    """A head turning 3 degrees per frame: its parameters, rendered frames (uint8), a landmark problem and its
+    exact landmarks."""
+    truth = make_truth(bundle.model, [[0.1, 0.25 + 0.05 * t, 0.0] for t in range(frames)])
+    images, _ = render_frames(appearance, mesh, camera, truth, (SIZE, SIZE), 1.0)
     problem = Problem(bundle.model, bundle.landmarks, camera,
                       [LandmarkEnergy(LandmarkEnergyConfig()), PriorEnergy(PriorConfig(weight=1e-3), bundle.model)])
     landmarks = problem.evaluation(truth, None).landmarks_2d.detach()
     size = (landmarks.max(1).values - landmarks.min(1).values).norm(dim=-1)
     obs = Observations(landmarks, torch.ones(landmarks.shape[:2]), size)
+    return truth, (images.numpy() * 255).round().astype(np.uint8), problem, obs
+
+
+def test_stage_refines_a_synthetic_sequence(bundle, cfg, camera, mesh, appearance):
+    # Exact landmarks and images of a turning head. The track to refine is right on the two keyframes (first
+    # and last frame, which give the appearance) and off by 1 degree, 3 mm and in its expression in between.
+    truth, frames, problem, obs = turning_head(bundle, camera, mesh, appearance, 4)
     start = truth.detach()
     off = perturbed(truth.frames(slice(1, 3)), 1.0, 3.0)
     for name in ("rotation", "translation", "expr"):
@@ -389,14 +396,7 @@ def test_a_known_appearance_is_used_as_is_and_corrects_every_frame(bundle, cfg, 
     """Given the appearance the frames were rendered with, the stage neither estimates nor refits it, and
     every frame comes back to the truth, the keyframes too (an appearance estimated under their wrong poses
     would have kept them where they were)."""
-    truth = make_truth(bundle.model, [[0.1, 0.25 + 0.05 * t, 0.0] for t in range(3)])
-    frames, _ = render_frames(appearance, mesh, camera, truth, (SIZE, SIZE), 1.0)
-    frames = (frames.numpy() * 255).round().astype(np.uint8)
-    problem = Problem(bundle.model, bundle.landmarks, camera,
-                      [LandmarkEnergy(LandmarkEnergyConfig()), PriorEnergy(PriorConfig(weight=1e-3), bundle.model)])
-    landmarks = problem.evaluation(truth, None).landmarks_2d.detach()
-    obs = Observations(landmarks, torch.ones(landmarks.shape[:2]),
-                       (landmarks.max(1).values - landmarks.min(1).values).norm(dim=-1))
+    truth, frames, problem, obs = turning_head(bundle, camera, mesh, appearance, 3)
     start = truth.detach()
     off = perturbed(truth, 1.0, 3.0)
     for name in ("rotation", "translation", "expr"):
