@@ -83,23 +83,43 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 """Signals that stop a run like Ctrl-C: what a terminal, `timeout`, Docker and Slurm send."""
 
 
+_pending_signal: list[int] = []
+"""The stop signal received inside `interrupt_on_signals` whose exception may not have reached the run (empty: none)."""
+
+
 @contextmanager
 def interrupt_on_signals() -> Iterator[None]:
     """Inside the block, SIGINT, SIGTERM and SIGHUP raise `Interrupted` in the main thread (once: a second signal
-    while finished frames are being written is ignored; SIGKILL still ends the process)."""
+    while finished frames are being written is ignored; SIGKILL still ends the process).
+
+    Python drops an exception raised while a finaliser (`__del__`, a weakref callback) runs, so the handler's
+    exception can be lost; the signal is also kept, and `stop_if_signalled` at each frame raises it again."""
     fired = []
 
     def handler(signum, _frame):
         if not fired:
             fired.append(signum)
+            _pending_signal[:] = [signum]
             raise Interrupted(signum)
 
     previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
+        _pending_signal.clear()
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+def stop_if_signalled() -> None:
+    """A checkpoint for long loops: raise `Interrupted` for a stop signal whose exception was lost (once)."""
+    if _pending_signal:
+        raise Interrupted(_pending_signal.pop())
+
+
+def signal_delivered() -> None:
+    """The run saw the signal's exception: checkpoints need not raise it again (the finished work is being written)."""
+    _pending_signal.clear()
 
 
 def run_reporting_errors(action: Callable[[], None]) -> int:
@@ -120,6 +140,7 @@ def report_failure(exc: BaseException, kept: str = "") -> int:
         print(f"error: {exc}" + (f" ({kept})" if kept and not kept.startswith("no ") else ""), file=sys.stderr)
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
+        signal_delivered()
         stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
         print(f"interrupted by {stop.name}" + (f": {kept}" if kept else ""), file=sys.stderr)
         return stop.exit_code

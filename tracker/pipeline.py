@@ -31,7 +31,7 @@ from tracker.energy.landmarks import LandmarkEnergy, landmark_group_weights
 from tracker.energy.photometric import Appearance, region_mesh
 from tracker.energy.priors import PriorEnergy
 from tracker.energy.temporal import TemporalEnergy
-from tracker.errors import TrackerError, quote
+from tracker.errors import TrackerError, quote, stop_if_signalled
 from tracker.fit.bridge import bridge_gaps
 from tracker.fit.photometric import run_photometric_stage, stage_crop
 from tracker.fit.sequence import SequenceTracker, TrackResult, evenly_spaced
@@ -275,6 +275,7 @@ def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folde
             outputs["report"] = str(write_report(out_dir / "report.png", written, title=printable(video.name)))
 
     # Every stage finished: the last write says whether the result covers the whole selection.
+    stop_if_signalled()
     arrays = writer.write(table, complete=decoding.complete)
     summary = _summarise(video, out_dir, arrays, result, timings, time.perf_counter() - started, camera, outputs)
     summary.stages, summary.flame_model, summary.input = stages, bundle.model_record, writer.metadata["input"]

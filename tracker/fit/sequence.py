@@ -14,6 +14,7 @@ from tracker.camera import Camera
 from tracker.config import TrackerConfig
 from tracker.energy.base import Observations
 from tracker.energy.head_size import HeadSizeEnergy
+from tracker.errors import stop_if_signalled
 from tracker.fit.init import rigid_from_landmarks, rough_head_angles
 from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, fit_lm, log_focal_std, torch_threads
 from tracker.flame.model import FlameParams
@@ -181,6 +182,7 @@ class SequenceTracker:
         prev: FlameParams | None = None
         prev2: FlameParams | None = None
         for t, (o, valid_t) in enumerate(frames):
+            stop_if_signalled()
             results.append(None)
             errors.append(np.nan)
             reinit.append(False)

@@ -18,6 +18,7 @@ import torch
 
 from tracker.camera import Camera
 from tracker.detect.base import LandmarkTrack
+from tracker.errors import signal_delivered
 from tracker.fit.solver import FRAME_FIELDS
 from tracker.flame.model import FlameParams
 from tracker.io.export import FrameTable, write_params
@@ -95,6 +96,8 @@ class OutputWriter:
         """On any failure or interrupt inside the block, write the finished frames, then re-raise."""
         try:
             yield
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, KeyboardInterrupt):
+                signal_delivered()
             self.write_partial()
             raise

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import av
 import numpy as np
 
-from tracker.errors import TrackerError
+from tracker.errors import TrackerError, stop_if_signalled
 
 
 NO_TIMESTAMPS = 0x80
@@ -238,6 +238,7 @@ def read_frames(path: str | Path, selection: FrameSelection = FrameSelection(),
         report.stopped = "end of stream"
         try:
             for index, frame in enumerate(container.decode(stream)):
+                stop_if_signalled()
                 report.decoded = index + 1
                 if size is None:
                     size, turns = (frame.width, frame.height), _quarter_turns(frame)
