@@ -28,7 +28,8 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from tracker.config import TrackerConfig, config_to_dict, load_config
-from tracker.errors import EXIT_BAD_INPUT, EXIT_OK, TrackerError, interrupt_on_signals, report_failure
+from tracker.errors import (EXIT_BAD_INPUT, EXIT_OK, TrackerError, interrupt_on_signals, report_failure,
+                            stop_if_signalled)
 from tracker.io.files import RunFolder, safe_name
 from tracker.io.inputs import find_videos
 
@@ -127,7 +128,11 @@ class LocalRunner:
     def wait(self) -> list[Outcome]:
         """Block until at least one running video ends; their outcomes."""
         outcomes = []
-        for receive in wait(list(self.running)):
+        ended = []
+        while not ended:  # in slices, so that a stop signal whose exception was lost is seen
+            stop_if_signalled()
+            ended = wait(list(self.running), timeout=1.0)
+        for receive in ended:
             process, video = self.running.pop(receive)
             try:
                 kind, payload = receive.recv()
@@ -191,7 +196,10 @@ class RayRunner:
         self.running[self.task.remote(str(video), cfg)] = video
 
     def wait(self) -> list[Outcome]:
-        ready, _ = self.ray.wait(list(self.running), num_returns=1)
+        ready = []
+        while not ready:  # in slices, as LocalRunner.wait
+            stop_if_signalled()
+            ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=1.0)
         outcomes = []
         for ref in ready:
             video = self.running.pop(ref)
