@@ -3,8 +3,10 @@
 The OpenVINO path exports the network with `torch.export` for the one input size the predictor uses (its crop
 size, batch 1), converts it in memory (nothing is written to disk) and compiles it for the CPU (about half a
 minute, once per run). In fp32 its outputs equal the eager network's to float rounding (the parity test checks
-1e-4) and it runs about 2.5x faster than eager PyTorch at 512 x 512 (`python -m eval.bench`): it fuses the
-element-wise work around the matrix products and runs the DPT convolutions in blocked layouts. `precision="bf16"` is an opt-in for CPUs with bf16 units (AMX, AVX512-BF16): faster still,
+1e-4); it fuses the element-wise work around the matrix products and runs the DPT convolutions in blocked
+layouts, which saves 1.3-2.6x over eager PyTorch at 512 x 512 depending on the CPU and its load (`python -m
+eval.bench.network`; the least where eager PyTorch's own matrix products and convolutions are already fast, as
+on CPUs with AVX-512). `precision="bf16"` is an opt-in for CPUs with bf16 units (AMX, AVX512-BF16): faster still,
 but its accuracy cannot be validated without the released weights.
 """
 
