@@ -271,3 +271,39 @@ def test_difference_jacobians_match_forward_mode(bundle):
         differences = difference_jacobians(residual_fn, packer.difference_steps(X), X, s, one_sided)
         for a, b in zip(forward, differences):
             assert (a - b).abs().max() < 1e-3 * a.abs().max()
+
+
+def test_whole_track_evaluations_in_chunks_give_the_same_numbers(monkeypatch):
+    """The evaluations over a whole track (the pose smoothing's Jacobians and errors, the stage energies) run a
+    chunk of frames at a time, so that memory stays flat on long videos (1000 frames at once took 0.9 GB): in
+    chunks of 4 frames they give the numbers one pass over all frames gives."""
+    import tracker.fit.smooth as smooth
+    from tracker.fit.sequence import TrackResult, landmark_error_px
+    from tracker.pipeline import frame_energy
+
+    bundle = load_flame_bundle(str(FLAME_STANDIN), str(FLAME_ASSETS), 300, 100, "mediapipe478")
+    camera = Camera.from_image(512, 512, fov_deg=30)
+    problem = make_problem(bundle, camera, prior_weight=0.1)
+    truth = make_truth(bundle.model, 11, seed=12)
+    obs, _ = observe(problem, truth, noise_px=1.5, seed=13)
+    valid = np.ones(11, bool)
+    valid[5] = False  # two runs of frames
+    g = torch.Generator().manual_seed(14)
+    jittery = truth.map(lambda t: t.clone())  # poses that the smoothing moves
+    jittery.rotation += 0.01 * torch.randn(jittery.rotation.shape, generator=g)
+    jittery.translation += 0.002 * torch.randn(jittery.translation.shape, generator=g)
+    with torch.no_grad():
+        errors = landmark_error_px(problem, jittery, obs).numpy()
+    track = TrackResult(jittery, float(camera.focal), valid, errors, np.zeros(11, bool))
+
+    whole_energy = np.where(valid, problem.energy(jittery, obs).detach().numpy(), np.nan)
+    smoothed_whole = smooth.smooth_track(problem, track, obs, 1000.0, 1e5, 0.1)
+    monkeypatch.setattr(smooth, "CHUNK", 4)
+    monkeypatch.setattr("tracker.pipeline.ENERGY_CHUNK", 4)
+    smoothed_chunks = smooth.smooth_track(problem, track, obs, 1000.0, 1e5, 0.1)
+    np.testing.assert_allclose(frame_energy(problem, track, obs), whole_energy, rtol=1e-5)
+    for name in ("rotation", "translation"):  # float32 rounding of other batch shapes: 2e-5 rad, 0.02 mm
+        torch.testing.assert_close(getattr(smoothed_chunks.params, name), getattr(smoothed_whole.params, name),
+                                   atol=2e-5, rtol=0)
+    np.testing.assert_allclose(smoothed_chunks.lmk_error_px, smoothed_whole.lmk_error_px, rtol=1e-3)
+    assert (smoothed_whole.params.rotation - jittery.rotation).abs().max() > 1e-3  # the smoothing ran

@@ -55,7 +55,8 @@ class Evaluation:
                  obs: Observations, reference: FlameParams | None = None,
                  contour_yaw: torch.Tensor | None = None, landmark_model: FlameModel | None = None,
                  rasterizer: Callable[[torch.Tensor, torch.Tensor], Fragments] | None = None,
-                 term_state: dict | None = None, sparse_ids: torch.Tensor | None = None):
+                 term_state: dict | None = None, sparse_ids: torch.Tensor | None = None,
+                 shared_frames: int | None = None):
         self.model = model
         self.rasterizer = rasterizer
         """rasterizer(verts_screen (B, V, 3), faces) -> Fragments at the size of obs.images."""
@@ -73,6 +74,9 @@ class Evaluation:
         """(B,) yaw (degrees) that picks the jaw contour, held fixed by solvers; None: from params."""
         self.term_state = term_state or {}
         """Per-term state a solver holds fixed for a round ({term name: term.prepare(ev)}), e.g. matches."""
+        self.shared_frames = shared_frames or params.batch_size
+        """How many frames the terms on shared parameters (the identity's prior, its size) are shared out over:
+        the batch, or all frames of a track evaluated a chunk at a time."""
 
     @cached_property
     def yaw_deg(self) -> torch.Tensor:

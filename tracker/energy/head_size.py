@@ -31,6 +31,5 @@ class HeadSizeEnergy:
         self.weight = weight
 
     def __call__(self, ev: Evaluation) -> torch.Tensor:
-        batch = ev.params.batch_size
         change = head_size(self.model, ev.params.shape) / self.reference - 1
-        return (self.weight / batch) ** 0.5 * change.expand(batch, 1)
+        return (self.weight / ev.shared_frames) ** 0.5 * change.expand(ev.params.batch_size, 1)

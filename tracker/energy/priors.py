@@ -86,8 +86,8 @@ class PriorEnergy:
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         p, c = ev.params, self.cfg
         B = p.batch_size
-        # The shared identity is counted once per batch, not once per frame.
-        shape = c.shape ** 0.5 * gaussian_residuals(p.shape).expand(B, -1) / B ** 0.5
+        # The shared identity is counted once per batch (or track), not once per frame.
+        shape = c.shape ** 0.5 * gaussian_residuals(p.shape).expand(B, -1) / ev.shared_frames ** 0.5
         jaw = torch.cat([p.jaw_pose[:, 1:], torch.relu(-p.jaw_pose[:, :1])], dim=1)
         parts = [shape, self.expression_residuals(p.expr), c.jaw ** 0.5 * jaw, c.neck ** 0.5 * p.neck_pose,
                  c.eyes ** 0.5 * p.eyes_pose, c.eyelids ** 0.5 * p.eyelids]

@@ -82,19 +82,20 @@ class Problem:
 
     def evaluation(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
                    camera: Camera | None = None, contour_yaw: torch.Tensor | None = None,
-                   term_state: dict | None = None,
-                   layout: tuple[torch.Tensor, FlameModel] | None = None) -> Evaluation:
-        """layout: `sparse_layout(term_state)` (default: the landmark vertices alone)."""
+                   term_state: dict | None = None, layout: tuple[torch.Tensor, FlameModel] | None = None,
+                   shared_frames: int | None = None) -> Evaluation:
+        """layout: `sparse_layout(term_state)` (default: the landmark vertices alone); shared_frames: see
+        `Evaluation.shared_frames` (default: the batch)."""
         ids, sparse_model = layout or (self.landmarks.vertex_ids, self.landmark_model)
         return Evaluation(self.model, self.landmarks, camera or self.camera, params, obs, reference, contour_yaw,
-                          sparse_model, self.rasterizer, term_state, ids)
+                          sparse_model, self.rasterizer, term_state, ids, shared_frames)
 
     def residuals(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
                   camera: Camera | None = None, contour_yaw: torch.Tensor | None = None,
-                  term_state: dict | None = None,
-                  layout: tuple[torch.Tensor, FlameModel] | None = None) -> torch.Tensor:
+                  term_state: dict | None = None, layout: tuple[torch.Tensor, FlameModel] | None = None,
+                  shared_frames: int | None = None) -> torch.Tensor:
         """(B, N) all terms' residuals side by side."""
-        ev = self.evaluation(params, obs, reference, camera, contour_yaw, term_state, layout)
+        ev = self.evaluation(params, obs, reference, camera, contour_yaw, term_state, layout, shared_frames)
         return torch.cat([term(ev) for term in self.terms], dim=1)
 
     def prepare(self, ev: Evaluation) -> dict:
@@ -102,9 +103,9 @@ class Problem:
         return {term.name: term.prepare(ev) for term in self.terms if hasattr(term, "prepare")}
 
     def energy(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
-               camera: Camera | None = None) -> torch.Tensor:
-        """(B,) energy per frame."""
-        return self.residuals(params, obs, reference, camera).pow(2).sum(-1)
+               camera: Camera | None = None, shared_frames: int | None = None) -> torch.Tensor:
+        """(B,) energy per frame (shared_frames: `Evaluation.shared_frames`)."""
+        return self.residuals(params, obs, reference, camera, shared_frames=shared_frames).pow(2).sum(-1)
 
 
 class ParamPacker:
