@@ -35,11 +35,12 @@ class Pca:
     expression_names: list = []
 
 
-def prior_energy(prior: PriorEnergy, params: FlameParams) -> float:
+def prior_energy(prior: PriorEnergy, params: FlameParams, shared_frames: int | None = None) -> float:
+    """The prior's energy summed over the batch (shared terms spread over `shared_frames`, default the batch)."""
     class Ev:
         pass
     ev = Ev()
-    ev.params = params
+    ev.params, ev.shared_frames = params, shared_frames or params.batch_size
     return float(prior(ev).pow(2).sum())
 
 
@@ -53,6 +54,9 @@ def test_identity_prior_is_half_squared_norm_counted_once(bundle):
         params = FlameParams.zeros(frames, bundle.model.n_shape, bundle.model.n_expr)
         params.shape = beta
         assert prior_energy(prior, params) == pytest.approx(2.0 * 0.5 * float(beta.pow(2).sum()), rel=1e-5)
+    # A chunk of 7 frames of a 21-frame track carries a third of it.
+    assert prior_energy(prior, params, shared_frames=21) == pytest.approx(2.0 * 0.5 * float(beta.pow(2).sum()) / 3,
+                                                                          rel=1e-5)
 
 
 def test_expression_prior_follows_the_basis(bundle):
