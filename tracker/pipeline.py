@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import platform
 import random
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -398,10 +399,23 @@ def photometric_stage(problem: Problem, result: TrackResult, obs: Observations, 
     if not result.valid.any():
         return result, {}, None, {}
     crop = stage_crop(obs, result.valid, frame_size, cfg.photometric.resolution, cfg.photometric.crop_margin)
-    images = np.stack([crop.image(frame.rgb) for frame in frames()])
-    with tqdm(total=len(result.valid), desc="photometric", unit="frame", disable=not show_progress) as bar:
-        result, appearance, report = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg,
-                                                           progress=lambda: bar.update(1))
+    # The crops go to a file the OS pages in and out (a temporary one, gone when closed), not into memory: 0.2 MB
+    # a frame at the default resolution would make memory grow with the length of the video.
+    with tempfile.TemporaryFile(dir=out_dir) as storage:
+        images = np.memmap(storage, np.uint8, "w+", shape=(len(result.valid), crop.size, crop.size, 3))
+        count = 0
+        for frame in frames():
+            if count == len(images):
+                break
+            images[count] = crop.image(frame.rgb)
+            count += 1
+        if count != len(images):
+            raise TrackerError(f"{count} frames decoded for the photometric stage, {len(images)} tracked: the video "
+                               "changed while it was read?")
+        with tqdm(total=len(result.valid), desc="photometric", unit="frame", disable=not show_progress) as bar:
+            result, appearance, report = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg,
+                                                               progress=lambda: bar.update(1))
+        del images
     files = {name: str(path) for name, path in write_appearance(out_dir, appearance).items()}
     return result, files, appearance, report
 
