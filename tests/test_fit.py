@@ -277,7 +277,7 @@ def test_whole_track_evaluations_in_chunks_give_the_same_numbers(monkeypatch):
     """The evaluations over a whole track (the pose smoothing's Jacobians and errors, the stage energies) run a
     chunk of frames at a time, so that memory stays flat on long videos (1000 frames at once took 0.9 GB): in
     chunks of 4 frames they give the numbers one pass over all frames gives."""
-    import tracker.fit.smooth as smooth
+    from tracker.fit import smooth
     from tracker.fit.sequence import TrackResult, landmark_error_px
     from tracker.pipeline import frame_energy
 

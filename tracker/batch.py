@@ -28,8 +28,14 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from tracker.config import TrackerConfig, config_to_dict, load_config
-from tracker.errors import (EXIT_BAD_INPUT, EXIT_OK, TrackerError, interrupt_on_signals, report_failure,
-                            stop_if_signalled)
+from tracker.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    TrackerError,
+    interrupt_on_signals,
+    report_failure,
+    stop_if_signalled,
+)
 from tracker.io.files import RunFolder, safe_name
 from tracker.io.inputs import find_videos
 

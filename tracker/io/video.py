@@ -22,7 +22,6 @@ import numpy as np
 
 from tracker.errors import TrackerError, stop_if_signalled
 
-
 NO_TIMESTAMPS = 0x80
 """AVFMT_NOTIMESTAMPS: the demuxer of a raw elementary stream (.h264, .hevc, .m4v) has no timing of its own (its
 frame rate is a default of 25): the rate comes from the bitstream and times from the frame index."""
