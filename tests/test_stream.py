@@ -125,3 +125,30 @@ def test_landmark_stage_threaded_equals_sequential(tmp_path, monkeypatch):
     for name, value in results[0].items():
         if name != "metadata":
             np.testing.assert_array_equal(value, results[1][name], err_msg=name)
+
+
+def test_short_video_keyframes_are_the_tracks_own_first_frames(detector, tmp_path):
+    """Keyframe candidates that are the whole selection (a short video) are not searched separately: the
+    keyframes are the per-frame pass's first detections, so every frame is detected once, exactly as
+    `detect_video` detects it, threaded or not, and again from the cache."""
+    selection = FrameSelection(max_frames=12)
+    counting = CountingDetector(detector)
+    alone = detect_video(CLIP, counting, selection, use_cache=False)
+    calls_alone, counting.calls = counting.calls, 0
+    for background in (True, False):
+        with LandmarkStream(CLIP, counting, selection, range(12), use_cache=False, background=background) as stream:
+            keys, frames, track = consume(stream)
+        assert counting.calls == calls_alone  # nothing detected twice
+        counting.calls = 0
+        assert_same_track(track, alone)
+        assert_same_track(keys, track)
+        assert [f.position for f in frames] == list(range(12))
+    with LandmarkStream(CLIP, counting, selection, range(20), cache_dir=tmp_path) as stream:  # past the end
+        keys, _, track = consume(stream)
+    assert_same_track(keys, alone)
+    assert_same_track(track, alone)
+    counting.calls = 0
+    with LandmarkStream(CLIP, counting, selection, range(5), cache_dir=tmp_path) as stream:  # from the cache
+        keys, _, track = consume(stream)
+    assert counting.calls == 0 and keys.frame_indices.tolist() == alone.frame_indices[:5].tolist()
+    assert_same_track(track, alone)

@@ -3,8 +3,11 @@ the detections in order (the landmark fit), so that detection and fitting overla
 
 First a keyframe pass detects a few frames spread over the selection (decoded by skipping the others, searched
 without a box hint), so that the caller can estimate the shared identity before the first frame is fitted; then
-every selected frame is detected in order with the tracked face box, exactly as `detect_video` does. Only the
-landmarks cross the bounded queue (never the images), so memory stays flat in the number of frames.
+every selected frame is detected in order with the tracked face box, exactly as `detect_video` does. When the
+candidates are the whole selection (a short video: `tracker.pipeline.keyframe_positions`), the keyframes
+are the per-frame pass's own first detections instead, served once all of them are in: no frame is detected
+twice. Only the landmarks cross the bounded queue (never the images), so memory stays flat in the number of
+frames.
 
 Both passes are cached per video (the track under the same file and key as `detect_video`). The result does not
 depend on the threading: the producer does the same work in the same order as a run without the thread
@@ -79,15 +82,25 @@ class LandmarkStream:
 
     # --- producer -------------------------------------------------------------------------------------------
 
+    @property
+    def _leading_keyframes(self) -> bool:
+        """The keyframe candidates are the first frames of the selection, all of them (a short video): they are
+        then the per-frame pass's own first detections, so no frame is detected twice."""
+        return bool(self.keyframe_positions) and self.keyframe_positions == list(range(len(self.keyframe_positions)))
+
     def _produce(self) -> Iterator[tuple[str, object]]:
         """("keyframes", LandmarkTrack), then ("frame", DetectedFrame) per selected frame, then ("end", cached)."""
-        yield "keyframes", self._keyframe_track()
+        leading = len(self.keyframe_positions) if self._leading_keyframes else 0
         track = load_track(self._track_cache_path(), self._track_key(), self.report) if self.use_cache else None
         if track is not None:
+            yield "keyframes", first_frames(track, leading) if leading else self._keyframe_track()
             for frame in detected_frames(track):
                 yield "frame", frame
             yield "end", True
             return
+        if not leading:
+            yield "keyframes", self._keyframe_track()
+        first: list[DetectedFrame] = []
         with closing(read_frames(self.video, self.selection, self.report)) as frames:
             detections = detect_each(frames, self.detector, self.box_options)
             for position in itertools.count():
@@ -96,9 +109,23 @@ class LandmarkStream:
                 self.detect_seconds += time.perf_counter() - start
                 if item is None:
                     break
-                frame, found = item
-                yield "frame", DetectedFrame(position, frame.index, frame.timestamp, found)
+                frame = DetectedFrame(position, item[0].index, item[0].timestamp, item[1])
+                if position < leading:  # a keyframe candidate: held until all of them are detected
+                    first.append(frame)
+                    if position == leading - 1:
+                        yield from self._serve_leading(first)
+                    continue
+                yield "frame", frame
+        if leading and len(first) < leading:  # the video ended before the last candidate
+            yield from self._serve_leading(first)
         yield "end", False
+
+    def _serve_leading(self, first: list[DetectedFrame]) -> Iterator[tuple[str, object]]:
+        """The keyframes when they are the first frames (`_leading_keyframes`), then those frames themselves."""
+        yield "keyframes", LandmarkTrack.from_detections(self.detector.scheme, [f.index for f in first],
+                                                         [f.timestamp for f in first], [f.landmarks for f in first])
+        for frame in first:
+            yield "frame", frame
 
     def _keyframe_track(self) -> LandmarkTrack:
         key = detection_cache_key(self.video, self.detector.name, {
@@ -204,6 +231,13 @@ class LandmarkStream:
 
     def __exit__(self, *_exc) -> None:
         self.close()
+
+
+def first_frames(track: LandmarkTrack, count: int) -> LandmarkTrack:
+    """The first `count` frames of a track (all of them when it is shorter)."""
+    keep = slice(0, min(count, len(track)))
+    return LandmarkTrack(track.scheme, track.frame_indices[keep], track.timestamps[keep], track.points[keep],
+                         track.confidence[keep], track.valid[keep])
 
 
 def detected_frames(track: LandmarkTrack) -> Iterator[DetectedFrame]:
