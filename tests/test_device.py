@@ -1,5 +1,5 @@
-"""No hidden CPU assumptions (there is no GPU here): the landmark energy runs with every tensor on the `meta`
-device, where a tensor created on the CPU inside it fails; tensors reach numpy only through an explicit .cpu()."""
+"""No hidden CPU assumptions (there is no GPU here): the landmark energy and its analytic derivatives run with
+every tensor on the `meta` device, where a tensor created on the CPU inside it fails; tensors reach numpy only through an explicit .cpu()."""
 
 import ast
 from pathlib import Path
@@ -10,6 +10,7 @@ from tests.conftest import REPO
 from tracker.camera import Camera
 from tracker.config import TrackerConfig
 from tracker.energy.base import Observations
+from tracker.fit.solver import LANDMARK_FIELDS
 from tracker.flame.assets import load_flame_bundle
 from tracker.flame.model import FlameParams
 from tracker.pipeline import landmark_terms_problem
@@ -31,7 +32,7 @@ def on_meta(problem):
     return problem
 
 
-def test_landmark_energy_creates_no_cpu_tensors():
+def test_landmark_energy_and_its_derivatives_create_no_cpu_tensors():
     bundle = load_flame_bundle(None, None, 20, 10, "mediapipe478")
     problem = on_meta(landmark_terms_problem(bundle.model, bundle.landmarks, Camera.from_image(240, 320),
                                              TrackerConfig()))
@@ -40,6 +41,8 @@ def test_landmark_energy_creates_no_cpu_tensors():
     obs = Observations(torch.zeros(B, L, 2, device=META), torch.ones(B, L, device=META), torch.ones(B, device=META))
     residuals = problem.residuals(params, obs, reference=params)
     assert residuals.device == META and residuals.shape[0] == B and residuals.shape[1] > 2 * L
+    jacobian = problem.residual_jacobian(problem.evaluation(params, obs, reference=params), LANDMARK_FIELDS)
+    assert jacobian.device == META and jacobian.shape == (*residuals.shape, 10 + 3 + 3 + 6 + 2 + 3)
     vertices = problem.model(params).vertices
     assert vertices.device == META and vertices.shape == (B, bundle.model.n_vertices, 3)
 

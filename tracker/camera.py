@@ -79,6 +79,20 @@ class Camera:
         cam = to_camera(points_world)
         return project_points(cam, self.focal, self.center), cam[..., 2]
 
+    def projection_jacobian(self, points_world: torch.Tensor) -> torch.Tensor:
+        """d pixels / d world point: points (..., 3) -> (..., 2, 3)."""
+        cam = to_camera(points_world)
+        z = cam[..., 2:3].clamp(min=1e-6)
+        scale = (self.focal / z)[..., None]  # (..., 1, 1)
+        d_cam = torch.cat([torch.eye(2, dtype=cam.dtype, device=cam.device).expand(*cam.shape[:-1], 2, 2),
+                           -(cam[..., :2] / z)[..., None]], dim=-1)  # d pixels / d camera point, over focal / z
+        return scale * d_cam * WORLD_TO_CAMERA.diagonal().to(cam)
+
+    def project_jacobian(self, points_world: torch.Tensor, d_points: torch.Tensor) -> torch.Tensor:
+        """Derivatives of the projected pixels from those of the world points: points (..., 3) and their
+        derivatives (..., 3, P) -> (..., 2, P)."""
+        return self.projection_jacobian(points_world) @ d_points
+
     def intrinsics(self) -> torch.Tensor:
         """(3, 3) K in internal image coordinates."""
         f = self.focal.detach().float()

@@ -103,6 +103,22 @@ class Evaluation:
         """(B, L, 3) world landmark positions."""
         return self.landmark_set.positions(self.sparse_vertices, self.yaw_deg)
 
+    def sparse_jacobian(self, fields: Sequence[str]) -> torch.Tensor:
+        """(B, S, 3, P) derivatives of `sparse_vertices` in the parameter fields `fields` (columns in that order:
+        FlameModel.jacobian), computed once per evaluation."""
+        key = tuple(fields)
+        cache = self.__dict__.setdefault("_sparse_jacobians", {})
+        if key not in cache:
+            vertices, cache[key] = self.landmark_model.jacobian(self.params, list(fields))
+            self.__dict__.setdefault("sparse_vertices", vertices)
+        return cache[key]
+
+    def landmarks_jacobian(self, fields: Sequence[str], left: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, 3, P) derivatives of `landmarks_3d` (the embedding is linear in the vertices; the jaw contour's
+        triangles stay those `yaw_deg` picks); with `left` (B, L, R, 3), those of left @ landmarks_3d
+        (B, L, R, P), without forming the others (LandmarkSet.positions_jacobian)."""
+        return self.landmark_set.positions_jacobian(self.sparse_jacobian(fields), self.yaw_deg, left)
+
     @cached_property
     def landmarks_2d(self) -> torch.Tensor:
         """(B, L, 2) projected landmarks, pixels."""
@@ -133,6 +149,15 @@ class Evaluation:
         with torch.no_grad():
             return self.rasterizer(screen.detach(), self.model.faces)
 
+    def field_columns(self, fields: Sequence[str]) -> dict[str, slice]:
+        """Where each parameter field's derivatives sit among the P columns of a term's `jacobian`."""
+        columns, start = {}, 0
+        for name in fields:
+            size = getattr(self.params, name).shape[1]
+            columns[name] = slice(start, start + size)
+            start += size
+        return columns
+
     def interpolate(self, attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-vertex attributes (B or 1, V, C) -> image (B, H, W, C) and coverage mask (B, H, W, 1),
         differentiable in the attributes and the vertex positions."""
@@ -146,7 +171,10 @@ class EnergyTerm(Protocol):
         """(B, N) weighted residuals; the energy is their sum of squares.
 
         A term with discrete choices (correspondences) may also define `prepare(ev) -> state`: solvers call
-        it at the start of a round and hand the state back through `ev.term_state[name]`."""
+        it at the start of a round and hand the state back through `ev.term_state[name]`. A term may define
+        `jacobian(ev, fields) -> (B, N, P)`, the exact derivatives of its residuals in the per-frame parameter
+        fields `fields` (columns as `ev.field_columns`): Levenberg-Marquardt then linearises a problem whose
+        terms all have one without evaluating it again (Problem.jacobian "analytic")."""
 
 
 class ScaledTerm:
@@ -157,6 +185,8 @@ class ScaledTerm:
         self.term = term
         self.factor = factor
         self.name = term.name
+        if hasattr(term, "jacobian"):
+            self.jacobian = lambda ev, fields: term.jacobian(ev, fields) * factor ** 0.5
 
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         return self.term(ev) * self.factor ** 0.5
@@ -196,6 +226,24 @@ def robust_ratio(u: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown robust kind {kind}")
 
 
+def robust_ratio_slope(u: torch.Tensor, kind: str) -> torch.Tensor:
+    """d(rho(u) / u) / du, the derivative of `robust_ratio` (its series below small u where it has one)."""
+    if kind == "l2":
+        return torch.zeros_like(u)
+    if kind == "cauchy":
+        small = u < 1e-6
+        safe = torch.where(small, torch.ones_like(u), u)
+        return torch.where(small, -0.5 + 2 * u / 3, (safe / (1 + safe) - torch.log1p(safe)) / safe ** 2)
+    if kind == "gm":
+        return -1 / (1 + u) ** 2
+    root = torch.sqrt(u + 1e-12)
+    if kind == "l1":
+        return -1 / (root * (root + 1e-6) ** 2)
+    if kind == "huber":
+        return torch.where(u < 1, torch.zeros_like(u), (1 - root) / (u + 1e-12) ** 2)
+    raise ValueError(f"unknown robust kind {kind}")
+
+
 def robust_residuals(residual: torch.Tensor, scale: float, kind: str) -> torch.Tensor:
     """Residual vectors rescaled so their squared norm is rho(|r|^2 / scale^2).
 
@@ -204,3 +252,23 @@ def robust_residuals(residual: torch.Tensor, scale: float, kind: str) -> torch.T
     r = residual / scale
     u = (r * r).sum(-1, keepdim=True)
     return r * torch.sqrt(robust_ratio(u, kind))
+
+
+def robust_linear_map(residual: torch.Tensor, scale: float, kind: str) -> torch.Tensor:
+    """The derivative of `robust_residuals(residual, scale, kind)` in the raw residual vector, per vector:
+    residual (..., D) -> (..., D, D), d(r sqrt(ratio(u))) = (sqrt(ratio) I + ratio' / sqrt(ratio) r r^T) dr / scale
+    with r = residual / scale and u = |r|^2."""
+    r = residual / scale
+    u = (r * r).sum(-1, keepdim=True)
+    root = torch.sqrt(robust_ratio(u, kind))
+    gain = robust_ratio_slope(u, kind) / root.clamp(min=1e-12)
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+    return (root[..., None] * eye + gain[..., None] * r[..., :, None] * r[..., None, :]) / scale
+
+
+def robust_jacobian(residual: torch.Tensor, d_residual: torch.Tensor, scale: float, kind: str) -> torch.Tensor:
+    """Derivatives of `robust_residuals(residual, scale, kind)` from those of the raw residual vectors.
+
+    residual: (..., D); d_residual: (..., D, P) -> (..., D, P).
+    """
+    return robust_linear_map(residual, scale, kind) @ d_residual

@@ -9,11 +9,12 @@ match (gradient-descent stages) every evaluation matches afresh.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from tracker.energy.base import Evaluation, robust_residuals
+from tracker.energy.base import Evaluation, robust_jacobian, robust_residuals
 from tracker.flame.contour import ContourRegion, closest_on_segments, silhouette_edges
 
 POINTS_KEY = "contour_points"
@@ -87,23 +88,60 @@ class ContourEnergy:
         ends = self.region.vertex_ids[self.region.edges[edge]]  # (B, C, 2) FLAME vertex ids
         return ContourMatch(ends, t, direction, weights * matched)
 
-    def __call__(self, ev: Evaluation) -> torch.Tensor:
+    def _match(self, ev: Evaluation) -> ContourMatch | None:
         match = ev.term_state.get(self.name) if ev.term_state else None
-        if match is None:
-            match = self.prepare(ev)
+        return self.prepare(ev) if match is None else match
+
+    def _partners(self, ev: Evaluation, match: ContourMatch,
+                  fields: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The vertices holding the matched edges' ends (B, S, 3), where each end sits among them (B, C, 2),
+        and with `fields` their derivatives (B, S, 3, P)."""
+        ends = ev.sparse_index(match.vertex_ids)
+        if ends is not None:
+            return ev.sparse_vertices, ends, None if fields is None else ev.sparse_jacobian(fields)
+        # Not evaluated with the landmarks (no solver round): only the partners' vertices.
+        used, ends = torch.unique(match.vertex_ids, return_inverse=True)
+        model = self.model.restricted(used)
+        if fields is None:
+            return model(ev.params).vertices, ends, None
+        verts, d_verts = model.jacobian(ev.params, list(fields))
+        return verts, ends, d_verts
+
+    def _distance(self, ev: Evaluation, match: ContourMatch, fields: Sequence[str] | None = None):
+        """(B, C, 1) signed distances to the matched points along the match directions (face-size units), and
+        with `fields` their derivatives (B, C, 1, P)."""
+        verts, ends, d_verts = self._partners(ev, match, fields)
+        batch = torch.arange(verts.shape[0], device=verts.device)[:, None]
+        t = match.t[..., None]
+        va, vb = verts[batch, ends[..., 0]], verts[batch, ends[..., 1]]
+        point = va + t * (vb - va)
+        pix = ev.camera.project(point)[0]
+        size = ev.obs.face_size[:, None, None]
+        distance = ((pix - ev.obs.extras[POINTS_KEY]) * match.direction).sum(-1, keepdim=True) / size
+        if fields is None:
+            return distance, None
+        d_va, d_vb = d_verts[batch, ends[..., 0]], d_verts[batch, ends[..., 1]]
+        d_point = d_va + t[..., None] * (d_vb - d_va)
+        d_pix = ev.camera.project_jacobian(point, d_point)  # (B, C, 2, P)
+        return distance, (d_pix * match.direction[..., None]).sum(-2, keepdim=True) / size[..., None]
+
+    def _weights(self, ev: Evaluation, match: ContourMatch) -> torch.Tensor:
+        return self.cfg.weight * match.weights / ev.obs.extras[WEIGHTS_KEY].sum(-1, keepdim=True).clamp(min=1e-6)
+
+    def __call__(self, ev: Evaluation) -> torch.Tensor:
+        match = self._match(ev)
         if match is None:
             return ev.params.expr.new_zeros(ev.params.batch_size, 0)
-        ends = ev.sparse_index(match.vertex_ids)
-        if ends is None:  # not evaluated with the landmarks (no solver round): only the partners' vertices
-            used, ends = torch.unique(match.vertex_ids, return_inverse=True)
-            verts = self.model.restricted(used)(ev.params).vertices
-        else:
-            verts = ev.sparse_vertices
-        batch = torch.arange(verts.shape[0], device=verts.device)[:, None]
-        va, vb = verts[batch, ends[..., 0]], verts[batch, ends[..., 1]]
-        pix = ev.camera.project(va + match.t[..., None] * (vb - va))[0]
-        target = ev.obs.extras[POINTS_KEY]
-        distance = ((pix - target) * match.direction).sum(-1, keepdim=True) / ev.obs.face_size[:, None, None]
-        w = match.weights
-        w = self.cfg.weight * w / ev.obs.extras[WEIGHTS_KEY].sum(-1, keepdim=True).clamp(min=1e-6)
+        distance, _ = self._distance(ev, match)
+        w = self._weights(ev, match)
         return (robust_residuals(distance, self.cfg.scale, self.cfg.robust) * w[..., None].sqrt()).flatten(1)
+
+    def jacobian(self, ev: Evaluation, fields: Sequence[str]) -> torch.Tensor:
+        """(B, C, P) derivatives of the residuals in the parameter fields `fields`, the matches held."""
+        match = self._match(ev)
+        P = sum(getattr(ev.params, f).shape[1] for f in fields)
+        if match is None:
+            return ev.params.expr.new_zeros(ev.params.batch_size, 0, P)
+        distance, d_distance = self._distance(ev, match, fields)
+        d = robust_jacobian(distance, d_distance, self.cfg.scale, self.cfg.robust)
+        return (d * self._weights(ev, match)[..., None, None].sqrt()).flatten(1, 2)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from torch.func import jacrev
 
 from tracker.energy.base import Evaluation
 from tracker.flame.model import FlameModel
@@ -33,3 +36,14 @@ class HeadSizeEnergy:
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         change = head_size(self.model, ev.params.shape) / self.reference - 1
         return (self.weight / ev.shared_frames) ** 0.5 * change.expand(ev.params.batch_size, 1)
+
+    def jacobian(self, ev: Evaluation, fields: Sequence[str]) -> torch.Tensor:
+        """(B, 1, P) derivatives of the residual in the parameter fields `fields` (only the identity moves it)."""
+        columns = ev.field_columns(fields)
+        p = ev.params
+        J = p.expr.new_zeros(p.batch_size, 1, max((s.stop for s in columns.values()), default=0))
+        if "shape" in columns:
+            slope = jacrev(lambda shape: head_size(self.model, shape))(p.shape)[0] / self.reference
+            J[:, 0, columns["shape"]] = (self.weight / ev.shared_frames) ** 0.5 * slope
+        return J
+

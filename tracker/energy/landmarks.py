@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from tracker.energy.base import Evaluation, robust_residuals
+from tracker.energy.base import Evaluation, robust_linear_map, robust_residuals
 
 # MediaPipe Face Mesh indices of the lips and eyes (its FACEMESH_LIPS / _LEFT_EYE / _RIGHT_EYE sets).
 MEDIAPIPE_LIPS = {61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 185, 40, 39, 37, 0, 267, 269, 270, 409, 78,
@@ -65,8 +66,20 @@ class LandmarkEnergy:
         """(B, L) landmark reprojection distances, pixels."""
         return (ev.landmarks_2d - ev.obs.landmarks).norm(dim=-1)
 
+    def weights(self, ev: Evaluation) -> torch.Tensor:
+        """(B, L) each landmark's share of the term's weight."""
+        w = ev.obs.landmark_weights
+        return self.cfg.weight * w / w.sum(-1, keepdim=True).clamp(min=1e-6)
+
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         diff = (ev.landmarks_2d - ev.obs.landmarks) / ev.obs.face_size[:, None, None]
-        w = ev.obs.landmark_weights
-        w = self.cfg.weight * w / w.sum(-1, keepdim=True).clamp(min=1e-6)
-        return (robust_residuals(diff, self.cfg.scale, self.cfg.robust) * w[..., None].sqrt()).flatten(1)
+        return (robust_residuals(diff, self.cfg.scale, self.cfg.robust) * self.weights(ev)[..., None].sqrt()).flatten(1)
+
+    def jacobian(self, ev: Evaluation, fields: Sequence[str]) -> torch.Tensor:
+        """(B, 2L, P) derivatives of the residuals in the parameter fields `fields`: per landmark, the robust
+        loss's and the projection's 2 x 3 map applied to its corners' vertex derivatives in one product."""
+        size = ev.obs.face_size[:, None, None, None]
+        diff = (ev.landmarks_2d - ev.obs.landmarks) / size[..., 0]
+        robust = robust_linear_map(diff, self.cfg.scale, self.cfg.robust)  # (B, L, 2, 2)
+        left = robust @ ev.camera.projection_jacobian(ev.landmarks_3d) * (self.weights(ev)[..., None, None].sqrt() / size)
+        return ev.landmarks_jacobian(fields, left).flatten(1, 2)

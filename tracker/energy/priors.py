@@ -11,6 +11,7 @@ Weights are relative to the landmark term, which is a mean over landmarks in uni
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,18 @@ def sparsity_residuals(activations: torch.Tensor, eps: float = SPARSITY_EPS) -> 
     return activations / torch.sqrt(torch.sqrt(activations * activations + eps * eps) + eps)
 
 
+def sparsity_slope(activations: torch.Tensor, eps: float = SPARSITY_EPS) -> torch.Tensor:
+    """Element-wise derivative of `sparsity_residuals`. (B, D) -> (B, D)."""
+    root = torch.sqrt(activations * activations + eps * eps)
+    g = torch.sqrt(root + eps)
+    return 1 / g - activations * activations / (2 * g ** 3 * root)
+
+
+def barrier_slope(activations: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """Element-wise derivative of `barrier_residuals` (0 on the bounds, as relu's). (B, D) -> (B, D)."""
+    return (activations > high).to(activations) - (activations < low).to(activations)
+
+
 def expression_basis(model) -> str:
     """'blendshapes' when the model names its expression directions (ARKit-style rig), else 'pca'."""
     return "blendshapes" if getattr(model, "expression_names", None) else "pca"
@@ -83,6 +96,30 @@ class PriorEnergy:
             parts += [c.expr_sparsity ** 0.5 * sparsity_residuals(expr), c.expr_bounds ** 0.5 * barrier_residuals(expr)]
         return torch.cat(parts, dim=1)
 
+    def expression_slopes(self, expr: torch.Tensor) -> list[torch.Tensor]:
+        """Element-wise derivatives of each block of `expression_residuals`, (B, n_expr) each."""
+        c = self.cfg
+        slopes = [torch.full_like(expr, c.expr ** 0.5)]
+        if self.basis == "blendshapes":
+            slopes += [c.expr_sparsity ** 0.5 * sparsity_slope(expr), c.expr_bounds ** 0.5 * barrier_slope(expr)]
+        return slopes
+
+    def jacobian(self, ev: Evaluation, fields: Sequence[str]) -> torch.Tensor:
+        """(B, N, P) derivatives of the residuals in the parameter fields `fields`: every residual is one
+        parameter's function, so each block is diagonal."""
+        p, c = ev.params, self.cfg
+        columns = ev.field_columns(fields)
+        jaw_slope = torch.cat([torch.ones_like(p.jaw_pose[:, 1:]), -(p.jaw_pose[:, :1] < 0).to(p.jaw_pose)], dim=1)
+        # (field, per-residual slopes (B, D), which of the field's entries each residual reads)
+        blocks = [("shape", torch.full_like(p.shape, c.shape ** 0.5).expand(p.batch_size, -1) / ev.shared_frames ** 0.5,
+                   None)]
+        blocks += [("expr", slope, None) for slope in self.expression_slopes(p.expr)]
+        blocks += [("jaw_pose", c.jaw ** 0.5 * jaw_slope, [1, 2, 0]),
+                   ("neck_pose", torch.full_like(p.neck_pose, c.neck ** 0.5), None),
+                   ("eyes_pose", torch.full_like(p.eyes_pose, c.eyes ** 0.5), None),
+                   ("eyelids", torch.full_like(p.eyelids, c.eyelids ** 0.5), None)]
+        return c.weight ** 0.5 * diagonal_blocks(blocks, columns, p.batch_size, p.expr)
+
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         p, c = ev.params, self.cfg
         B = p.batch_size
@@ -92,3 +129,20 @@ class PriorEnergy:
         parts = [shape, self.expression_residuals(p.expr), c.jaw ** 0.5 * jaw, c.neck ** 0.5 * p.neck_pose,
                  c.eyes ** 0.5 * p.eyes_pose, c.eyelids ** 0.5 * p.eyelids]
         return c.weight ** 0.5 * torch.cat(parts, dim=1)
+
+
+def diagonal_blocks(blocks: list, columns: dict[str, slice], batch: int, like: torch.Tensor) -> torch.Tensor:
+    """The Jacobian (B, N, P) of residuals that are each one parameter's function, stacked block by block:
+    blocks [(field, slopes (B, D), entries or None: 0..D-1)]; a field not in `columns` is held (zero columns)."""
+    P = max((s.stop for s in columns.values()), default=0)
+    N = sum(slopes.shape[1] for _, slopes, _ in blocks)
+    J = like.new_zeros(batch, N, P)
+    row = 0
+    for name, slopes, entries in blocks:
+        D = slopes.shape[1]
+        if name in columns:
+            cols = columns[name].start + torch.as_tensor(entries if entries is not None else range(D), device=J.device)
+            J[:, torch.arange(row, row + D, device=J.device), cols] = slopes
+        row += D
+    return J
+

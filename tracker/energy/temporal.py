@@ -3,11 +3,13 @@ frames' fits). The offline pose smoothing after tracking is tracker.fit.smooth."
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from tracker.energy.base import Evaluation
+from tracker.energy.priors import diagonal_blocks
 
 
 @dataclass
@@ -30,12 +32,25 @@ class TemporalEnergy:
     def __init__(self, cfg: TemporalConfig):
         self.cfg = cfg
 
+    def parts(self) -> list[tuple[str, float]]:
+        """The fields pulled to the reference, in residual order, and their weights."""
+        c = self.cfg
+        return [("rotation", c.rotation), ("neck_pose", c.rotation), ("translation", c.translation),
+                ("expr", c.expr), ("jaw_pose", c.jaw)]
+
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         ref, p, c = ev.reference, ev.params, self.cfg
         if ref is None:
             return p.expr.new_zeros(p.batch_size, 0)
-        parts = [(c.rotation, p.rotation - ref.rotation), (c.rotation, p.neck_pose - ref.neck_pose),
-                 (c.translation, p.translation - ref.translation), (c.expr, p.expr - ref.expr),
-                 (c.jaw, p.jaw_pose - ref.jaw_pose)]
-        return torch.cat([(c.weight * w) ** 0.5 * r for w, r in parts], dim=1)
+        return torch.cat([(c.weight * w) ** 0.5 * (getattr(p, name) - getattr(ref, name))
+                          for name, w in self.parts()], dim=1)
+
+    def jacobian(self, ev: Evaluation, fields: Sequence[str]) -> torch.Tensor:
+        """(B, N, P) derivatives of the residuals in the parameter fields `fields` (constant)."""
+        p, columns = ev.params, ev.field_columns(fields)
+        if ev.reference is None:
+            return p.expr.new_zeros(p.batch_size, 0, max((s.stop for s in columns.values()), default=0))
+        blocks = [(name, torch.full_like(getattr(p, name), (self.cfg.weight * w) ** 0.5), None)
+                  for name, w in self.parts()]
+        return diagonal_blocks(blocks, columns, p.batch_size, p.expr)
 

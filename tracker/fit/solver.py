@@ -1,8 +1,9 @@
 """Optimisers over FLAME parameters: Levenberg-Marquardt for small residual problems (landmark stages) and
 Adam for image-sized ones (photometric, dense render-and-compare).
 
-Parameters are packed into one flat vector (`ParamPacker`) so that LM can build the dense Jacobian with a
-single forward-mode pass (`torch.func.jacfwd`).
+Parameters are packed into one flat vector (`ParamPacker`). LM's per-frame Jacobian blocks come from the
+terms' own derivatives where every term has them (`analytic`), from central differences of one batched
+evaluation, or from forward-mode passes (`torch.func.jacfwd`, also the shared identity and focal columns).
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ class Problem:
     rasterizer: Callable | None = None
     """rasterizer(verts_screen, faces) -> Fragments, needed by image terms (photometric, DenseMarks)."""
     jacobian: str = "forward"
-    """How Levenberg-Marquardt differentiates the per-frame parameters: forward (forward-mode AD) or
+    """How Levenberg-Marquardt differentiates the per-frame parameters: forward (forward-mode AD),
     differences (central differences of one batched evaluation: faster for small per-frame terms; every
-    term's per-frame state must then support `frames(rows)`)."""
+    term's per-frame state must then support `frames(rows)`) or analytic (the terms' own `jacobian`, the
+    fastest; differences where a term has none)."""
 
     def __post_init__(self):
         self.landmark_model = self.model.restricted(self.landmarks.vertex_ids)
@@ -76,9 +78,12 @@ class Problem:
         return ids, self.model.restricted(ids)
 
     def with_terms(self, terms: Sequence[EnergyTerm], rasterizer: Callable | None = None) -> Problem:
-        """The same model and camera with other energy terms (e.g. a stage adding image terms); forward-mode
-        Jacobians, which every term supports."""
-        return Problem(self.model, self.landmarks, self.camera, terms, rasterizer or self.rasterizer)
+        """The same model and camera with other energy terms (e.g. a stage adding image terms): analytic
+        Jacobians where this problem has them and every new term too, else forward-mode ones, which every
+        term supports."""
+        analytic = self.jacobian == "analytic" and all(hasattr(term, "jacobian") for term in terms)
+        return Problem(self.model, self.landmarks, self.camera, terms, rasterizer or self.rasterizer,
+                       "analytic" if analytic else "forward")
 
     def evaluation(self, params: FlameParams, obs: Observations, reference: FlameParams | None = None,
                    camera: Camera | None = None, contour_yaw: torch.Tensor | None = None,
@@ -97,6 +102,16 @@ class Problem:
         """(B, N) all terms' residuals side by side."""
         ev = self.evaluation(params, obs, reference, camera, contour_yaw, term_state, layout, shared_frames)
         return torch.cat([term(ev) for term in self.terms], dim=1)
+
+    @property
+    def analytic(self) -> bool:
+        """Whether every term gives its own derivatives (`jacobian`)."""
+        return all(hasattr(term, "jacobian") for term in self.terms)
+
+    def residual_jacobian(self, ev: Evaluation, fields: Sequence[str]) -> torch.Tensor:
+        """(B, N, P) derivatives of `residuals` in the per-frame parameter fields `fields` (columns in that
+        order), from the terms' own `jacobian`."""
+        return torch.cat([term.jacobian(ev, fields) for term in self.terms], dim=1)
 
     def prepare(self, ev: Evaluation) -> dict:
         """What the terms with discrete choices (correspondences) hold fixed for a solver round."""
@@ -287,22 +302,29 @@ def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequenc
 
     With a free focal length the translations scale with it: a focal change moves every head along its viewing
     ray and keeps its image size, so the focal only trades perspective and the solver need not crawl along the
-    focal/depth valley. rel_tol: `levenberg_marquardt`'s stopping rule. jacobian: forward | differences
-    (default: the problem's, but forward-mode whenever the identity is free: it travels along the weakly seen
-    size/depth direction, where Jacobian errors of a fraction of a percent stall it).
+    focal/depth valley. rel_tol: `levenberg_marquardt`'s stopping rule. jacobian: analytic | forward |
+    differences (default: the problem's, but an exact one whenever the identity is free: it travels along the
+    weakly seen size/depth direction, where Jacobian errors of a fraction of a percent stall it).
     """
     if jacobian is None:
-        jacobian = "forward" if free_shape else problem.jacobian
+        jacobian = problem.jacobian
+    if jacobian == "analytic" and not problem.analytic:
+        jacobian = "differences"  # a term without its own derivatives
+    if jacobian == "differences" and free_shape:
+        jacobian = "forward"
     packer = ParamPacker(init, free, free_shape, free_focal)
     X, s = packer.pack(init)
     yaw = None
     for round_index in range(rounds):
-        residual_fn, new_yaw, matching = _round_residuals(problem, packer, X, s, obs, reference, focal_prior)
+        residual_fn, new_yaw, matching, jacobian_fn = _round_residuals(problem, packer, X, s, obs, reference,
+                                                                       focal_prior)
         if round_index and not matching and torch.equal(torch.round(new_yaw), torch.round(yaw)):
             break
         yaw = new_yaw
         jacobians = None
-        if jacobian == "differences":
+        if jacobian == "analytic":
+            jacobians = jacobian_fn
+        elif jacobian == "differences":
             jacobians = partial(difference_jacobians, residual_fn, packer.difference_steps(X),
                                 one_sided=packer.linear_columns(X))
         X, s, _ = levenberg_marquardt(residual_fn, X, s, iters, rel_tol=rel_tol, jacobians=jacobians)
@@ -313,7 +335,8 @@ def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequenc
 def _round_residuals(problem: Problem, packer: ParamPacker, X: torch.Tensor, s: torch.Tensor, obs: Observations,
                      reference: FlameParams | None, focal_prior: float):
     """The residual function of one solver round, with its discrete choices made at (X, s); also the yaw that
-    picked the jaw contour and whether a term matched correspondences."""
+    picked the jaw contour, whether a term matched correspondences, and the round's analytic block Jacobians
+    (X, s) -> (B, N, Pf), (B, N, Ps) (for problems whose terms all have `jacobian`)."""
     focal0 = problem.camera.focal.detach()
     B = X.shape[0]
 
@@ -350,7 +373,30 @@ def _round_residuals(problem: Problem, packer: ParamPacker, X: torch.Tensor, s: 
             r = torch.cat([r, (focal_prior / B) ** 0.5 * log_f_.expand(r.shape[0], 1)], dim=1)
         return r
 
-    return residual_fn, yaw, any(v is not None for v in state.values())
+    fields = packer.frame_fields + (["shape"] if packer.free_shape else [])
+    frame_columns = sum(packer.frame_sizes)
+    translation = packer.frame_fields.index("translation") if "translation" in packer.frame_fields else None
+
+    def jacobian_fn(X_: torch.Tensor, s_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block Jacobians from the terms' derivatives; the focal column (perspective and dolly together) by
+        one forward-mode pass."""
+        p, log_f_ = packer.unpack_dolly(X_, s_)
+        with torch.no_grad():
+            ev = problem.evaluation(p, obs, reference, camera_at(log_f_), contour_yaw=yaw, term_state=state,
+                                    layout=layout)
+            J = problem.residual_jacobian(ev, fields)
+        if packer.free_focal:
+            if translation is not None:  # X holds the translations at the initial focal length
+                at = sum(packer.frame_sizes[:translation])
+                J[..., at:at + 3] *= torch.exp(log_f_)
+            J = torch.cat([J, J.new_zeros(B, 1, J.shape[2])], dim=1)  # the focal prior's row
+            unit = torch.zeros_like(s_)
+            unit[-1] = 1
+            focal = jacfwd(lambda v: residual_fn(X_, s_ + v * unit))(s_.new_zeros(()))
+            return J[..., :frame_columns], torch.cat([J[..., frame_columns:], focal[..., None]], dim=2)
+        return J[..., :frame_columns], J[..., frame_columns:]
+
+    return residual_fn, yaw, any(v is not None for v in state.values()), jacobian_fn
 
 
 def log_focal_std(problem: Problem, params: FlameParams, obs: Observations, free: Sequence[str],
@@ -361,7 +407,7 @@ def log_focal_std(problem: Problem, params: FlameParams, obs: Observations, free
     packer = ParamPacker(params, free, free_shape=True, free_focal=True)
     X, s = packer.pack(params)
     with torch.no_grad():
-        residual_fn, _, _ = _round_residuals(problem, packer, X, s, obs, None, focal_prior)
+        residual_fn = _round_residuals(problem, packer, X, s, obs, None, focal_prior)[0]
         r = residual_fn(X, s)
     A, _ = normal_equations(r, *block_jacobians(residual_fn, X, s))
     dof = max(r.numel() - A.shape[0], 1)

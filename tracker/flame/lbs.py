@@ -5,6 +5,8 @@ Notation: B batch (frames), V vertices, J joints (5 for FLAME), D blendshape coe
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
@@ -138,3 +140,115 @@ def lbs(
     v_posed = v_shaped + (pose_feature(rot_mats) @ posedirs).view(B, -1, 3)
     posed_joints, transforms = batch_rigid_transform(rot_mats, joints, parents)
     return skin_vertices(v_posed, weights, transforms), posed_joints
+
+
+def skew(v: torch.Tensor) -> torch.Tensor:
+    """Cross-product matrices [v]_x with [v]_x w = v x w. v: (..., 3) -> (..., 3, 3)."""
+    x, y, z = v.unbind(-1)
+    zeros = torch.zeros_like(x)
+    return torch.stack([zeros, -z, y, z, zeros, -x, -y, x, zeros], dim=-1).view(*v.shape, 3)
+
+
+def left_jacobian(axis_angle: torch.Tensor) -> torch.Tensor:
+    """Left Jacobian of SO(3): R(w + dw) = Exp(J_l(w) dw) R(w) to first order.
+
+    axis_angle: (N, 3) -> (N, 3, 3); J_l = I + (1 - cos t) / t^2 [w]_x + (t - sin t) / t^3 [w]_x^2 (series
+    below small angles, where the closed form loses its digits).
+    """
+    angle = torch.linalg.norm(axis_angle, dim=1)[:, None, None]
+    small = angle < 1e-3
+    safe = torch.where(small, torch.ones_like(angle), angle)
+    a = torch.where(small, 0.5 - angle ** 2 / 24, (1 - torch.cos(safe)) / safe ** 2)
+    b = torch.where(small, 1 / 6 - angle ** 2 / 120, (safe - torch.sin(safe)) / safe ** 3)
+    k = skew(axis_angle)
+    eye = torch.eye(3, dtype=axis_angle.dtype, device=axis_angle.device)[None]
+    return eye + a * k + b * (k @ k)
+
+
+@lru_cache(maxsize=8)
+def subtree_masks(parents: tuple[int, ...]) -> torch.Tensor:
+    """(J, J) bool: [k, j] when joint j is k or one of its descendants (parents before children)."""
+    J = len(parents)
+    masks = torch.eye(J, dtype=torch.bool)
+    for j in range(1, J):
+        masks[:, j] |= masks[:, parents[j]]
+    return masks
+
+
+def lbs_jacobian(
+    coeffs: torch.Tensor,
+    pose: torch.Tensor,
+    v_template: torch.Tensor,
+    dirs: torch.Tensor,
+    posedirs: torch.Tensor,
+    joints_template: torch.Tensor,
+    joint_dirs: torch.Tensor,
+    parents: torch.Tensor,
+    weights: torch.Tensor,
+    coeff_range: slice,
+    joint_ids: list[int],
+    moving_joints: bool = True,
+    pose_correctives: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`lbs` and its exact derivatives in the blendshape coefficients `coeff_range` and the axis-angle rotations
+    of the joints `joint_ids` (what a Gauss-Newton solver needs, without differencing the model).
+
+    Blendshapes: with the pose held the vertices are affine in the coefficients, so a column is the skinning
+    rotation applied to the direction, plus the shift of the transforms where the direction moves the joints.
+    Joint k: rotating it by dw moves a vertex by (R_parent J_l dw) x m, where m is the vertex's part skinned to
+    k's subtree measured from k's posed location and R_parent the world rotation of k's parent, plus the
+    pose-corrective blendshapes' change skinned like the vertex.
+
+    Arguments as `lbs`; joint_ids: joints (0 = root); moving_joints / pose_correctives: False when the model
+    says those coefficients' joint_dirs / its posedirs are zero (skips their terms, without reading the
+    tensors: no device sync). Returns vertices (B, V, 3), d_coeffs (B, V, 3, Dc) and
+    d_pose (B, V, 3, 3 * len(joint_ids)) (each joint's 3 axis-angle components in turn).
+    """
+    B, J = coeffs.shape[0], joints_template.shape[0]
+    V = v_template.shape[0]
+    v_shaped = v_template[None] + blend_shapes(coeffs, dirs)
+    joints = joints_template[None] + blend_shapes(coeffs, joint_dirs)
+    axis_angle = pose.reshape(B, J, 3)
+    rot_mats = batch_rodrigues(axis_angle.reshape(-1, 3)).view(B, J, 3, 3)
+    v_posed = v_shaped + (pose_feature(rot_mats) @ posedirs).view(B, V, 3)
+    posed_joints, transforms = batch_rigid_transform(rot_mats, joints, parents)
+    blended = (weights @ transforms[:, :, :3].reshape(B, J, 12)).view(B, V, 3, 4)
+    rotation = blended[..., :3]  # (B, V, 3, 3) each vertex's blended skinning rotation
+    vertices = (rotation @ v_posed[..., None])[..., 0] + blended[..., 3]
+
+    d_coeffs = rotation @ dirs[None, :, :, coeff_range]  # (B, V, 3, Dc)
+    moved = joint_dirs[:, :, coeff_range]  # (J, 3, Dc) how each coefficient moves the rest joints
+    world_rot = transforms[..., :3, :3]  # (B, J, 3, 3)
+    if moving_joints:
+        # The transforms' translations t_j - R_j J_j are linear in the rest joints: walk the tree with the moves.
+        shift = [moved[0].expand(B, 3, -1)]
+        for j in range(1, J):
+            parent = int(parents[j])
+            shift.append(world_rot[:, parent] @ (moved[j] - moved[parent]) + shift[parent])
+        shifts = torch.stack(shift, dim=1) - world_rot @ moved[None]  # (B, J, 3, Dc)
+        d_coeffs = d_coeffs + (weights @ shifts.reshape(B, J, -1)).view(d_coeffs.shape)
+
+    if not joint_ids:
+        return vertices, d_coeffs, vertices.new_zeros(B, V, 3, 0)
+    K = len(joint_ids)
+    ids = torch.tensor(joint_ids, device=pose.device)
+    parent_ids = torch.tensor([int(parents[k]) + 1 for k in joint_ids], device=pose.device)  # 0: the root's parent
+    # m: each vertex's part skinned to joint k's subtree, from k's posed location (B, K, V, 3).
+    per_joint = torch.einsum("bjcd,bvd->bvjc", world_rot, v_posed) + transforms[:, None, :, :3, 3]  # (B, V, J, 3)
+    sub_weights = weights[None] * subtree_masks(tuple(parents.tolist())).to(weights)[ids][:, None]  # (K, V, J)
+    m = torch.einsum("kvj,bvjc->bkvc", sub_weights, per_joint) \
+        - sub_weights.sum(-1)[None, ..., None] * posed_joints[:, ids, None]
+    left = left_jacobian(axis_angle[:, ids].reshape(-1, 3)).view(B, K, 3, 3)
+    eye = torch.eye(3, dtype=coeffs.dtype, device=coeffs.device).expand(B, 1, 3, 3)
+    parent_rot = torch.cat([eye, world_rot], dim=1)[:, parent_ids]  # the root's parent: the identity
+    axes = (parent_rot @ left)[:, :, None]  # (B, K, 1, 3, 3): column i, the axis component i turns about
+    # axis_i x m for every joint, component and vertex -> (B, K, V, 3, 3 (i))
+    a, mm = axes.unbind(-2), m[..., None].unbind(-2)
+    d_pose = torch.stack([a[1] * mm[2] - a[2] * mm[1], a[2] * mm[0] - a[0] * mm[2], a[0] * mm[1] - a[1] * mm[0]], -2)
+    d_pose = d_pose.permute(0, 2, 3, 1, 4)  # (B, V, 3, K, 3)
+    if pose_correctives:  # d(R_k - I)/dw_i = [J_l e_i]_x R_k (none for the root)
+        rows = torch.cat([posedirs.new_zeros(1, 9, V * 3), posedirs.view(J - 1, 9, V * 3)])[ids]  # (K, 9, V * 3)
+        d_rot = skew(left.transpose(2, 3)) @ rot_mats[:, ids, None]  # (B, K, 3 (i), 3, 3)
+        d_offsets = torch.einsum("bkix,kxvc->bvcki", d_rot.flatten(-2), rows.view(K, 9, V, 3))  # (B, V, 3, K, 3)
+        d_pose = d_pose + (rotation @ d_offsets.reshape(B, V, 3, 3 * K)).view(B, V, 3, K, 3)
+    return vertices, d_coeffs, d_pose.reshape(B, V, 3, 3 * K)

@@ -8,11 +8,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from tracker.flame.lbs import lbs
+from tracker.flame.lbs import lbs, lbs_jacobian
 from tracker.flame.loading import FLAME_JOINTS, FlameData
 
 N_JOINTS = FLAME_JOINTS
 """global (root), neck, jaw, left eye, right eye."""
+POSE_JOINTS = {"rotation": [0], "neck_pose": [1], "jaw_pose": [2], "eyes_pose": [3, 4]}
+"""The FLAME joints each pose field rotates."""
 
 
 @dataclass
@@ -103,14 +105,21 @@ class FlameModel(nn.Module):
         self.register_buffer("weights", torch.from_numpy(data.weights))
         # Not a buffer: the kinematic tree stays on the CPU, so walking it never waits for the GPU.
         self.parents = torch.from_numpy(data.parents)
+        joint_dirs = np.einsum("jv,vcd->jcd", reg, dirs)
         self.register_buffer("joints_template", torch.from_numpy(reg @ data.v_template))
-        self.register_buffer("joint_dirs", torch.from_numpy(np.einsum("jv,vcd->jcd", reg, dirs)))
+        self.register_buffer("joint_dirs", torch.from_numpy(joint_dirs))
+        # What the derivatives may skip (read here, once: on a GPU every later look would wait for it).
+        self.moving_coefficients = np.abs(joint_dirs).max(axis=(0, 1)) > 0
+        """(D,) bool: the blendshape coefficients that move a joint."""
+        self.pose_correctives = bool(np.any(data.posedirs))
+        """Whether the model has pose-corrective blendshapes (the stand-in has none)."""
 
     def restricted(self, vertex_ids: torch.Tensor) -> FlameModel:
         """A copy that computes only `vertex_ids` (joints stay exact); for landmark-only fitting."""
         sub = FlameModel.__new__(FlameModel)
         nn.Module.__init__(sub)
-        for attr in ("n_shape", "n_expr", "has_eyelids", "sha256", "name", "expression_names"):
+        for attr in ("n_shape", "n_expr", "has_eyelids", "sha256", "name", "expression_names",
+                     "moving_coefficients", "pose_correctives"):
             setattr(sub, attr, getattr(self, attr))
         ids = vertex_ids.to(self.v_template.device)
         cols = (ids[:, None] * 3 + torch.arange(3, device=ids.device)).reshape(-1)
@@ -144,3 +153,34 @@ class FlameModel(nn.Module):
         )
         t = params.translation[:, None, :]
         return FlameOutput(vertices + t, joints + t)
+
+    def jacobian(self, params: FlameParams, fields: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posed world vertices (B, S, 3) and their exact derivatives (B, S, 3, P) in the per-frame parameter
+        fields `fields` (FlameParams names), columns in that order and each field's own order; a shared
+        `shape` gives every frame's derivative in the one identity."""
+        B = params.batch_size
+        n_shape, n_expr = params.shape.shape[1], params.expr.shape[1]
+        spans = {"shape": (0, n_shape), "expr": (n_shape, n_shape + n_expr),
+                 "eyelids": (n_shape + n_expr, n_shape + n_expr + params.eyelids.shape[1])}
+        blend = [spans[f] for f in fields if f in spans]
+        low = min((a for a, _ in blend), default=0)
+        high = max((b for _, b in blend), default=0)
+        joint_ids = [j for f in fields if f in POSE_JOINTS for j in POSE_JOINTS[f]]
+        vertices, d_coeffs, d_pose = lbs_jacobian(
+            self.coefficients(params), params.full_pose(), self.v_template, self.dirs, self.posedirs,
+            self.joints_template, self.joint_dirs, self.parents, self.weights, slice(low, high), joint_ids,
+            bool(self.moving_coefficients[low:high].any()), self.pose_correctives)
+        blocks, pose_at = [], 0
+        for f in fields:
+            if f in spans:
+                blocks.append(d_coeffs[..., spans[f][0] - low:spans[f][1] - low])
+            elif f in POSE_JOINTS:
+                width = 3 * len(POSE_JOINTS[f])
+                blocks.append(d_pose[..., pose_at:pose_at + width])
+                pose_at += width
+            elif f == "translation":
+                eye = torch.eye(3, dtype=vertices.dtype, device=vertices.device)
+                blocks.append(eye.expand(B, vertices.shape[1], 3, 3))
+            else:
+                raise ValueError(f"no derivative for FLAME parameter field {f!r}")
+        return vertices + params.translation[:, None, :], torch.cat(blocks, dim=3)

@@ -1,0 +1,158 @@
+"""Analytic derivatives: FLAME's skinning and every landmark-stage energy term give the Jacobians that
+forward-mode differentiation of the same functions gives, so Levenberg-Marquardt can linearise without
+evaluating the model again for each parameter."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.func import jacfwd
+
+from tests.conftest import FLAME_ASSETS, FLAME_STANDIN
+from tracker.camera import Camera
+from tracker.config import load_config
+from tracker.energy.base import Observations
+from tracker.energy.contour import POINTS_KEY, WEIGHTS_KEY
+from tracker.energy.head_size import HeadSizeEnergy
+from tracker.energy.priors import PriorEnergy
+from tracker.fit.solver import LANDMARK_FIELDS, ParamPacker, _round_residuals, block_jacobians, fit_lm
+from tracker.flame.assets import load_flame_bundle
+from tracker.flame.model import FlameParams
+from tracker.pipeline import landmark_terms_problem
+
+ALL_FIELDS = ["expr", "rotation", "neck_pose", "jaw_pose", "eyes_pose", "eyelids", "translation", "shape"]
+
+
+def random_params(model, batch: int, seed: int, dtype=torch.float32) -> FlameParams:
+    """Every joint turned (frame 0's head by a hair: the small-angle series), shape, expression and eyelids
+    set."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*size, scale=1.0):
+        return (torch.randn(*size, generator=g) * scale).to(dtype)
+
+    p = FlameParams(rand(1, model.n_shape, scale=0.5), (torch.rand(batch, model.n_expr, generator=g) * 0.4 - 0.05).to(dtype),
+                    rand(batch, 3, scale=0.4), rand(batch, 3, scale=0.15), rand(batch, 3, scale=0.1),
+                    rand(batch, 6, scale=0.15), torch.rand(batch, 2, generator=g).to(dtype),
+                    (torch.tensor([0.01, -0.02, -0.9]) + rand(batch, 3, scale=0.01)).to(dtype))
+    p.rotation[0] = torch.tensor([1e-5, -2e-5, 1e-5], dtype=dtype)
+    return p
+
+
+def forward_mode(fn, params: FlameParams, fields: list[str]) -> torch.Tensor:
+    """d fn(params) / d fields by forward-mode AD: (B, ..., P), columns field by field (`shape` shared)."""
+    B = params.batch_size
+    sizes = [getattr(params, f).shape[1] for f in fields]
+
+    def moved(delta):
+        changes = {}
+        for name, part in zip(fields, torch.split(delta, sizes, dim=-1)):
+            changes[name] = getattr(params, name) + (part[:1] if name == "shape" else part)
+        return fn(FlameParams(**{**params.__dict__, **changes}))
+
+    # One tangent per parameter, the same in every frame; frames do not interact, so per-frame blocks come out.
+    jac = jacfwd(lambda d: moved(d.expand(B, -1)))(params.expr.new_zeros(sum(sizes)))
+    return jac
+
+
+def test_skinning_derivatives_match_forward_mode():
+    """FLAME with pose correctives (random ones: the stand-in has none) and expression directions that move the
+    joints: every field's columns, every joint turned, in double precision."""
+    bundle = load_flame_bundle(str(FLAME_STANDIN), str(FLAME_ASSETS), 300, 100, "mediapipe478")
+    model = bundle.model.double()
+    torch.manual_seed(0)
+    model.posedirs.copy_(torch.randn_like(model.posedirs) * 1e-3)
+    model.pose_correctives = True
+    assert model.moving_coefficients[model.n_shape:].any()  # the expression directions move joints
+    sub = model.restricted(bundle.landmarks.vertex_ids)
+    params = random_params(model, 2, seed=1, dtype=torch.float64)
+    vertices, jac = sub.jacobian(params, ALL_FIELDS)
+    assert torch.equal(vertices, sub(params).vertices)
+    expected = forward_mode(lambda p: sub(p).vertices, params, ALL_FIELDS)
+    assert jac.shape == expected.shape
+    start = 0
+    for name in ALL_FIELDS:
+        width = getattr(params, name).shape[1]
+        block, truth = jac[..., start:start + width], expected[..., start:start + width]
+        assert truth.abs().max() > 1e-3, name
+        assert (block - truth).abs().max() < 1e-7 * truth.abs().max(), name
+        start += width
+    # Without pose correctives the same model skips their terms and still gives its own derivatives.
+    model.posedirs.zero_()
+    model.pose_correctives = False
+    sub = model.restricted(bundle.landmarks.vertex_ids)
+    jac = sub.jacobian(params, ALL_FIELDS)[1]
+    expected = forward_mode(lambda p: sub(p).vertices, params, ALL_FIELDS)
+    assert (jac - expected).abs().max() < 1e-7 * expected.abs().max()
+
+
+def observed(problem, params: FlameParams, seed: int) -> Observations:
+    """Landmarks 3 px off the model's, random confidences, outline points near the silhouette."""
+    g = torch.Generator().manual_seed(seed)
+    clean = problem.evaluation(params, None).landmarks_2d.detach()
+    B, L = clean.shape[:2]
+    points = clean + 3 * torch.randn(clean.shape, generator=g)
+    extras = {}
+    if problem.landmarks.outline is not None:
+        C = len(problem.landmarks.outline_index)
+        extras = {POINTS_KEY: points[:, :C] + 4, WEIGHTS_KEY: torch.rand(B, C, generator=g) + 0.5}
+    return Observations(points, torch.rand(B, L, generator=g) + 0.5, torch.full((B,), 200.0), extras=extras)
+
+
+@pytest.mark.parametrize("scheme,robust,basis", [("mediapipe478", "cauchy", "blendshapes"), ("mediapipe478", "l2", "pca"),
+                                                 ("mediapipe478", "huber", "blendshapes"), ("ibug68", "gm", "blendshapes"),
+                                                 ("ibug68", "l1", "pca")])
+def test_energy_term_derivatives_match_forward_mode(scheme, robust, basis):
+    """The landmark stage's terms (landmarks, sliding outline with its matches held, priors with either
+    expression basis, temporal, the held head size) in a solver round: the analytic block Jacobians, identity
+    and focal columns included (translations scaled with the focal), equal the forward-mode ones."""
+    bundle = load_flame_bundle(str(FLAME_STANDIN), str(FLAME_ASSETS), 300, 100, scheme)
+    cfg = load_config(None, {"energy": {"landmarks": {"robust": robust}, "contour": {"robust": robust}}})
+    problem = landmark_terms_problem(bundle.model, bundle.landmarks, Camera.from_image(512, 512, 30), cfg)
+    params = random_params(bundle.model, 3, seed=2)
+    if basis == "pca":
+        problem.terms = [PriorEnergy(cfg.energy.priors, SimpleNamespace(expression_names=[]))
+                         if term.name == "priors" else term for term in problem.terms]
+        assert next(term for term in problem.terms if term.name == "priors").basis == "pca"
+    problem = problem.with_terms([*problem.terms, HeadSizeEnergy(bundle.model, params.shape * 0.5)])
+    assert problem.jacobian == "analytic" and problem.analytic
+    obs = observed(problem, params, seed=3)
+    reference = params.detach()
+    reference.rotation += 0.02
+    reference.expr += 0.03
+    for free_shape, free_focal in ((False, False), (True, True)):
+        packer = ParamPacker(params, LANDMARK_FIELDS, free_shape, free_focal)
+        X, s = packer.pack(params)
+        if free_focal:
+            s[-1] = 0.1
+        residual_fn, _, matching, analytic = _round_residuals(problem, packer, X, s, obs, reference, 5.0)
+        assert matching  # the outline points found their partners
+        for a, b in zip(analytic(X, s), block_jacobians(residual_fn, X, s)):
+            assert a.shape == b.shape
+            if b.numel():
+                assert (a - b).abs().max() < 2e-6 * b.abs().max(), (free_shape, free_focal)
+
+
+def test_analytic_solver_fits_as_forward_mode():
+    """The identity stage's joint fit (identity, focal, poses of 4 keyframes, landmarks seen through a longer
+    lens than the start's) reaches the same solution with the analytic Jacobians as with forward-mode ones."""
+    bundle = load_flame_bundle(str(FLAME_STANDIN), str(FLAME_ASSETS), 300, 100, "mediapipe478")
+    cfg = load_config(None, {})
+    problem = landmark_terms_problem(bundle.model, bundle.landmarks, Camera.from_image(512, 512, 20), cfg)
+    truth = random_params(bundle.model, 4, seed=4)
+    truth.translation[:, 2] = -0.4  # close enough for perspective to tell the focal length
+    obs = observed(problem, truth, seed=5)
+    camera = Camera.from_image(512, 512, 30)
+    start = truth.detach()
+    start.shape.zero_()
+    start.expr.zero_()
+    results = {}
+    for mode in ("analytic", "forward"):
+        problem.camera = Camera.from_image(512, 512, 30)
+        results[mode] = fit_lm(problem, start, obs, LANDMARK_FIELDS, 15, free_shape=True, free_focal=True,
+                               focal_prior=0.01, jacobian=mode)
+    (fit_a, focal_a), (fit_f, focal_f) = results["analytic"], results["forward"]
+    assert abs(float(focal_a / focal_f) - 1) < 1e-3
+    assert (fit_a.shape - fit_f.shape).abs().max() < 1e-3
+    assert (fit_a.rotation - fit_f.rotation).abs().max() < 1e-4
+    assert float(focal_a / camera.focal) > 1.2  # the focal did move towards the truth (1.52x the start)
