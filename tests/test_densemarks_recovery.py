@@ -73,7 +73,7 @@ def landmark_problem_for(bundle, camera, cfg, frames):
     energy = cfg.energy
     return None, Problem(bundle.model, bundle.landmarks, camera,
                          [LandmarkEnergy(energy.landmarks), PriorEnergy(energy.priors, bundle.model),
-                          TemporalEnergy(energy.temporal)])
+                          TemporalEnergy(energy.temporal)], jacobian="analytic")
 
 
 def refine(bundle, sequence, tmp_path, noise=OracleNoise(), dense=None, oracle_truth=None):

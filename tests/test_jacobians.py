@@ -156,3 +156,30 @@ def test_analytic_solver_fits_as_forward_mode():
     assert (fit_a.shape - fit_f.shape).abs().max() < 1e-3
     assert (fit_a.rotation - fit_f.rotation).abs().max() < 1e-4
     assert float(focal_a / camera.focal) > 1.2  # the focal did move towards the truth (1.52x the start)
+
+
+def test_point_terms_derivatives_match_forward_mode():
+    """The other point terms: DenseMarks correspondences (robust, gated, scaled by the crop) and the optical-flow
+    point tracks that bridge detector gaps."""
+    from tracker.energy.dense import CORR_TARGET, CORR_WEIGHT, CROP_PX, DenseCorrespondenceConfig, DenseCorrespondenceEnergy
+    from tracker.energy.point_tracks import PointTrackEnergy
+
+    bundle = load_flame_bundle(str(FLAME_STANDIN), str(FLAME_ASSETS), 300, 100, "mediapipe478")
+    problem = landmark_terms_problem(bundle.model, bundle.landmarks, Camera.from_image(512, 512, 30),
+                                     load_config(None, {}))
+    params = random_params(bundle.model, 2, seed=6)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randperm(bundle.model.n_vertices, generator=g)[:50]
+    seen = problem.camera.project(bundle.model(params).vertices[:, ids])[0].detach()
+    targets = seen + 4 * torch.randn(seen.shape, generator=g)
+    gate = (torch.rand(2, 50, generator=g) > 0.2).float()
+    obs = Observations(torch.zeros(2, 1, 2), torch.zeros(2, 1), torch.full((2,), 150.0),
+                       extras={CORR_TARGET: targets, CORR_WEIGHT: gate, CROP_PX: torch.tensor([300.0, 260.0])})
+    terms = [DenseCorrespondenceEnergy(DenseCorrespondenceConfig(), bundle.model, ids),
+             PointTrackEnergy(bundle.model.restricted(ids), targets, gate, torch.tensor([150.0, 140.0]))]
+    fields = list(LANDMARK_FIELDS) + ["neck_pose", "shape"]
+    for term in terms:
+        analytic = term.jacobian(problem.evaluation(params, obs), fields)
+        expected = forward_mode(lambda p: term(problem.evaluation(p, obs)), params, fields)
+        assert analytic.shape == expected.shape and expected.abs().max() > 1.0
+        assert (analytic - expected).abs().max() < 2e-6 * expected.abs().max(), term.name

@@ -103,12 +103,10 @@ class DenseFitter:
     def lm(self, problem: Problem, params: FlameParams, obs: Observations, iters: int,
            reference: FlameParams | None = None, **shared) -> tuple[FlameParams, torch.Tensor]:
         """Levenberg-Marquardt over the free fields (shared: fit_lm's identity and focal options); the contour
-        landmarks are re-chosen only when the landmark term is on. Frame fits use central-difference Jacobians
-        (fast); the identity keeps exact forward-mode ones, as it must travel along the weakly seen
-        size/depth direction, where Jacobian errors of a fraction of a percent stall it."""
+        landmarks are re-chosen only when the landmark term is on. Jacobians from the terms' own derivatives
+        (exact, so the identity can travel along the weakly seen size/depth direction)."""
         rounds = 2 if any(term.name == "landmarks" for term in problem.terms) else 1
-        return fit_lm(problem, params, obs, self.free, iters, reference, rounds=rounds,
-                      jacobian=None if shared.get("free_shape") else "differences", **shared)
+        return fit_lm(problem, params, obs, self.free, iters, reference, rounds=rounds, **shared)
 
     def correspondence_term(self, positions: torch.Tensor) -> DenseCorrespondenceEnergy:
         return DenseCorrespondenceEnergy(self.corr_cfg, self.model, self.vertex_ids[positions])

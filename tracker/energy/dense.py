@@ -18,7 +18,7 @@ not depend on the video's resolution.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +26,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from tracker.densemarks.canonical import apply_crop_affine, render_attributes
-from tracker.energy.base import Evaluation, robust_residuals
+from tracker.energy.base import Evaluation, robust_linear_map, robust_residuals
 from tracker.flame.model import FlameModel
 from tracker.render import rasterize
 
@@ -119,13 +119,25 @@ class DenseCorrespondenceEnergy:
         self.model = model.restricted(vertex_ids)
         """FLAME evaluated on those vertices only (cheap Jacobians for Levenberg-Marquardt)."""
 
+    def weights(self, ev: Evaluation) -> torch.Tensor:
+        """(B, K) each kept correspondence's share of the term's weight."""
+        gate = ev.obs.extras[CORR_WEIGHT]
+        return self.cfg.weight * gate / gate.sum(-1, keepdim=True).clamp(min=1.0)
+
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         extras = ev.obs.extras
         projected, _ = ev.camera.project(self.model(ev.params).vertices)
         diff = (projected - extras[CORR_TARGET]) / extras[CROP_PX][:, None, None]
-        gate = extras[CORR_WEIGHT]
-        w = self.cfg.weight * gate / gate.sum(-1, keepdim=True).clamp(min=1.0)
-        return (robust_residuals(diff, self.cfg.scale, self.cfg.robust) * w[..., None].sqrt()).flatten(1)
+        return (robust_residuals(diff, self.cfg.scale, self.cfg.robust) * self.weights(ev)[..., None].sqrt()).flatten(1)
+
+    def jacobian(self, ev: Evaluation, fields: Sequence[str]) -> torch.Tensor:
+        """(B, 2K, P) derivatives of the residuals in the parameter fields `fields` (matches held)."""
+        extras = ev.obs.extras
+        vertices, d_vertices = self.model.jacobian(ev.params, list(fields))
+        crop = extras[CROP_PX][:, None, None, None]
+        diff = (ev.camera.project(vertices)[0] - extras[CORR_TARGET]) / crop[..., 0]
+        left = robust_linear_map(diff, self.cfg.scale, self.cfg.robust) @ ev.camera.projection_jacobian(vertices)
+        return (left * (self.weights(ev)[..., None, None].sqrt() / crop) @ d_vertices).flatten(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ weighted so that a frame's energy is a weighted mean over its points, like the l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor
 
-from tracker.energy.base import Evaluation, robust_residuals
+from tracker.energy.base import Evaluation, robust_linear_map, robust_residuals
 from tracker.flame.model import FlameModel
 
 TRACK_SCALE = 0.02
@@ -30,3 +32,12 @@ class PointTrackEnergy:
         diff = (pixels - self.points) / self.face_size[:, None, None]
         scaled = robust_residuals(diff, TRACK_SCALE, "cauchy") * (self.weight * self.weights).sqrt().unsqueeze(-1)
         return scaled.flatten(1)
+
+    def jacobian(self, ev: Evaluation, fields: Sequence[str]) -> Tensor:
+        """(B, 2K, P) derivatives of the residuals in the parameter fields `fields`."""
+        vertices, d_vertices = self.model.jacobian(ev.params, list(fields))
+        size = self.face_size[:, None, None, None]
+        diff = (ev.camera.project(vertices)[0] - self.points) / size[..., 0]
+        left = robust_linear_map(diff, TRACK_SCALE, "cauchy") @ ev.camera.projection_jacobian(vertices)
+        return (left * ((self.weight * self.weights)[..., None, None].sqrt() / size) @ d_vertices).flatten(1, 2)
+
