@@ -193,6 +193,41 @@ def test_sampled_term_jacobians_match_autograd_through_plain_operations(bundle, 
         assert scale > 0 and float((a - b).abs().max()) < 1e-4 * scale
 
 
+def test_sampled_term_analytic_jacobian_matches_forward_mode(bundle, cfg, camera, mesh, appearance):
+    """The term's analytic `jacobian` (FLAME's derivatives through the samples' points and normals, the normal
+    offsets turning with the head and neck) equals forward-mode differentiation in every frame field and the
+    identity, robust factor and outliers held as in the forward path."""
+    from tracker.fit.solver import FRAME_FIELDS
+
+    truth = make_truth(bundle.model, [[0.1, 0.3, 0.0], [-0.1, -0.4, 0.1]])
+    target, _ = render_frames(appearance, mesh, camera, truth, (SIZE, SIZE), 1.0)
+    start = perturbed(truth, 2.0, 2.0)
+    start.neck_pose = torch.tensor([[0.05, -0.1, 0.02], [0.0, 0.1, -0.05]])
+    start.jaw_pose[:, 0] = 0.1
+    start.shape = 0.3 * torch.ones_like(start.shape)
+    term, _ = sampled_term(cfg, bundle, camera, mesh, appearance, start, target, max_samples=300)
+    problem = Problem(bundle.model, bundle.landmarks, camera, [])
+    fields = list(FRAME_FIELDS) + ["shape"]
+    sizes = [getattr(start, f).shape[1] for f in fields]
+
+    def residuals(delta: torch.Tensor) -> torch.Tensor:
+        moved = {name: getattr(start, name) + (part[:1] if name == "shape" else part)
+                 for name, part in zip(fields, torch.split(delta.expand(2, -1), sizes, dim=1))}
+        return term(problem.evaluation(replace(start, **moved), no_landmarks(2)))
+
+    forward = torch.func.jacfwd(residuals)(torch.zeros(sum(sizes)))
+    analytic = term.jacobian(problem.evaluation(start, no_landmarks(2)), fields)
+    assert analytic.shape == forward.shape
+    start_column = 0
+    for name, size in zip(fields, sizes):
+        a, b = analytic[..., start_column:start_column + size], forward[..., start_column:start_column + size]
+        start_column += size
+        if name == "eyes_pose":  # the compared regions have no eyeball
+            assert float(b.abs().max()) == 0 and float(a.abs().max()) == 0
+            continue
+        assert float(b.abs().max()) > 0 and float((a - b).abs().max()) < 1e-4 * float(b.abs().max()), name
+
+
 def test_outliers_are_dropped_and_the_energy_is_a_mean_over_inliers(cfg):
     # Frame 0: 99 pixels off by 0.05 and one by 0.9 (dropped); frame 1: 4 pixels off by 0.2.
     target = torch.zeros(3, 104)

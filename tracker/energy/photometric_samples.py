@@ -21,6 +21,7 @@ outlier mask are held at their values (iteratively reweighted least squares).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ from tracker.camera import WORLD_TO_CAMERA
 from tracker.energy.base import Evaluation, robust_ratio
 from tracker.energy.photometric import PhotometricConfig
 from tracker.errors import TrackerError
-from tracker.flame.lbs import batch_rodrigues
+from tracker.flame.lbs import batch_rodrigues, left_jacobian, skew
 from tracker.flame.model import FlameModel, FlameParams
 from tracker.render.shading import sh_basis, sh_basis_jacobian
 
@@ -200,6 +201,38 @@ def head_rotation(params: FlameParams) -> Tensor:
     return batch_rodrigues(params.rotation) @ batch_rodrigues(params.neck_pose)
 
 
+def normal_jacobian(corners: Tensor, d_corners: Tensor) -> Tensor:
+    """Derivatives of `triangle_normals` from those of the corners: corners (..., 3 corners, 3), d_corners
+    (..., 3 corners, 3, P) -> (..., 3, P)."""
+    e1, e2 = corners[..., 1, :] - corners[..., 0, :], corners[..., 2, :] - corners[..., 0, :]
+    d1, d2 = d_corners[..., 1, :, :] - d_corners[..., 0, :, :], d_corners[..., 2, :, :] - d_corners[..., 0, :, :]
+    cross = torch.linalg.cross(e1, e2)
+    # d(e1 x e2) = de1 x e2 + e1 x de2 = [e1]_x de2 - [e2]_x de1
+    d_cross = skew(e1) @ d2 - skew(e2) @ d1
+    length = cross.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    unit = cross / length
+    projector = torch.eye(3, dtype=corners.dtype, device=corners.device) - unit[..., :, None] * unit[..., None, :]
+    return (projector / length[..., None]) @ d_cross
+
+
+def offset_jacobian(params: FlameParams, offset: Tensor, columns: dict[str, slice]) -> Tensor | None:
+    """Derivatives of the samples' world normal offsets R_head offset (B, N, 3) in the head's rotation fields
+    (`rotation`, `neck_pose` among `columns`): (B, N, 3, P), or None when neither is free."""
+    if "rotation" not in columns and "neck_pose" not in columns:
+        return None
+    B, N = offset.shape[:2]
+    P = max(s.stop for s in columns.values())
+    d = offset.new_zeros(B, N, 3, P)
+    rot, neck = batch_rodrigues(params.rotation), batch_rodrigues(params.neck_pose)
+    if "rotation" in columns:  # d(R_rot R_neck o) = (J_l dw) x (R_head o)
+        world = offset @ (rot @ neck).transpose(1, 2)
+        d[..., columns["rotation"]] = -skew(world) @ left_jacobian(params.rotation)[:, None]
+    if "neck_pose" in columns:  # d(R_rot R_neck o) = R_rot ((J_l dw) x (R_neck o))
+        turned = offset @ neck.transpose(1, 2)
+        d[..., columns["neck_pose"]] = rot[:, None] @ -skew(turned) @ left_jacobian(params.neck_pose)[:, None]
+    return d
+
+
 def sample_geometry(ev: Evaluation, samples: SurfaceSamples) -> tuple[Tensor, Tensor]:
     """World positions (B, N, 3) and raw (unnormalised) world normals (B, N, 3) of the samples under ev's
     parameters."""
@@ -224,3 +257,26 @@ class SampledPhotometricEnergy:
     def __call__(self, ev: Evaluation) -> Tensor:
         points, raw_normals = sample_geometry(ev, self.samples)
         return _WeightedResiduals.apply(points, raw_normals, ev.camera.focal, ev.camera.center, self.colours)[0].flatten(1)
+
+    def jacobian(self, ev: Evaluation, fields: Sequence[str]) -> Tensor:
+        """(B, 3N, P) derivatives of the residuals in the parameter fields `fields`: the samples' point and
+        normal derivatives (through FLAME's analytic ones) times the colour residuals' (the robust factor and
+        outliers held, as in the forward-mode path)."""
+        samples = self.samples
+        vertices, d_vertices = samples.model.jacobian(ev.params, list(fields))
+        B, N = samples.corners.shape[:2]
+        P = d_vertices.shape[-1]
+        corners = gather_corners(vertices, samples.corners)  # (B, N, 3, 3)
+        d_corners = gather_corners(d_vertices.flatten(2), samples.corners).view(B, N, 3, 3, P)
+        bary = samples.bary[..., None, None]
+        points = (corners * samples.bary.unsqueeze(-1)).sum(2)
+        d_points = (d_corners * bary).sum(2)
+        offset = samples.normal_offset @ head_rotation(ev.params).transpose(1, 2)
+        d_normals = normal_jacobian(corners, d_corners)
+        d_offset = offset_jacobian(ev.params, samples.normal_offset, ev.field_columns(fields))
+        if d_offset is not None:
+            d_normals = d_normals + d_offset
+        residual, j_points, j_normals, _ = self.colours.residuals(points, triangle_normals(corners) + offset,
+                                                                    ev.camera.focal, ev.camera.center)
+        weights = self.colours.robust_weights(residual).unsqueeze(-1)  # (B, N, 1, 1)
+        return ((j_points @ d_points + j_normals @ d_normals) * weights).flatten(1, 2)
