@@ -133,13 +133,30 @@ def lbs(
     parents: (J,); weights: (V, J).
     Returns vertices (B, V, 3) and posed joints (B, J, 3).
     """
+    v_posed, _, posed_joints, transforms = pose_rest_vertices(coeffs, pose, v_template, dirs, posedirs,
+                                                              joints_template, joint_dirs, parents)
+    return skin_vertices(v_posed, weights, transforms), posed_joints
+
+
+def pose_rest_vertices(
+    coeffs: torch.Tensor,
+    pose: torch.Tensor,
+    v_template: torch.Tensor,
+    dirs: torch.Tensor,
+    posedirs: torch.Tensor,
+    joints_template: torch.Tensor,
+    joint_dirs: torch.Tensor,
+    parents: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything of `lbs` before skinning (arguments as there): the rest-pose vertices with shape, expression
+    and pose correctives (B, V, 3), the joint rotations (B, J, 3, 3), the posed joints (B, J, 3) and the
+    relative transforms (B, J, 4, 4)."""
     B = coeffs.shape[0]
     v_shaped = v_template[None] + blend_shapes(coeffs, dirs)
     joints = joints_template[None] + blend_shapes(coeffs, joint_dirs)
     rot_mats = batch_rodrigues(pose.reshape(-1, 3)).view(B, -1, 3, 3)
     v_posed = v_shaped + (pose_feature(rot_mats) @ posedirs).view(B, -1, 3)
-    posed_joints, transforms = batch_rigid_transform(rot_mats, joints, parents)
-    return skin_vertices(v_posed, weights, transforms), posed_joints
+    return (v_posed, rot_mats, *batch_rigid_transform(rot_mats, joints, parents))
 
 
 def skew(v: torch.Tensor) -> torch.Tensor:
@@ -206,12 +223,9 @@ def lbs_jacobian(
     """
     B, J = coeffs.shape[0], joints_template.shape[0]
     V = v_template.shape[0]
-    v_shaped = v_template[None] + blend_shapes(coeffs, dirs)
-    joints = joints_template[None] + blend_shapes(coeffs, joint_dirs)
     axis_angle = pose.reshape(B, J, 3)
-    rot_mats = batch_rodrigues(axis_angle.reshape(-1, 3)).view(B, J, 3, 3)
-    v_posed = v_shaped + (pose_feature(rot_mats) @ posedirs).view(B, V, 3)
-    posed_joints, transforms = batch_rigid_transform(rot_mats, joints, parents)
+    v_posed, rot_mats, posed_joints, transforms = pose_rest_vertices(coeffs, pose, v_template, dirs, posedirs,
+                                                                     joints_template, joint_dirs, parents)
     blended = (weights @ transforms[:, :, :3].reshape(B, J, 12)).view(B, V, 3, 4)
     rotation = blended[..., :3]  # (B, V, 3, 3) each vertex's blended skinning rotation
     vertices = (rotation @ v_posed[..., None])[..., 0] + blended[..., 3]
