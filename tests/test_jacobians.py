@@ -13,7 +13,9 @@ from tracker.camera import Camera
 from tracker.config import load_config
 from tracker.energy.base import Observations
 from tracker.energy.contour import POINTS_KEY, WEIGHTS_KEY
+from tracker.energy.dense import CORR_TARGET, CORR_WEIGHT, CROP_PX, DenseCorrespondenceConfig, DenseCorrespondenceEnergy
 from tracker.energy.head_size import HeadSizeEnergy
+from tracker.energy.point_tracks import PointTrackEnergy
 from tracker.energy.priors import PriorEnergy
 from tracker.fit.solver import LANDMARK_FIELDS, ParamPacker, _round_residuals, block_jacobians, fit_lm
 from tracker.flame.assets import load_flame_bundle
@@ -161,9 +163,6 @@ def test_analytic_solver_fits_as_forward_mode():
 def test_point_terms_derivatives_match_forward_mode():
     """The other point terms: DenseMarks correspondences (robust, gated, scaled by the crop) and the optical-flow
     point tracks that bridge detector gaps."""
-    from tracker.energy.dense import CORR_TARGET, CORR_WEIGHT, CROP_PX, DenseCorrespondenceConfig, DenseCorrespondenceEnergy
-    from tracker.energy.point_tracks import PointTrackEnergy
-
     bundle = load_flame_bundle(str(FLAME_STANDIN), str(FLAME_ASSETS), 300, 100, "mediapipe478")
     problem = landmark_terms_problem(bundle.model, bundle.landmarks, Camera.from_image(512, 512, 30),
                                      load_config(None, {}))
@@ -180,6 +179,6 @@ def test_point_terms_derivatives_match_forward_mode():
     fields = list(LANDMARK_FIELDS) + ["neck_pose", "shape"]
     for term in terms:
         analytic = term.jacobian(problem.evaluation(params, obs), fields)
-        expected = forward_mode(lambda p: term(problem.evaluation(p, obs)), params, fields)
+        expected = forward_mode(lambda p, term=term: term(problem.evaluation(p, obs)), params, fields)
         assert analytic.shape == expected.shape and expected.abs().max() > 1.0
         assert (analytic - expected).abs().max() < 2e-6 * expected.abs().max(), term.name
