@@ -2,6 +2,7 @@
 forward-mode differentiation of the same functions gives, so Levenberg-Marquardt can linearise without
 evaluating the model again for each parameter."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +18,7 @@ from tracker.energy.dense import CORR_TARGET, CORR_WEIGHT, CROP_PX, DenseCorresp
 from tracker.energy.head_size import HeadSizeEnergy
 from tracker.energy.point_tracks import PointTrackEnergy
 from tracker.energy.priors import PriorEnergy
-from tracker.fit.solver import LANDMARK_FIELDS, ParamPacker, _round_residuals, block_jacobians, fit_lm
+from tracker.fit.solver import LANDMARK_FIELDS, ParamPacker, _round_residuals, block_jacobians, fit_lm, log_focal_std
 from tracker.flame.assets import load_flame_bundle
 from tracker.flame.model import FlameParams
 from tracker.pipeline import landmark_terms_problem
@@ -158,6 +159,12 @@ def test_analytic_solver_fits_as_forward_mode():
     assert (fit_a.shape - fit_f.shape).abs().max() < 1e-3
     assert (fit_a.rotation - fit_f.rotation).abs().max() < 1e-4
     assert float(focal_a / camera.focal) > 1.2  # the focal did move towards the truth (1.52x the start)
+    # The focal length's Laplace uncertainty at that fit, from analytic and from forward-mode Jacobians.
+    problem.camera = Camera.from_image(512, 512, 30)
+    problem.camera.focal = focal_a
+    spread = {mode: log_focal_std(replace(problem, jacobian=mode), fit_a, obs, LANDMARK_FIELDS, 0.01)
+              for mode in ("analytic", "forward")}
+    assert 0 < spread["analytic"] < 0.5 and spread["analytic"] == pytest.approx(spread["forward"], rel=1e-3)
 
 
 def test_point_terms_derivatives_match_forward_mode():

@@ -407,9 +407,10 @@ def log_focal_std(problem: Problem, params: FlameParams, obs: Observations, free
     packer = ParamPacker(params, free, free_shape=True, free_focal=True)
     X, s = packer.pack(params)
     with torch.no_grad():
-        residual_fn = _round_residuals(problem, packer, X, s, obs, None, focal_prior)[0]
+        residual_fn, _, _, jacobian_fn = _round_residuals(problem, packer, X, s, obs, None, focal_prior)
         r = residual_fn(X, s)
-    A, _ = normal_equations(r, *block_jacobians(residual_fn, X, s))
+    analytic = problem.jacobian == "analytic" and problem.analytic
+    A, _ = normal_equations(r, *(jacobian_fn if analytic else partial(block_jacobians, residual_fn))(X, s))
     dof = max(r.numel() - A.shape[0], 1)
     variance = float(r.pow(2).sum()) / dof
     covariance = torch.linalg.pinv(A.double()) * variance
