@@ -212,5 +212,8 @@ def test_landmark_fits_are_refitted_under_a_far_focal_length(bundle, sequence):
     rows = torch.as_tensor(np.flatnonzero(result.valid))
     before = landmark_error_px(problem, moved.params.frames(rows), obs.frames(rows))
     after = landmark_error_px(problem, refits.frames(rows), obs.frames(rows))
-    assert float(after.max()) < 0.5 * float(before.median()), (after, before)
+    # The landmarks carry fixed offsets (1.5 px per point): what the landmark stage met under its own camera
+    # is the floor.
+    floor = torch.as_tensor(result.lmk_error_px[result.valid])
+    assert float((after - floor).max()) < 0.1 and float(before.median()) > float(after.max()) + 1.0, (after, before)
     assert torch.equal(refits.shape, moved.params.shape)  # the identity stays the stage's

@@ -146,13 +146,88 @@ def test_reinitialises_after_a_jump():
     obs, _ = observe(make_problem(bundle, camera), truth)
     # 8 degrees (16 px) of turn between frames: more iterations than the default's 5, so that only the jump
     # itself looks like a lost track.
-    cfg = load_config(overrides={"fit": {"frame_iters": 10}})
+    # Frame by frame (window 1): a window's later frames start from their own landmarks and take the jump
+    # in their stride (below).
+    cfg = load_config(overrides={"fit": {"frame_iters": 10, "window": 1}})
     terms = [LandmarkEnergy(cfg.energy.landmarks), PriorEnergy(cfg.energy.priors, bundle.model),
              TemporalEnergy(cfg.energy.temporal)]
     tracker = SequenceTracker(Problem(bundle.model, bundle.landmarks, camera, terms), cfg)
     result = tracker.track(obs, np.ones(8, bool), truth.shape)
     assert result.reinitialised[5] and not result.reinitialised[:5].any()
     assert result.lmk_error_px[5] < 1.0
+    # Frames 4-7 in one window: frame 5 starts from its PnP pose and needs no re-initialisation; the jump
+    # bends the window's temporal reference, which costs its neighbours about a pixel.
+    cfg.fit.window = 4
+    result = SequenceTracker(Problem(bundle.model, bundle.landmarks, camera, terms), cfg).track(obs, np.ones(8, bool),
+                                                                                               truth.shape)
+    assert not result.reinitialised.any() and result.lmk_error_px[5] < 1.0
+    assert np.nanmax(result.lmk_error_px) < 1.5
+
+
+def test_independent_frames_are_solved_as_separate_problems(bundle):
+    """fit_lm(independent=True) on a batch gives each frame what solving it alone gives: its own damping,
+    steps and stopping, so a frame that starts far off neither slows nor disturbs the others."""
+    camera = Camera.from_image(512, 512, fov_deg=30)
+    problem = make_problem(bundle, camera)
+    truth = make_truth(bundle.model, 3, seed=15)
+    obs, _ = observe(problem, truth, noise_px=1.0, seed=16)
+    start = truth.detach()
+    start.rotation[1] += torch.tensor([0.3, -0.4, 0.1])  # far off: many rejected steps
+    start.expr += 0.2
+    start.jaw_pose[2, 0] = 0.0
+    # One solver round (the tracker's): a round's discrete choices are made for the whole batch.
+    together, _ = fit_lm(problem, start, obs, LANDMARK_FIELDS, 6, reference=truth, rounds=1, independent=True)
+    for b in range(3):
+        alone, _ = fit_lm(problem, start.frames(slice(b, b + 1)), obs.frames(slice(b, b + 1)), LANDMARK_FIELDS, 6,
+                          reference=truth.frames(slice(b, b + 1)), rounds=1)
+        for name in LANDMARK_FIELDS:
+            assert torch.allclose(getattr(together, name)[b], getattr(alone, name)[0], atol=1e-3), (b, name)
+    joint, _ = fit_lm(problem, start, obs, LANDMARK_FIELDS, 6, reference=truth, rounds=1)  # one damping
+    assert (joint.expr - together.expr).abs().max() > 0.05  # what a shared damping does to them
+    with pytest.raises(ValueError, match="independent"):
+        fit_lm(problem, start, obs, LANDMARK_FIELDS, 2, free_shape=True, independent=True)
+
+
+def test_windowed_tracking_matches_frame_by_frame():
+    """Frames fitted a window at a time (side by side) track a 15-frame turn with a gap as well as one at a
+    time does (default priors, exact landmarks): every frame within 2 degrees and 0.5 px of the truth and 1.5
+    degrees of the frame-by-frame track, the gap marked invalid, the frames after it a new run."""
+    bundle = load_flame_bundle(str(FLAME_STANDIN), str(FLAME_ASSETS), 300, 100, "mediapipe478")
+    camera = Camera.from_image(512, 512, fov_deg=30)
+    truth = make_truth(bundle.model, 15, seed=17)
+    obs, _ = observe(make_problem(bundle, camera), truth)
+    valid = np.ones(15, bool)
+    valid[9] = False
+    results = {}
+    for window in (1, 4, 15):
+        cfg = load_config(overrides={"fit": {"window": window, "frame_iters": 10}})
+        terms = [LandmarkEnergy(cfg.energy.landmarks), PriorEnergy(cfg.energy.priors, bundle.model),
+                 TemporalEnergy(cfg.energy.temporal)]
+        tracker = SequenceTracker(Problem(bundle.model, bundle.landmarks, camera, terms), cfg)
+        results[window] = result = tracker.track(obs, valid, truth.shape)
+        assert (result.valid == valid).all() and not result.reinitialised.any()
+        assert np.nanmax(result.lmk_error_px) < 0.5, window
+        assert rotation_error_deg(result.params.rotation[valid], truth.rotation[valid]).max() < 2.0, window
+    for window in (4, 15):
+        assert rotation_error_deg(results[window].params.rotation, results[1].params.rotation)[valid].max() < 1.5
+
+
+def test_smooth_in_time_keeps_a_quadratic_and_removes_alternation():
+    """The windows' temporal reference: a quadratic motion passes unchanged, frame-to-frame alternation
+    (jitter) is taken out, and a run too short for the degree gets a lower one (two frames: the line through
+    them, i.e. themselves)."""
+    from tracker.fit.sequence import smooth_in_time
+
+    t = torch.linspace(0, 1, 9)[:, None]
+    run = FlameParams.zeros(9, 4, 5)
+    run.rotation = torch.cat([0.2 + 0.5 * t - 0.3 * t ** 2, 2 * t, torch.zeros_like(t)], dim=1)
+    smooth = smooth_in_time(run, 2)
+    assert torch.allclose(smooth.rotation, run.rotation, atol=1e-5)
+    jittery = run.map(torch.clone)
+    jittery.translation[:, 0] = 0.01 * torch.tensor([(-1.0) ** k for k in range(9)])
+    assert smooth_in_time(jittery, 2).translation[:, 0].pow(2).mean().sqrt() < 0.4 * 0.01
+    two = run.frames(slice(0, 2))
+    assert torch.allclose(smooth_in_time(two, 2).rotation, two.rotation, atol=1e-6)
 
 
 def test_smooth_run_solves_the_banded_least_squares():

@@ -555,6 +555,13 @@ def test_interrupted_rerun_leaves_no_stale_complete(tmp_path, capsys, clip, monk
     assert not (tmp_path / "clip" / "flame_params.npz").exists() and not (tmp_path / "clip" / "summary.json").exists()
 
 
+def two_frame_windows(folder: Path) -> str:
+    """A config fitting two frames at a time, so that an 8-frame run finishes frames in small groups."""
+    path = folder / "two_frame_windows.yaml"
+    path.write_text("fit:\n  window: 2\n")
+    return str(path)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_stop_like_ctrl_c(tmp_path, capsys, clip, monkeypatch, signum):
     """The signal arrives while a frame is fitted: the finished frames are written, one line, exit 128 + N."""
@@ -564,13 +571,13 @@ def test_sigterm_and_sighup_stop_like_ctrl_c(tmp_path, capsys, clip, monkeypatch
 
     def signalled_fit(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 6:  # identity takes 2 calls, then about one per frame
+        if calls["n"] == 6:  # identity: 2 calls; frames 0-1: 2 (fresh, then the next); frames 2-3: 2 passes
             os.kill(os.getpid(), signum)
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(sequence, "fit_lm", signalled_fit)
-    code, _, err = run_cli([clip, "--out", tmp_path, "--no-video", "--no-report", "--densemarks", "off", "--quiet"],
-                           capsys)
+    code, _, err = run_cli([clip, "--out", tmp_path, "--no-video", "--no-report", "--densemarks", "off", "--quiet",
+                            "--config", two_frame_windows(tmp_path)], capsys)
     arrays, meta = read_params(tmp_path / "clip" / "flame_params.npz")
     written = len(arrays["frame_index"])
     assert code == 128 + signum and 1 < written < 8 and calls["n"] == 6  # stopped at once
@@ -615,8 +622,8 @@ def test_signal_lost_in_a_finaliser_stops_the_run(tmp_path, capsys, clip, monkey
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(sequence, "fit_lm", fit_dropping_the_signal)
-    code, _, err = run_cli([clip, "--out", tmp_path, "--no-video", "--no-report", "--densemarks", "off", "--quiet"],
-                           capsys)
+    code, _, err = run_cli([clip, "--out", tmp_path, "--no-video", "--no-report", "--densemarks", "off", "--quiet",
+                            "--config", two_frame_windows(tmp_path)], capsys)
     arrays, meta = read_params(tmp_path / "clip" / "flame_params.npz")
     assert code == 143 and 1 < len(arrays["frame_index"]) < 8 and meta["complete"] is False
     assert one_line(err).startswith("interrupted by SIGTERM: ")

@@ -106,6 +106,12 @@ class FitConfig:
     """Keep the identity's neutral head at the mean head's size (one camera cannot tell size from distance)."""
     frame_iters: int = 5
     """Levenberg-Marquardt iterations per frame when warm-started from the previous frame."""
+    window: int = 8
+    """Consecutive frames fitted together, side by side as independent problems (1: one at a time); what a
+    batch saves is the per-call overhead of many small solves."""
+    window_iters: int = 2
+    """Levenberg-Marquardt iterations of a window's second pass (with the temporal term, from the first
+    pass's fits)."""
     frame_rounds: int = 1
     """Solver rounds per warm-started frame (each re-matches the outline points to the silhouette first)."""
     first_frame_iters: int = 20
@@ -375,7 +381,7 @@ NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("camera.fov_prior_deg", 0, 170, False), ("camera.max_focal_log_std", 0, math.inf, False),
     ("video.max_frames", 1, math.inf, True), ("video.stride", 1, math.inf, True),
     ("fit.keyframes", 1, math.inf, True), ("fit.shape_iters", 1, math.inf, True),
-    ("fit.frame_iters", 1, math.inf, True), ("fit.frame_rounds", 1, math.inf, True), ("fit.first_frame_iters", 1, math.inf, True),
+    ("fit.frame_iters", 1, math.inf, True), ("fit.frame_rounds", 1, math.inf, True), ("fit.window", 1, math.inf, True), ("fit.window_iters", 1, math.inf, True), ("fit.first_frame_iters", 1, math.inf, True),
     ("fit.reinit_factor", 1, math.inf, False),
     ("*lr", 0, math.inf, False), ("*scale", 0, math.inf, False), ("*distance", 0, math.inf, False),
     ("photometric.resolution", 32, math.inf, True), ("photometric.texture_size", 8, math.inf, True),

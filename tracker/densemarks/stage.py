@@ -110,7 +110,7 @@ def refit_landmark_track(problem: Problem, track: TrackResult, obs: Observations
     fitted = np.flatnonzero(track.valid)
     for begin in range(0, len(fitted), chunk):
         rows = torch.as_tensor(fitted[begin:begin + chunk], device=obs.landmarks.device)
-        refit = fit_lm(problem, params.frames(rows), obs.frames(rows), LANDMARK_FIELDS, iters)[0]
+        refit = fit_lm(problem, params.frames(rows), obs.frames(rows), LANDMARK_FIELDS, iters, independent=True)[0]
         for name in LANDMARK_FIELDS:
             getattr(params, name)[rows] = getattr(refit, name)
     return params

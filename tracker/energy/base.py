@@ -40,6 +40,18 @@ class Observations:
     extras: dict = field(default_factory=dict)
     """Term-specific per-frame inputs (DenseMarks uvw maps, ...): tensors with frames first."""
 
+    @staticmethod
+    def cat(parts: Sequence[Observations]) -> Observations:
+        """The frames of `parts` (same image scale and extras) in one batch."""
+        first = parts[0]
+        return Observations(
+            torch.cat([o.landmarks for o in parts]), torch.cat([o.landmark_weights for o in parts]),
+            torch.cat([o.face_size for o in parts]),
+            None if first.images is None else torch.cat([o.images for o in parts]), first.image_scale,
+            {k: torch.cat([o.extras[k] for o in parts]) if isinstance(v, torch.Tensor) else v
+             for k, v in first.extras.items()},
+        )
+
     def frames(self, index) -> Observations:
         return Observations(
             self.landmarks[index], self.landmark_weights[index], self.face_size[index],

@@ -15,12 +15,15 @@ from tracker.config import TrackerConfig
 from tracker.energy.base import Observations
 from tracker.energy.head_size import HeadSizeEnergy
 from tracker.errors import stop_if_signalled
-from tracker.fit.init import rigid_from_landmarks, rough_head_angles
+from tracker.fit.init import neutral_landmarks, rigid_from_landmarks, rough_head_angles, solve_rigid
 from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, fit_lm, log_focal_std, torch_threads
 from tracker.flame.model import FlameParams
 
 KEYFRAME_MAX_ANGLE_DEG = 45.0
 """Largest rough yaw or pitch of a keyframe."""
+WINDOW_DEGREE = 2
+"""Degree of the polynomial in time that a window's frames are pulled towards (quadratic: constant
+acceleration over a window of a few frames)."""
 FOCAL_PRIOR = 1e-5
 """Weight pulling log(focal / initial focal) to 0: landmarks constrain the focal length only weakly."""
 
@@ -173,48 +176,118 @@ class SequenceTracker:
     def track_frames(self, frames: Iterable[tuple[Observations, bool]], shape: torch.Tensor,
                      on_frame: Callable[[int, FlameParams, float, bool], None] | None = None,
                      progress: Callable[[], None] | None = None) -> TrackResult:
-        """`track` fed frame by frame: (one frame's observations, whether it has a face) as they arrive."""
-        fit = self.cfg.fit
+        """`track` fed frame by frame: (one frame's observations, whether it has a face) as they arrive.
+
+        Consecutive frames with a face are fitted `fit.window` at a time (`_fit_window`); a frame without one
+        ends the run, and the next run starts from its own landmarks."""
         results: list[FlameParams | None] = []
         errors: list[float] = []
         reinit: list[bool] = []
-        recent: list[float] = []
-        prev: FlameParams | None = None
-        prev2: FlameParams | None = None
+        recent: list[float] = []  # landmark errors of the frames fitted so far
+        chain: list[FlameParams] = []  # the run's last two fitted frames (what predicts the next)
+        window: list[tuple[int, Observations]] = []
+
+        def fit_window() -> None:
+            if not window:
+                return
+            fitted, errs, again = self._fit_window(Observations.cat([o for _, o in window]), shape, chain, recent)
+            for (t, _), params, err, was_reinit in zip(window, fitted, errs, again, strict=True):
+                results[t], errors[t], reinit[t] = params, err, was_reinit
+                if on_frame:
+                    on_frame(t, params, err, was_reinit)
+                if progress:
+                    progress()
+            window.clear()
+
         for t, (o, valid_t) in enumerate(frames):
             stop_if_signalled()
             results.append(None)
             errors.append(np.nan)
             reinit.append(False)
-            if not valid_t:
-                prev = prev2 = None  # a gap: the next frame starts from its own landmarks
-                if progress:
-                    progress()
+            if valid_t:
+                window.append((t, o))
+                if len(window) >= self.cfg.fit.window:
+                    fit_window()
                 continue
-            with torch_threads(1):
-                if prev is None:
-                    params = self._fit_fresh(o, shape)
-                else:
-                    predicted = predict_next(prev, prev2)
-                    # One round: the prediction is close enough for its silhouette matches to hold.
-                    params = fit_lm(self.problem, predicted, o, LANDMARK_FIELDS, fit.frame_iters,
-                                    reference=predicted, rounds=fit.frame_rounds)[0]
-                err = float(landmark_error_px(self.problem, params, o)[0])
-                baseline = float(np.median(recent[-30:])) if recent else None
-                if prev is not None and baseline is not None and err > fit.reinit_factor * max(baseline, 1.0):
-                    fresh = self._fit_fresh(o, shape)
-                    fresh_err = float(landmark_error_px(self.problem, fresh, o)[0])
-                    if fresh_err < err:
-                        params, err, reinit[t] = fresh, fresh_err, True
-            results[t], errors[t], prev2, prev = params, err, (None if reinit[t] else prev), params
-            recent.append(err)
-            if on_frame:
-                on_frame(t, params, err, bool(reinit[t]))
+            fit_window()
+            chain.clear()  # a gap: the next frame starts from its own landmarks
             if progress:
                 progress()
+        fit_window()
         valid = np.array([r is not None for r in results], bool)
         return TrackResult(self._stack(results, shape), float(self.problem.camera.focal), valid,
                            np.array(errors, np.float32), np.array(reinit, bool))
+
+    def _fit_window(self, obs: Observations, shape: torch.Tensor, chain: list[FlameParams],
+                    recent: list[float]) -> tuple[list[FlameParams], list[float], list[bool]]:
+        """Fit B consecutive frames that follow `chain` (the run's last fitted frames; empty at a run's start,
+        when the first frame is fitted from its own landmarks). Returns each frame's parameters, landmark
+        error and whether it was re-initialised (its error jumped and a fit from its own landmarks did
+        better); updates chain and recent (the errors so far)."""
+        fit = self.cfg.fit
+        B = obs.landmarks.shape[0]
+        starts_run = not chain
+        fitted: list[FlameParams] = []
+        with torch_threads(1):
+            if starts_run:
+                fitted.append(self._fit_fresh(obs.frames(slice(0, 1)), shape))
+            ahead = B - len(fitted)
+            if ahead:
+                params = self._fit_ahead((chain + fitted)[-2:], obs.frames(slice(B - ahead, B)), shape)
+                fitted += [params.frames(slice(k, k + 1)) for k in range(ahead)]
+            errs = landmark_error_px(self.problem, FlameParams.cat(fitted), obs).tolist()
+            reinit = [False] * B
+            for k in range(B):
+                baseline = float(np.median(recent[-30:])) if recent else None
+                if (k or not starts_run) and baseline is not None and errs[k] > fit.reinit_factor * max(baseline, 1.0):
+                    one = obs.frames(slice(k, k + 1))
+                    fresh = self._fit_fresh(one, shape)
+                    fresh_err = float(landmark_error_px(self.problem, fresh, one)[0])
+                    if fresh_err < errs[k]:
+                        fitted[k], errs[k], reinit[k] = fresh, fresh_err, True
+                recent.append(errs[k])
+                chain[:] = ([] if reinit[k] else chain[-1:]) + [fitted[k]]
+        return fitted, errs, reinit
+
+    def _fit_ahead(self, known: list[FlameParams], obs: Observations, shape: torch.Tensor) -> FlameParams:
+        """The B frames of obs that follow `known` (the last one or two fitted frames, oldest first).
+
+        One frame (sequential tracking) starts from the constant-velocity prediction, which the temporal term
+        also pulls it to. Several are solved side by side as independent problems: the prediction is a start
+        only for the next one, so each later frame starts from its own landmarks' rigid pose (PnP) with the
+        prediction's expression, first without the temporal term; then `fit.window_iters` iterations pull
+        every frame towards a quadratic in time through the window's fits and the known frames: smooth motion
+        costs nothing, jitter does.
+        """
+        fit = self.cfg.fit
+        B = obs.landmarks.shape[0]
+        predicted = predict_next(known[-1], known[-2] if len(known) > 1 else None)
+        if B == 1:
+            # One round: the prediction is close enough for its silhouette matches to hold.
+            return fit_lm(self.problem, predicted, obs, LANDMARK_FIELDS, fit.frame_iters, reference=predicted,
+                          rounds=fit.frame_rounds, independent=True)[0]
+        start = self._rigid_starts(FlameParams.cat([predicted] * B), obs, shape)
+        start = fit_lm(self.problem, start, obs, LANDMARK_FIELDS, fit.frame_iters, rounds=fit.frame_rounds,
+                       independent=True)[0]
+        reference = smooth_in_time(FlameParams.cat([*known, start]), WINDOW_DEGREE).frames(slice(len(known), None))
+        return fit_lm(self.problem, start, obs, LANDMARK_FIELDS, fit.window_iters, reference=reference,
+                      rounds=fit.frame_rounds, independent=True)[0]
+
+    def _rigid_starts(self, params: FlameParams, obs: Observations, shape: torch.Tensor) -> FlameParams:
+        """params with the rotation and translation of frames 1..B-1 from their own landmarks (PnP with the
+        neutral head of identity `shape`) where PnP succeeds."""
+        params = params.map(torch.clone)
+        object_points, root = neutral_landmarks(self.model, self.problem.landmarks, shape)
+        points, weights = obs.landmarks.cpu().numpy(), obs.landmark_weights.cpu().numpy()
+        for k in range(1, params.batch_size):
+            try:
+                rotation, translation = solve_rigid(object_points, root, self.problem.landmarks, self.problem.camera,
+                                                    points[k], weights[k].copy())
+            except ValueError:
+                continue
+            params.rotation[k] = torch.from_numpy(rotation).to(params.rotation)
+            params.translation[k] = torch.from_numpy(translation).to(params.translation)
+        return params
 
     def _fit_fresh(self, o: Observations, shape: torch.Tensor) -> FlameParams:
         init = self._pnp_init(o, shape)
@@ -227,6 +300,19 @@ class SequenceTracker:
             return FlameParams.zeros(len(results), self.model.n_shape, self.model.n_expr, shape.device)
         fields = {n: torch.cat([getattr(p, n) for p in filled]) for n in FRAME_FIELDS}
         return FlameParams(shape=shape.detach(), **fields)
+
+
+def smooth_in_time(run: FlameParams, degree: int) -> FlameParams:
+    """Every per-frame field of the consecutive frames `run` replaced by its least-squares polynomial of
+    `degree` in time (lower when there are too few frames)."""
+    T = run.batch_size
+    time = torch.linspace(-1, 1, T, dtype=run.expr.dtype, device=run.expr.device)
+    basis = torch.stack([time ** d for d in range(min(degree, T - 1) + 1)], dim=1)  # (T, D)
+    hat = basis @ torch.linalg.pinv(basis)  # (T, T): projection onto the polynomials
+    out = run.map(lambda t: t)
+    for name in FRAME_FIELDS:
+        setattr(out, name, hat @ getattr(run, name))
+    return out
 
 
 def predict_next(prev: FlameParams, prev2: FlameParams | None) -> FlameParams:

@@ -288,10 +288,58 @@ def levenberg_marquardt(residual_fn: Callable[[torch.Tensor, torch.Tensor], torc
     return X, s, float(cost)
 
 
+def levenberg_marquardt_frames(residuals: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                               jacobian: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], X: torch.Tensor,
+                               iters: int, damping: float = 1e-3, rel_tol: float = 1e-4) -> torch.Tensor:
+    """`levenberg_marquardt` for B independent frames solved side by side: each frame has its own damping,
+    accepts or rejects its own steps and stops on its own, so one hard frame neither holds back nor is held
+    back by the others, and batching them only saves the per-call overhead of many small problems.
+
+    residuals(X_rows, rows) -> (R, N) and jacobian(X_rows, rows) -> (R, N, Pf) evaluate frames `rows` (R,) at
+    their parameters X_rows (R, Pf). X: (B, Pf). Returns the new X.
+    """
+    X = X.detach().clone()
+    every = torch.arange(X.shape[0], device=X.device)
+    with torch.no_grad():
+        r = residuals(X, every)
+    cost = r.pow(2).sum(1)
+    lam = torch.full_like(cost, damping)
+    active = every
+    for _ in range(iters):
+        if not len(active):
+            break
+        J = jacobian(X[active], active)
+        A = torch.einsum("bnp,bnq->bpq", J, J)
+        g = torch.einsum("bnp,bn->bp", J, r[active])
+        diag = A.diagonal(dim1=1, dim2=2).clamp(min=1e-9)
+        trying = torch.ones(len(active), dtype=torch.bool, device=X.device)
+        done = torch.zeros_like(trying)
+        for _ in range(8):
+            at = trying.nonzero().squeeze(1)
+            rows = active[at]
+            step = torch.linalg.solve(A[at] + torch.diag_embed(lam[rows, None] * diag[at]), -g[at])
+            X_new = X[rows] + step
+            with torch.no_grad():
+                r_new = residuals(X_new, rows)
+            new_cost = r_new.pow(2).sum(1)
+            better = torch.isfinite(new_cost) & (new_cost < cost[rows])
+            kept = rows[better]
+            decrease = (cost[kept] - new_cost[better]) / cost[kept].clamp(min=1e-30)
+            X[kept], r[kept], cost[kept] = X_new[better], r_new[better], new_cost[better]
+            lam[kept] = (lam[kept] / 4).clamp(min=1e-9)
+            lam[rows[~better]] *= 8
+            done[at[better]] = decrease < rel_tol
+            trying[at[better]] = False
+            if not trying.any():
+                break
+        active = active[~(done | trying)]  # converged, or no better step within 8 dampings
+    return X
+
+
 def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequence[str], iters: int,
            reference: FlameParams | None = None, free_shape: bool = False, free_focal: bool = False,
            focal_prior: float = 0.0, rounds: int = 2, rel_tol: float = 1e-4,
-           jacobian: str | None = None) -> tuple[FlameParams, torch.Tensor]:
+           jacobian: str | None = None, independent: bool = False) -> tuple[FlameParams, torch.Tensor]:
     """Levenberg-Marquardt over the per-frame fields `free` (and optionally the shared identity and log
     focal). Every residual must depend on one frame only. Returns params and the focal length.
 
@@ -305,7 +353,11 @@ def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequenc
     focal/depth valley. rel_tol: `levenberg_marquardt`'s stopping rule. jacobian: analytic | forward |
     differences (default: the problem's, but an exact one whenever the identity is free: it travels along the
     weakly seen size/depth direction, where Jacobian errors of a fraction of a percent stall it).
+    independent: the frames share nothing (no free identity or focal) and are solved as separate problems
+    side by side (`levenberg_marquardt_frames`) instead of one joint one.
     """
+    if independent and (free_shape or free_focal):
+        raise ValueError("independent frames cannot share a free identity or focal length")
     if jacobian is None:
         jacobian = problem.jacobian
     if jacobian == "analytic" and not problem.analytic:
@@ -321,6 +373,10 @@ def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequenc
         if round_index and not matching and torch.equal(torch.round(new_yaw), torch.round(yaw)):
             break
         yaw = new_yaw
+        if independent:
+            X = levenberg_marquardt_frames(*_frame_functions(jacobian, residual_fn, jacobian_fn, packer, X, s), X, iters,
+                                           rel_tol=rel_tol)
+            continue
         jacobians = None
         if jacobian == "analytic":
             jacobians = jacobian_fn
@@ -330,6 +386,23 @@ def fit_lm(problem: Problem, init: FlameParams, obs: Observations, free: Sequenc
         X, s, _ = levenberg_marquardt(residual_fn, X, s, iters, rel_tol=rel_tol, jacobians=jacobians)
     params, log_f = packer.unpack_dolly(X, s)
     return params.detach(), (problem.camera.focal.detach() * torch.exp(log_f)).detach()
+
+
+def _frame_functions(kind: str, residual_fn: Callable, jacobian_fn: Callable, packer: ParamPacker, X: torch.Tensor,
+                     s: torch.Tensor) -> tuple[Callable, Callable]:
+    """The residuals (X_rows, rows) -> (R, N) and per-frame Jacobian blocks (X_rows, rows) -> (R, N, Pf) of
+    frames `rows` that `levenberg_marquardt_frames` takes, the blocks by the method `kind` (fit_lm's
+    `jacobian`); the shared parameters s stay fixed."""
+    def residuals(X_: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return residual_fn(X_, s, rows)
+
+    if kind == "analytic":
+        return residuals, lambda X_, rows: jacobian_fn(X_, s, rows)[0]
+    if kind == "differences":
+        steps, linear = packer.difference_steps(X), packer.linear_columns(X)
+        return residuals, lambda X_, rows: difference_jacobians(lambda Xc, s_, local: residual_fn(Xc, s_, rows[local]),
+                                                                steps, X_, s, one_sided=linear)[0]
+    return residuals, lambda X_, rows: block_jacobians(lambda Xc, s_: residual_fn(Xc, s_, rows), X_, s)[0]
 
 
 def _round_residuals(problem: Problem, packer: ParamPacker, X: torch.Tensor, s: torch.Tensor, obs: Observations,
@@ -362,13 +435,14 @@ def _round_residuals(problem: Problem, packer: ParamPacker, X: torch.Tensor, s: 
     def residual_fn(X_: torch.Tensor, s_: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N) residuals; with `rows`, X_ holds parameters for those frames (repeats allowed)."""
         p, log_f_ = packer.unpack_dolly(X_, s_, rows)
+        # Shared terms (identity prior) are spread over the round's B frames however many rows are evaluated.
         if rows is None:
             r = problem.residuals(p, obs, reference, camera_at(log_f_), contour_yaw=yaw, term_state=state,
-                                  layout=layout)
+                                  layout=layout, shared_frames=B)
         else:
             obs_rows, reference_rows, yaw_rows, state_rows = inputs_of(rows)
             r = problem.residuals(p, obs_rows, reference_rows, camera_at(log_f_), contour_yaw=yaw_rows,
-                                  term_state=state_rows, layout=layout)
+                                  term_state=state_rows, layout=layout, shared_frames=B)
         if packer.free_focal:  # the focal prior, shared out over the frames
             r = torch.cat([r, (focal_prior / B) ** 0.5 * log_f_.expand(r.shape[0], 1)], dim=1)
         return r
@@ -377,19 +451,21 @@ def _round_residuals(problem: Problem, packer: ParamPacker, X: torch.Tensor, s: 
     frame_columns = sum(packer.frame_sizes)
     translation = packer.frame_fields.index("translation") if "translation" in packer.frame_fields else None
 
-    def jacobian_fn(X_: torch.Tensor, s_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block Jacobians from the terms' derivatives; the focal column (perspective and dolly together) by
-        one forward-mode pass."""
-        p, log_f_ = packer.unpack_dolly(X_, s_)
+    def jacobian_fn(X_: torch.Tensor, s_: torch.Tensor,
+                    rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block Jacobians from the terms' derivatives (with `rows`: of those frames, as residual_fn); the
+        focal column (perspective and dolly together) by one forward-mode pass."""
+        p, log_f_ = packer.unpack_dolly(X_, s_, rows)
+        inputs = (obs, reference, yaw, state) if rows is None else inputs_of(rows)
         with torch.no_grad():
-            ev = problem.evaluation(p, obs, reference, camera_at(log_f_), contour_yaw=yaw, term_state=state,
-                                    layout=layout)
+            ev = problem.evaluation(p, inputs[0], inputs[1], camera_at(log_f_), contour_yaw=inputs[2],
+                                    term_state=inputs[3], layout=layout, shared_frames=B)
             J = problem.residual_jacobian(ev, fields)
         if packer.free_focal:
             if translation is not None:  # X holds the translations at the initial focal length
                 at = sum(packer.frame_sizes[:translation])
                 J[..., at:at + 3] *= torch.exp(log_f_)
-            J = torch.cat([J, J.new_zeros(B, 1, J.shape[2])], dim=1)  # the focal prior's row
+            J = torch.cat([J, J.new_zeros(X_.shape[0], 1, J.shape[2])], dim=1)  # the focal prior's row
             unit = torch.zeros_like(s_)
             unit[-1] = 1
             focal = jacfwd(lambda v: residual_fn(X_, s_ + v * unit))(s_.new_zeros(()))

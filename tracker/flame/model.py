@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -63,6 +64,13 @@ class FlameParams:
 
     def detach(self) -> FlameParams:
         return self.map(lambda t: t.detach().clone())
+
+    @staticmethod
+    def cat(parts: Sequence[FlameParams]) -> FlameParams:
+        """The frames of `parts` in one batch; the identity is the first part's (shared)."""
+        stacked = {f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(FlameParams)
+                   if f.name != "shape"}
+        return FlameParams(shape=parts[0].shape, **stacked)
 
     def frames(self, index) -> FlameParams:
         """Select frames (shape is shared and kept)."""
