@@ -109,7 +109,7 @@ class FitConfig:
     window: int = 8
     """Consecutive frames fitted together, side by side as independent problems (1: one at a time); what a
     batch saves is the per-call overhead of many small solves."""
-    window_iters: int = 2
+    window_iters: int = 1
     """Levenberg-Marquardt iterations of a window's second pass (with the temporal term, from the first
     pass's fits)."""
     frame_rounds: int = 1

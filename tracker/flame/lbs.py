@@ -230,7 +230,8 @@ def lbs_jacobian(
     rotation = blended[..., :3]  # (B, V, 3, 3) each vertex's blended skinning rotation
     vertices = (rotation @ v_posed[..., None])[..., 0] + blended[..., 3]
 
-    d_coeffs = rotation @ dirs[None, :, :, coeff_range]  # (B, V, 3, Dc)
+    directions = dirs[:, :, coeff_range]  # (V, 3, Dc)
+    Dc = directions.shape[-1]
     moved = joint_dirs[:, :, coeff_range]  # (J, 3, Dc) how each coefficient moves the rest joints
     world_rot = transforms[..., :3, :3]  # (B, J, 3, 3)
     if moving_joints:
@@ -240,26 +241,33 @@ def lbs_jacobian(
             parent = int(parents[j])
             shift.append(world_rot[:, parent] @ (moved[j] - moved[parent]) + shift[parent])
         shifts = torch.stack(shift, dim=1) - world_rot @ moved[None]  # (B, J, 3, Dc)
-        d_coeffs = d_coeffs + (weights @ shifts.reshape(B, J, -1)).view(d_coeffs.shape)
+        skinned_shifts = (weights @ shifts.reshape(B, J, -1)).view(B * V, 3, Dc)
+        # (B, V, 3, Dc): the skinning rotation applied to the directions, plus the shifts, in one product
+        d_coeffs = torch.baddbmm(skinned_shifts, rotation.reshape(B * V, 3, 3),
+                                 directions.expand(B, V, 3, Dc).reshape(B * V, 3, Dc)).view(B, V, 3, Dc)
+    else:
+        d_coeffs = rotation @ directions[None]  # (B, V, 3, Dc)
 
     if not joint_ids:
         return vertices, d_coeffs, vertices.new_zeros(B, V, 3, 0)
     K = len(joint_ids)
     ids = torch.tensor(joint_ids, device=pose.device)
     parent_ids = torch.tensor([int(parents[k]) + 1 for k in joint_ids], device=pose.device)  # 0: the root's parent
-    # m: each vertex's part skinned to joint k's subtree, from k's posed location (B, K, V, 3).
+    # m: each vertex's part skinned to joint k's subtree, from k's posed location (B, V, K, 3).
     per_joint = torch.einsum("bjcd,bvd->bvjc", world_rot, v_posed) + transforms[:, None, :, :3, 3]  # (B, V, J, 3)
     sub_weights = weights[None] * subtree_masks(tuple(parents.tolist())).to(weights)[ids][:, None]  # (K, V, J)
-    m = torch.einsum("kvj,bvjc->bkvc", sub_weights, per_joint) \
-        - sub_weights.sum(-1)[None, ..., None] * posed_joints[:, ids, None]
+    m = torch.einsum("kvj,bvjc->bvkc", sub_weights, per_joint) \
+        - sub_weights.sum(-1).T[None, ..., None] * posed_joints[:, None, ids]
     left = left_jacobian(axis_angle[:, ids].reshape(-1, 3)).view(B, K, 3, 3)
     eye = torch.eye(3, dtype=coeffs.dtype, device=coeffs.device).expand(B, 1, 3, 3)
     parent_rot = torch.cat([eye, world_rot], dim=1)[:, parent_ids]  # the root's parent: the identity
-    axes = (parent_rot @ left)[:, :, None]  # (B, K, 1, 3, 3): column i, the axis component i turns about
-    # axis_i x m for every joint, component and vertex -> (B, K, V, 3, 3 (i))
-    a, mm = axes.unbind(-2), m[..., None].unbind(-2)
-    d_pose = torch.stack([a[1] * mm[2] - a[2] * mm[1], a[2] * mm[0] - a[0] * mm[2], a[0] * mm[1] - a[1] * mm[0]], -2)
-    d_pose = d_pose.permute(0, 2, 3, 1, 4)  # (B, V, 3, K, 3)
+    axes = (parent_rot @ left)[:, None]  # (B, 1, K, 3 (c), 3 (i)): column i, the axis component i turns about
+    # (axis_i x m)_c = a_c1 m_c2 - a_c2 m_c1 for (c, c1, c2) cyclic, written in place -> (B, V, 3 (c), K, 3 (i))
+    d_pose = m.new_empty(B, V, 3, K, 3)
+    for c in range(3):
+        c1, c2 = (c + 1) % 3, (c + 2) % 3
+        torch.mul(axes[..., c1, :], m[..., c2, None], out=d_pose[:, :, c])
+        d_pose[:, :, c].addcmul_(axes[..., c2, :], m[..., c1, None], value=-1)
     if pose_correctives:  # d(R_k - I)/dw_i = [J_l e_i]_x R_k (none for the root)
         rows = torch.cat([posedirs.new_zeros(1, 9, V * 3), posedirs.view(J - 1, 9, V * 3)])[ids]  # (K, 9, V * 3)
         d_rot = skew(left.transpose(2, 3)) @ rot_mats[:, ids, None]  # (B, K, 3 (i), 3, 3)
