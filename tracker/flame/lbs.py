@@ -241,10 +241,7 @@ def lbs_jacobian(
             parent = int(parents[j])
             shift.append(world_rot[:, parent] @ (moved[j] - moved[parent]) + shift[parent])
         shifts = torch.stack(shift, dim=1) - world_rot @ moved[None]  # (B, J, 3, Dc)
-        skinned_shifts = (weights @ shifts.reshape(B, J, -1)).view(B * V, 3, Dc)
-        # (B, V, 3, Dc): the skinning rotation applied to the directions, plus the shifts, in one product
-        d_coeffs = torch.baddbmm(skinned_shifts, rotation.reshape(B * V, 3, 3),
-                                 directions.expand(B, V, 3, Dc).reshape(B * V, 3, Dc)).view(B, V, 3, Dc)
+        d_coeffs = rotation @ directions[None] + (weights @ shifts.reshape(B, J, -1)).view(B, V, 3, Dc)
     else:
         d_coeffs = rotation @ directions[None]  # (B, V, 3, Dc)
 
