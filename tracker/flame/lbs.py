@@ -230,8 +230,7 @@ def lbs_jacobian(
     rotation = blended[..., :3]  # (B, V, 3, 3) each vertex's blended skinning rotation
     vertices = (rotation @ v_posed[..., None])[..., 0] + blended[..., 3]
 
-    directions = dirs[:, :, coeff_range]  # (V, 3, Dc)
-    Dc = directions.shape[-1]
+    d_coeffs = rotation @ dirs[None, :, :, coeff_range]  # (B, V, 3, Dc)
     moved = joint_dirs[:, :, coeff_range]  # (J, 3, Dc) how each coefficient moves the rest joints
     world_rot = transforms[..., :3, :3]  # (B, J, 3, 3)
     if moving_joints:
@@ -241,9 +240,7 @@ def lbs_jacobian(
             parent = int(parents[j])
             shift.append(world_rot[:, parent] @ (moved[j] - moved[parent]) + shift[parent])
         shifts = torch.stack(shift, dim=1) - world_rot @ moved[None]  # (B, J, 3, Dc)
-        d_coeffs = rotation @ directions[None] + (weights @ shifts.reshape(B, J, -1)).view(B, V, 3, Dc)
-    else:
-        d_coeffs = rotation @ directions[None]  # (B, V, 3, Dc)
+        d_coeffs = d_coeffs + (weights @ shifts.reshape(B, J, -1)).view(d_coeffs.shape)
 
     if not joint_ids:
         return vertices, d_coeffs, vertices.new_zeros(B, V, 3, 0)
