@@ -276,3 +276,26 @@ def test_embedding_calibration_finds_a_point_without_a_published_position():
     found = (template[faces[face_idx]] * bary[..., None]).sum(1)
     assert np.linalg.norm(found - surface(template), axis=1).max() < 1e-3
     assert np.isnan(costs[0, 0]) and costs[1, 1] < costs[1, 0]
+
+
+def test_speed_report_puts_each_landmark_run_beside_the_detector():
+    """eval.bench's table: landmark mode's time per frame as a ratio of the detector's, for the timed clip and
+    for the longer memory run (where the one-off identity fit weighs less), and memory against the shortest run."""
+    from eval.bench.suite import SuiteOptions, report
+
+    data = {"machine": "test", "load_average_start": (1.0, 1.0, 1.0), "load_average_end": (1.0, 1.0, 1.0),
+            "detector_s": 0.01,
+            "landmarks": {"e2e_s": 0.04, "detection_s": 0.01, "identity_s": 0.02, "fitting_s": 0.015, "overlay_s": 0.03},
+            "dense": {"frames": 36, "dense_s": 0.25, "landmark_stage_s": 0.1},
+            "photometric": {"frames": 20, "photometric_s": 2.0, "landmark_stage_s": 0.1},
+            "network": {"eager_s": 1.6, "openvino_s": 1.0, "speedup": 1.6, "max_abs_diff": 1e-7},
+            "render_ms": {"rasterise + interpolate fwd+bwd": 15.0},
+            "memory": [{"frames": 100, "peak_rss_mb": 700.0, "s_per_frame": 0.04},
+                       {"frames": 1000, "peak_rss_mb": 770.0, "s_per_frame": 0.02}]}
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in report(data, SuiteOptions()).splitlines()
+            if line.startswith("| ")}
+    assert rows["landmark mode end to end (default config, no overlay video)"][1] == "4.00x detector"
+    assert rows["landmark mode end to end, 1000 frames (looped clip: the memory run)"][:2] == ["0.020 s/frame",
+                                                                                            "2.00x detector"]
+    assert "landmark mode end to end, 100 frames (looped clip: the memory run)" not in rows
+    assert rows["peak memory, landmark mode, 1000 frames (looped clip)"][1] == "1.10x 100 frames"
