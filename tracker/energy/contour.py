@@ -107,9 +107,10 @@ class ContourEnergy:
         verts, d_verts = model.jacobian(ev.params, list(fields))
         return verts, ends, d_verts
 
-    def _distance(self, ev: Evaluation, match: ContourMatch, fields: Sequence[str] | None = None):
+    def _distance(self, ev: Evaluation, match: ContourMatch, fields: Sequence[str] | None = None,
+                  focal: bool = False):
         """(B, C, 1) signed distances to the matched points along the match directions (face-size units), and
-        with `fields` their derivatives (B, C, 1, P)."""
+        with `fields` their derivatives (B, C, 1, P), or with `focal` those in log focal length (B, C, 1, 1)."""
         verts, ends, d_verts = self._partners(ev, match, fields)
         batch = torch.arange(verts.shape[0], device=verts.device)[:, None]
         t = match.t[..., None]
@@ -118,6 +119,8 @@ class ContourEnergy:
         pix = ev.camera.project(point)[0]
         size = ev.obs.face_size[:, None, None]
         distance = ((pix - ev.obs.extras[POINTS_KEY]) * match.direction).sum(-1, keepdim=True) / size
+        if focal:  # the image scales about the principal point
+            return distance, (((pix - ev.camera.center) * match.direction).sum(-1, keepdim=True) / size)[..., None]
         if fields is None:
             return distance, None
         d_va, d_vb = d_verts[batch, ends[..., 0]], d_verts[batch, ends[..., 1]]
@@ -145,3 +148,12 @@ class ContourEnergy:
         distance, d_distance = self._distance(ev, match, fields)
         d = robust_jacobian(distance, d_distance, self.cfg.scale, self.cfg.robust)
         return (d * self._weights(ev, match)[..., None, None].sqrt()).flatten(1, 2)
+
+    def focal_jacobian(self, ev: Evaluation) -> torch.Tensor:
+        """(B, C) derivatives of the residuals in log focal length, the 3D points and matches held."""
+        match = self._match(ev)
+        if match is None:
+            return ev.params.expr.new_zeros(ev.params.batch_size, 0)
+        distance, d_distance = self._distance(ev, match, focal=True)
+        d = robust_jacobian(distance, d_distance, self.cfg.scale, self.cfg.robust)
+        return (d * self._weights(ev, match)[..., None, None].sqrt()).flatten(1)

@@ -37,6 +37,10 @@ class HeadSizeEnergy:
         change = head_size(self.model, ev.params.shape) / self.reference - 1
         return (self.weight / ev.shared_frames) ** 0.5 * change.expand(ev.params.batch_size, 1)
 
+    def focal_jacobian(self, ev: Evaluation) -> torch.Tensor:
+        """(B, N) derivatives of the residuals in log focal length: none (no camera in them)."""
+        return torch.zeros_like(self(ev))
+
     def jacobian(self, ev: Evaluation, fields: Sequence[str]) -> torch.Tensor:
         """(B, 1, P) derivatives of the residual in the parameter fields `fields` (only the identity moves it)."""
         columns = ev.field_columns(fields)

@@ -83,3 +83,12 @@ class LandmarkEnergy:
         robust = robust_linear_map(diff, self.cfg.scale, self.cfg.robust)  # (B, L, 2, 2)
         left = robust @ ev.camera.projection_jacobian(ev.landmarks_3d) * (self.weights(ev)[..., None, None].sqrt() / size)
         return ev.landmarks_jacobian(fields, left).flatten(1, 2)
+
+    def focal_jacobian(self, ev: Evaluation) -> torch.Tensor:
+        """(B, 2L) derivatives of the residuals in log focal length with the 3D points held: the image scales
+        about the principal point, so each projection moves by its offset from it."""
+        size = ev.obs.face_size[:, None, None]
+        diff = (ev.landmarks_2d - ev.obs.landmarks) / size
+        robust = robust_linear_map(diff, self.cfg.scale, self.cfg.robust)  # (B, L, 2, 2)
+        moved = robust @ ((ev.landmarks_2d - ev.camera.center) / size)[..., None]
+        return (moved[..., 0] * self.weights(ev)[..., None].sqrt()).flatten(1)

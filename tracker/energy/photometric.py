@@ -13,8 +13,8 @@ appearance). The term the stage's solver uses, on surface samples, is energy.pho
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -79,22 +79,22 @@ class Appearance:
             return TextureAlbedo(self.texture.unsqueeze(0), self.corner_uvs)
         return VertexAlbedo(self.vertex_colors)
 
-    def on_region(self, mesh: "RegionMesh") -> "Appearance":
+    def on_region(self, mesh: RegionMesh) -> Appearance:
         """The appearance of a region mesh's faces (UVs) or vertices (colours); differentiable."""
         if self.texture is not None:
             return replace(self, corner_uvs=self.corner_uvs.index_select(0, mesh.face_ids))
         return replace(self, vertex_colors=self.vertex_colors.index_select(0, mesh.vertex_ids))
 
-    def detach(self) -> "Appearance":
+    def detach(self) -> Appearance:
         return Appearance(*(None if t is None else t.detach().clone()
                             for t in (self.sh, self.texture, self.corner_uvs, self.vertex_colors, self.coverage)))
 
-    def blurred(self, factor: int) -> "Appearance":
+    def blurred(self, factor: int) -> Appearance:
         """The texture (and its coverage) box-filtered by `factor` (a mip level), to render images `factor`
         times smaller without aliasing; vertex colours are returned as they are."""
         if self.texture is None or factor <= 1:
             return self
-        pool = lambda t: F.avg_pool2d(t.unsqueeze(0), factor, ceil_mode=True)[0]  # noqa: E731
+        pool = lambda t: F.avg_pool2d(t.unsqueeze(0), factor, ceil_mode=True)[0]
         return replace(self, texture=pool(self.texture),
                        coverage=None if self.coverage is None else pool(self.coverage[None])[0])
 

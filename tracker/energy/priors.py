@@ -120,6 +120,10 @@ class PriorEnergy:
                    ("eyelids", torch.full_like(p.eyelids, c.eyelids ** 0.5), None)]
         return c.weight ** 0.5 * diagonal_blocks(blocks, columns, p.batch_size, p.expr)
 
+    def focal_jacobian(self, ev: Evaluation) -> torch.Tensor:
+        """(B, N) derivatives of the residuals in log focal length: none (no camera in them)."""
+        return torch.zeros_like(self(ev))
+
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         p, c = ev.params, self.cfg
         B = p.batch_size

@@ -45,6 +45,10 @@ class TemporalEnergy:
         return torch.cat([(c.weight * w) ** 0.5 * (getattr(p, name) - getattr(ref, name))
                           for name, w in self.parts()], dim=1)
 
+    def focal_jacobian(self, ev: Evaluation) -> torch.Tensor:
+        """(B, N) derivatives of the residuals in log focal length: none (no camera in them)."""
+        return torch.zeros_like(self(ev))
+
     def jacobian(self, ev: Evaluation, fields: Sequence[str]) -> torch.Tensor:
         """(B, N, P) derivatives of the residuals in the parameter fields `fields` (constant)."""
         p, columns = ev.params, ev.field_columns(fields)

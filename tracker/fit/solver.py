@@ -454,7 +454,8 @@ def _round_residuals(problem: Problem, packer: ParamPacker, X: torch.Tensor, s: 
     def jacobian_fn(X_: torch.Tensor, s_: torch.Tensor,
                     rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Block Jacobians from the terms' derivatives (with `rows`: of those frames, as residual_fn); the
-        focal column (perspective and dolly together) by one forward-mode pass."""
+        focal column (perspective and dolly together) from the terms' `focal_jacobian` where all have one, else
+        by one forward-mode pass."""
         p, log_f_ = packer.unpack_dolly(X_, s_, rows)
         inputs = (obs, reference, yaw, state) if rows is None else inputs_of(rows)
         with torch.no_grad():
@@ -462,13 +463,23 @@ def _round_residuals(problem: Problem, packer: ParamPacker, X: torch.Tensor, s: 
                                     term_state=inputs[3], layout=layout, shared_frames=B)
             J = problem.residual_jacobian(ev, fields)
         if packer.free_focal:
+            focal = None
+            if rows is None and all(hasattr(term, "focal_jacobian") for term in problem.terms):
+                with torch.no_grad():  # the image's scaling, plus the dolly: d translation / d log focal = t
+                    focal = torch.cat([term.focal_jacobian(ev) for term in problem.terms], dim=1)
+                    if translation is not None:
+                        at = sum(packer.frame_sizes[:translation])
+                        focal = focal + (J[..., at:at + 3] @ p.translation[:, :, None])[..., 0]
+                    prior = (focal_prior / B) ** 0.5 * torch.ones_like(focal[:, :1])
+                    focal = torch.cat([focal, prior], dim=1)
             if translation is not None:  # X holds the translations at the initial focal length
                 at = sum(packer.frame_sizes[:translation])
                 J[..., at:at + 3] *= torch.exp(log_f_)
             J = torch.cat([J, J.new_zeros(X_.shape[0], 1, J.shape[2])], dim=1)  # the focal prior's row
-            unit = torch.zeros_like(s_)
-            unit[-1] = 1
-            focal = jacfwd(lambda v: residual_fn(X_, s_ + v * unit))(s_.new_zeros(()))
+            if focal is None:  # a term without its own focal derivative: one forward-mode pass
+                unit = torch.zeros_like(s_)
+                unit[-1] = 1
+                focal = jacfwd(lambda v: residual_fn(X_, s_ + v * unit))(s_.new_zeros(()))
             return J[..., :frame_columns], torch.cat([J[..., frame_columns:], focal[..., None]], dim=2)
         return J[..., :frame_columns], J[..., frame_columns:]
 
