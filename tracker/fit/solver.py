@@ -2,8 +2,10 @@
 Adam for image-sized ones (photometric, dense render-and-compare).
 
 Parameters are packed into one flat vector (`ParamPacker`). LM's per-frame Jacobian blocks come from the
-terms' own derivatives where every term has them (`analytic`), from central differences of one batched
-evaluation, or from forward-mode passes (`torch.func.jacfwd`, also the shared identity and focal columns).
+terms' own derivatives where every term has them (`analytic`; the identity's columns too, and the focal
+length's from their `focal_jacobian`), from central differences of one batched evaluation, or from forward-mode
+passes (`torch.func.jacfwd`). Frames that share nothing can be solved side by side as separate problems
+(`levenberg_marquardt_frames`).
 """
 
 from __future__ import annotations
