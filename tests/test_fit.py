@@ -168,7 +168,9 @@ def test_independent_frames_are_solved_as_separate_problems(bundle):
     """fit_lm(independent=True) on a batch gives each frame what solving it alone gives: its own damping,
     steps and stopping, so a frame that starts far off neither slows nor disturbs the others."""
     camera = Camera.from_image(512, 512, fov_deg=30)
-    problem = make_problem(bundle, camera)
+    # A prior that makes every frame well posed: along a flat expression direction float32 rounding that
+    # depends on the batch shape alone moves a weakly held frame's result by tenths.
+    problem = make_problem(bundle, camera, prior_weight=1e-2)
     truth = make_truth(bundle.model, 3, seed=15)
     obs, _ = observe(problem, truth, noise_px=1.0, seed=16)
     start = truth.detach()
