@@ -30,6 +30,26 @@ def test_closest_point_on_segments():
     assert torch.allclose(dist[0, 0], torch.tensor(6.0))  # only the second segment is usable
 
 
+def test_closest_segment_is_searched_among_each_frames_usable_ones():
+    """Frames with different numbers of usable segments: each point's answer is the brute-force nearest of its
+    own frame's usable segments (their index among all segments)."""
+    g = torch.Generator().manual_seed(3)
+    B, C, E = 3, 7, 50
+    start, end = torch.rand(B, E, 2, generator=g) * 100, torch.rand(B, E, 2, generator=g) * 100
+    points = torch.rand(B, C, 2, generator=g) * 100
+    usable = torch.rand(B, E, generator=g) < torch.tensor([[0.05], [0.3], [0.9]])
+    index, t, dist = closest_on_segments(points, start, end, usable)
+    for b in range(B):
+        for c in range(C):
+            best = min((float(closest_on_segments(points[b:b + 1, c:c + 1], start[b:b + 1, e:e + 1],
+                                                  end[b:b + 1, e:e + 1], usable[b:b + 1, e:e + 1])[2]), e)
+                       for e in range(E) if usable[b, e])
+            assert int(index[b, c]) == best[1] and abs(float(dist[b, c]) - best[0]) < 1e-4
+            e = best[1]
+            on = start[b, e] + t[b, c] * (end[b, e] - start[b, e])
+            assert abs(float((points[b, c] - on).norm()) - best[0]) < 1e-4
+
+
 def head(model, yaw: float = 0.0) -> FlameParams:
     p = FlameParams.zeros(1, model.n_shape, model.n_expr)
     p.rotation[0, 1] = yaw

@@ -80,6 +80,7 @@ def test_skinning_derivatives_match_forward_mode():
         assert truth.abs().max() > 1e-3, name
         assert (block - truth).abs().max() < 1e-7 * truth.abs().max(), name
         start += width
+    assert_point_jacobians_combine_the_vertices(sub, params, expected)
     # Without pose correctives the same model skips their terms and still gives its own derivatives.
     model.posedirs.zero_()
     model.pose_correctives = False
@@ -87,6 +88,26 @@ def test_skinning_derivatives_match_forward_mode():
     jac = sub.jacobian(params, ALL_FIELDS)[1]
     expected = forward_mode(lambda p: sub(p).vertices, params, ALL_FIELDS)
     assert (jac - expected).abs().max() < 1e-7 * expected.abs().max()
+    assert_point_jacobians_combine_the_vertices(sub, params, expected)
+
+
+def assert_point_jacobians_combine_the_vertices(sub, params, vertex_jacobian):
+    """`point_jacobian` of left @ (points on triangles or edges, weights not summing to 1) equals left @ the
+    weighted sum of the vertices' forward-mode derivatives, with corners shared by the frames or each frame's
+    own."""
+    g = torch.Generator().manual_seed(7)
+    B, S = vertex_jacobian.shape[:2]
+    d = sub.derivatives(params, ALL_FIELDS)
+    for shape in ((40, 3), (B, 40, 2)):
+        corners = torch.randint(0, S, shape, generator=g)
+        bary = torch.rand(shape, generator=g, dtype=torch.float64)
+        left = torch.randn(B, 40, 2, 3, generator=g, dtype=torch.float64)
+        rows = vertex_jacobian[torch.arange(B)[:, None], corners.expand(B, *shape[-2:]).reshape(B, -1)]
+        combined = (bary.expand(B, *shape[-2:])[..., None, None] * rows.view(B, 40, shape[-1], 3, -1)).sum(2)
+        computed = sub.point_jacobian(params, d, ALL_FIELDS, corners, bary, left)
+        assert computed.shape == (B, 40, 2, vertex_jacobian.shape[-1])
+        expected = left @ combined
+        assert (computed - expected).abs().max() < 1e-7 * expected.abs().max(), shape
 
 
 def observed(problem, params: FlameParams, seed: int) -> Observations:

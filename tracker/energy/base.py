@@ -17,7 +17,7 @@ import torch
 
 from tracker.camera import Camera
 from tracker.flame.landmarks import LandmarkSet, yaw_degrees
-from tracker.flame.lbs import batch_rodrigues
+from tracker.flame.lbs import SkinningDerivatives, batch_rodrigues
 from tracker.flame.model import FlameModel, FlameParams
 from tracker.render.interpolate import interpolate
 from tracker.render.rasterize import Fragments
@@ -115,21 +115,28 @@ class Evaluation:
         """(B, L, 3) world landmark positions."""
         return self.landmark_set.positions(self.sparse_vertices, self.yaw_deg)
 
-    def sparse_jacobian(self, fields: Sequence[str]) -> torch.Tensor:
-        """(B, S, 3, P) derivatives of `sparse_vertices` in the parameter fields `fields` (columns in that order:
-        FlameModel.jacobian), computed once per evaluation."""
+    def sparse_derivatives(self, fields: Sequence[str]) -> SkinningDerivatives:
+        """The factors of the derivatives of `sparse_vertices` in the parameter fields `fields`
+        (FlameModel.derivatives), computed once per evaluation."""
         key = tuple(fields)
-        cache = self.__dict__.setdefault("_sparse_jacobians", {})
+        cache = self.__dict__.setdefault("_sparse_derivatives", {})
         if key not in cache:
-            vertices, cache[key] = self.landmark_model.jacobian(self.params, list(fields))
-            self.__dict__.setdefault("sparse_vertices", vertices)
+            cache[key] = self.landmark_model.derivatives(self.params, key)
+            self.__dict__.setdefault("sparse_vertices", cache[key].vertices + self.params.translation[:, None, :])
         return cache[key]
 
-    def landmarks_jacobian(self, fields: Sequence[str], left: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, 3, P) derivatives of `landmarks_3d` (the embedding is linear in the vertices; the jaw contour's
-        triangles stay those `yaw_deg` picks); with `left` (B, L, R, 3), those of left @ landmarks_3d
-        (B, L, R, P), without forming the others (LandmarkSet.positions_jacobian)."""
-        return self.landmark_set.positions_jacobian(self.sparse_jacobian(fields), self.yaw_deg, left)
+    def points_jacobian(self, fields: Sequence[str], corners: torch.Tensor, bary: torch.Tensor,
+                        left: torch.Tensor) -> torch.Tensor:
+        """(B, L, R, P) derivatives of left (B, L, R, 3) @ p for points p = sum_t bary_t v_t on the vertices
+        `sparse_vertices`[corners] (corners, bary: (L, T) or (B, L, T)) in the fields `fields` (columns in that
+        order: FlameModel.jacobian), without forming the vertices' own derivatives."""
+        return self.landmark_model.point_jacobian(self.params, self.sparse_derivatives(fields), fields, corners,
+                                                  bary, left)
+
+    def landmarks_jacobian(self, fields: Sequence[str], left: torch.Tensor) -> torch.Tensor:
+        """(B, L, R, P) derivatives of left (B, L, R, 3) @ landmarks_3d (the jaw contour's triangles stay those
+        `yaw_deg` picks)."""
+        return self.points_jacobian(fields, *self.landmark_set.triangles(self.yaw_deg), left)
 
     @cached_property
     def landmarks_2d(self) -> torch.Tensor:

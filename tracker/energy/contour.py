@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -92,26 +93,27 @@ class ContourEnergy:
         match = ev.term_state.get(self.name) if ev.term_state else None
         return self.prepare(ev) if match is None else match
 
-    def _partners(self, ev: Evaluation, match: ContourMatch,
-                  fields: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The vertices holding the matched edges' ends (B, S, 3), where each end sits among them (B, C, 2),
-        and with `fields` their derivatives (B, S, 3, P)."""
+    def _partners(self, ev: Evaluation, match: ContourMatch, fields: Sequence[str] | None = None):
+        """The vertices holding the matched edges' ends (B, S, 3), where each end sits among them (B, C, 2), and
+        a function (corners, bary, left) -> derivatives of left @ points on them in `fields` (None without)."""
         ends = ev.sparse_index(match.vertex_ids)
         if ends is not None:
-            return ev.sparse_vertices, ends, None if fields is None else ev.sparse_jacobian(fields)
+            jacobian = None if fields is None else partial(ev.points_jacobian, fields)
+            return ev.sparse_vertices, ends, jacobian
         # Not evaluated with the landmarks (no solver round): only the partners' vertices.
         used, ends = torch.unique(match.vertex_ids, return_inverse=True)
         model = self.model.restricted(used)
         if fields is None:
             return model(ev.params).vertices, ends, None
-        verts, d_verts = model.jacobian(ev.params, list(fields))
-        return verts, ends, d_verts
+        d = model.derivatives(ev.params, fields)
+        return d.vertices + ev.params.translation[:, None, :], ends, partial(model.point_jacobian, ev.params, d,
+                                                                            fields)
 
     def _distance(self, ev: Evaluation, match: ContourMatch, fields: Sequence[str] | None = None,
                   focal: bool = False):
         """(B, C, 1) signed distances to the matched points along the match directions (face-size units), and
         with `fields` their derivatives (B, C, 1, P), or with `focal` those in log focal length (B, C, 1, 1)."""
-        verts, ends, d_verts = self._partners(ev, match, fields)
+        verts, ends, jacobian = self._partners(ev, match, fields)
         batch = torch.arange(verts.shape[0], device=verts.device)[:, None]
         t = match.t[..., None]
         va, vb = verts[batch, ends[..., 0]], verts[batch, ends[..., 1]]
@@ -123,10 +125,9 @@ class ContourEnergy:
             return distance, (((pix - ev.camera.center) * match.direction).sum(-1, keepdim=True) / size)[..., None]
         if fields is None:
             return distance, None
-        d_va, d_vb = d_verts[batch, ends[..., 0]], d_verts[batch, ends[..., 1]]
-        d_point = d_va + t[..., None] * (d_vb - d_va)
-        d_pix = ev.camera.project_jacobian(point, d_point)  # (B, C, 2, P)
-        return distance, (d_pix * match.direction[..., None]).sum(-2, keepdim=True) / size[..., None]
+        # The point on its edge is (1 - t) a + t b; the distance sees it through direction . projection.
+        left = (match.direction[..., None, :] @ ev.camera.projection_jacobian(point)) / size[..., None]  # (B, C, 1, 3)
+        return distance, jacobian(ends, torch.cat([1 - t, t], dim=-1), left)
 
     def _weights(self, ev: Evaluation, match: ContourMatch) -> torch.Tensor:
         return self.cfg.weight * match.weights / ev.obs.extras[WEIGHTS_KEY].sum(-1, keepdim=True).clamp(min=1e-6)

@@ -311,8 +311,9 @@ def levenberg_marquardt_frames(residuals: Callable[[torch.Tensor, torch.Tensor],
         if not len(active):
             break
         J = jacobian(X[active], active)
-        A = torch.einsum("bnp,bnq->bpq", J, J)
-        g = torch.einsum("bnp,bn->bp", J, r[active])
+        Jr = torch.cat([J, r[active, :, None]], dim=2)  # J^T J and J^T r in one product
+        normal = Jr.transpose(1, 2) @ Jr
+        A, g = normal[:, :-1, :-1], normal[:, :-1, -1]
         diag = A.diagonal(dim1=1, dim2=2).clamp(min=1e-9)
         trying = torch.ones(len(active), dtype=torch.bool, device=X.device)
         done = torch.zeros_like(trying)

@@ -85,10 +85,15 @@ def closest_on_segments(points: torch.Tensor, start: torch.Tensor, end: torch.Te
     answer). Returns the segment index (B, C) long, the position along it t (B, C) in [0, 1] and the
     distance (B, C) (inf where a frame has no usable segment).
     """
-    d = end - start  # (B, E, 2)
-    rel = points[:, :, None] - start[:, None]  # (B, C, E, 2)
+    # Only the usable segments (the silhouette: a few percent of them), each frame's first, in their order.
+    count = int(usable.sum(1).max()) if usable.numel() else 0
+    kept = torch.sort(usable.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :max(count, 1)]
+    start, end, usable = start.gather(1, kept[..., None].expand(-1, -1, 2)), end.gather(1, kept[..., None].expand(
+        -1, -1, 2)), usable.gather(1, kept)
+    d = end - start  # (B, E', 2)
+    rel = points[:, :, None] - start[:, None]  # (B, C, E', 2)
     t = ((rel * d[:, None]).sum(-1) / (d * d).sum(-1).clamp(min=1e-12)[:, None]).clamp(0, 1)
     dist = (rel - t[..., None] * d[:, None]).norm(dim=-1)
     dist = torch.where(usable[:, None], dist, torch.full_like(dist, float("inf")))
     best, index = dist.min(dim=2)
-    return index, t.gather(2, index[..., None])[..., 0], best
+    return kept.gather(1, index), t.gather(2, index[..., None])[..., 0], best

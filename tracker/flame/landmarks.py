@@ -116,32 +116,19 @@ class LandmarkSet:
             rows = sub_vertices.permute(1, 0, 2).reshape(S, B * 3).index_select(0, self.corners.reshape(-1))
             points = torch.bmm(self.bary[:, None, :], rows.view(-1, 3, B * 3))[:, 0]  # (L, B * 3)
             return points.view(-1, B, 3).permute(1, 0, 2)
-        # The jaw contour's triangles follow each frame's yaw.
-        bins = contour_bin(yaw_deg)
-        corners = torch.cat([self.contour_corners[bins], self.corners[None, N_CONTOUR:].expand(B, -1, -1)], dim=1)
-        bary = torch.cat([self.contour_bary[bins], self.bary[None, N_CONTOUR:].expand(B, -1, -1)], dim=1)
+        corners, bary = self.triangles(yaw_deg)  # the jaw contour's triangles follow each frame's yaw
         batch = torch.arange(B, device=sub_vertices.device)[:, None, None]
         return barycentric_points(sub_vertices[batch, corners], bary)
 
-    def positions_jacobian(self, d_vertices: torch.Tensor, yaw_deg: torch.Tensor | None = None,
-                           left: torch.Tensor | None = None) -> torch.Tensor:
-        """Derivatives of `positions` (linear in the vertices) from those of the vertices: d_vertices
-        (B, S, 3, P) at vertex_ids; yaw_deg: (B,) -> (B, L, 3, P). With left (B, L, R, 3), the derivatives of
-        each landmark's left @ position (B, L, R, P) instead, in one product with its corners' rows."""
-        B, _, _, P = d_vertices.shape
+    def triangles(self, yaw_deg: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The landmarks' triangle corners (indices into vertex_ids) and barycentric weights: (L, 3) each when
+        every frame uses the same, else (B, L, 3) with the jaw contour's triangles picked by each frame's yaw."""
         if self.contour_corners is None or yaw_deg is None:
-            corners, bary = self.corners[None].expand(B, -1, -1), self.bary[None].expand(B, -1, -1)
-            rows = d_vertices.index_select(1, self.corners.reshape(-1)).view(B, -1, 9, P)
-        else:
-            bins = contour_bin(yaw_deg)
-            corners = torch.cat([self.contour_corners[bins], self.corners[None, N_CONTOUR:].expand(B, -1, -1)], 1)
-            bary = torch.cat([self.contour_bary[bins], self.bary[None, N_CONTOUR:].expand(B, -1, -1)], 1)
-            batch = torch.arange(B, device=d_vertices.device)[:, None]
-            rows = d_vertices[batch, corners.reshape(B, -1)].view(B, -1, 9, P)
-        if left is None:
-            left = torch.eye(3, dtype=d_vertices.dtype, device=d_vertices.device).expand(B, bary.shape[1], 3, 3)
-        weights = (bary[:, :, None, :, None] * left[:, :, :, None, :]).flatten(-2)  # (B, L, R, 9)
-        return weights @ rows
+            return self.corners, self.bary
+        B, bins = yaw_deg.shape[0], contour_bin(yaw_deg)
+        corners = torch.cat([self.contour_corners[bins], self.corners[None, N_CONTOUR:].expand(B, -1, -1)], 1)
+        bary = torch.cat([self.contour_bary[bins], self.bary[None, N_CONTOUR:].expand(B, -1, -1)], 1)
+        return corners, bary
 
     def full_positions(self, vertices: torch.Tensor, yaw_deg: torch.Tensor | None = None) -> torch.Tensor:
         """Same as positions() but from all FLAME vertices (B, V, 3)."""

@@ -6,6 +6,7 @@ Notation: B batch (frames), V vertices, J joints (5 for FLAME), D blendshape coe
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -192,7 +193,31 @@ def subtree_masks(parents: tuple[int, ...]) -> torch.Tensor:
     return masks
 
 
-def lbs_jacobian(
+class SkinningDerivatives(NamedTuple):
+    """The factors that the derivatives of skinned vertices are composed of (`lbs_derivatives`), so that a
+    caller needing only linear combinations of vertices (landmarks on triangles, points on edges) composes
+    those without forming every vertex's columns (`point_derivatives`; `vertex_derivatives` forms them).
+    K joints are differentiated, Dc coefficients."""
+
+    vertices: torch.Tensor
+    """(B, V, 3) posed vertices (before the global translation)."""
+    rotation: torch.Tensor
+    """(B, V, 3, 3) each vertex's blended skinning rotation."""
+    dirs: torch.Tensor
+    """(V, 3, Dc) the differentiated coefficients' blendshape directions."""
+    shifts: torch.Tensor | None
+    """(B, J, 3, Dc) how the coefficients shift the skinning transforms by moving the joints (None: they don't)."""
+    weights: torch.Tensor
+    """(V, J) skinning weights."""
+    axes: torch.Tensor
+    """(B, K, 3, 3) column i: the world axis that joint k's axis-angle component i turns about."""
+    arms: torch.Tensor
+    """(B, V, K, 3) each vertex's part skinned to joint k's subtree, from k's posed location."""
+    offsets: torch.Tensor | None
+    """(B, V, 3, 3K) rest-pose change of the pose correctives per axis-angle component (None: no correctives)."""
+
+
+def lbs_derivatives(
     coeffs: torch.Tensor,
     pose: torch.Tensor,
     v_template: torch.Tensor,
@@ -206,9 +231,9 @@ def lbs_jacobian(
     joint_ids: list[int],
     moving_joints: bool = True,
     pose_correctives: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`lbs` and its exact derivatives in the blendshape coefficients `coeff_range` and the axis-angle rotations
-    of the joints `joint_ids` (what a Gauss-Newton solver needs, without differencing the model).
+) -> SkinningDerivatives:
+    """`lbs` and the factors of its exact derivatives in the blendshape coefficients `coeff_range` and the
+    axis-angle rotations of the joints `joint_ids` (what a Gauss-Newton solver needs, without differencing).
 
     Blendshapes: with the pose held the vertices are affine in the coefficients, so a column is the skinning
     rotation applied to the direction, plus the shift of the transforms where the direction moves the joints.
@@ -218,8 +243,7 @@ def lbs_jacobian(
 
     Arguments as `lbs`; joint_ids: joints (0 = root); moving_joints / pose_correctives: False when the model
     says those coefficients' joint_dirs / its posedirs are zero (skips their terms, without reading the
-    tensors: no device sync). Returns vertices (B, V, 3), d_coeffs (B, V, 3, Dc) and
-    d_pose (B, V, 3, 3 * len(joint_ids)) (each joint's 3 axis-angle components in turn).
+    tensors: no device sync).
     """
     B, J = coeffs.shape[0], joints_template.shape[0]
     V = v_template.shape[0]
@@ -227,44 +251,101 @@ def lbs_jacobian(
     v_posed, rot_mats, posed_joints, transforms = pose_rest_vertices(coeffs, pose, v_template, dirs, posedirs,
                                                                      joints_template, joint_dirs, parents)
     blended = (weights @ transforms[:, :, :3].reshape(B, J, 12)).view(B, V, 3, 4)
-    rotation = blended[..., :3]  # (B, V, 3, 3) each vertex's blended skinning rotation
+    rotation = blended[..., :3]
     vertices = (rotation @ v_posed[..., None])[..., 0] + blended[..., 3]
-
-    d_coeffs = rotation @ dirs[None, :, :, coeff_range]  # (B, V, 3, Dc)
-    moved = joint_dirs[:, :, coeff_range]  # (J, 3, Dc) how each coefficient moves the rest joints
     world_rot = transforms[..., :3, :3]  # (B, J, 3, 3)
+    shifts = None
     if moving_joints:
         # The transforms' translations t_j - R_j J_j are linear in the rest joints: walk the tree with the moves.
+        moved = joint_dirs[:, :, coeff_range]  # (J, 3, Dc) how each coefficient moves the rest joints
         shift = [moved[0].expand(B, 3, -1)]
         for j in range(1, J):
             parent = int(parents[j])
             shift.append(world_rot[:, parent] @ (moved[j] - moved[parent]) + shift[parent])
         shifts = torch.stack(shift, dim=1) - world_rot @ moved[None]  # (B, J, 3, Dc)
-        d_coeffs = d_coeffs + (weights @ shifts.reshape(B, J, -1)).view(d_coeffs.shape)
-
-    if not joint_ids:
-        return vertices, d_coeffs, vertices.new_zeros(B, V, 3, 0)
     K = len(joint_ids)
-    ids = torch.tensor(joint_ids, device=pose.device)
-    parent_ids = torch.tensor([int(parents[k]) + 1 for k in joint_ids], device=pose.device)  # 0: the root's parent
-    # m: each vertex's part skinned to joint k's subtree, from k's posed location (B, V, K, 3).
+    ids = torch.tensor(joint_ids, dtype=torch.long, device=pose.device)
+    parent_ids = torch.tensor([int(parents[k]) + 1 for k in joint_ids], dtype=torch.long, device=pose.device)
     per_joint = torch.einsum("bjcd,bvd->bvjc", world_rot, v_posed) + transforms[:, None, :, :3, 3]  # (B, V, J, 3)
     sub_weights = weights[None] * subtree_masks(tuple(parents.tolist())).to(weights)[ids][:, None]  # (K, V, J)
-    m = torch.einsum("kvj,bvjc->bvkc", sub_weights, per_joint) \
+    arms = torch.einsum("kvj,bvjc->bvkc", sub_weights, per_joint) \
         - sub_weights.sum(-1).T[None, ..., None] * posed_joints[:, None, ids]
     left = left_jacobian(axis_angle[:, ids].reshape(-1, 3)).view(B, K, 3, 3)
     eye = torch.eye(3, dtype=coeffs.dtype, device=coeffs.device).expand(B, 1, 3, 3)
     parent_rot = torch.cat([eye, world_rot], dim=1)[:, parent_ids]  # the root's parent: the identity
-    axes = (parent_rot @ left)[:, None]  # (B, 1, K, 3 (c), 3 (i)): column i, the axis component i turns about
-    # (axis_i x m)_c = a_c1 m_c2 - a_c2 m_c1 for (c, c1, c2) cyclic, written in place -> (B, V, 3 (c), K, 3 (i))
-    d_pose = m.new_empty(B, V, 3, K, 3)
-    for c in range(3):
-        c1, c2 = (c + 1) % 3, (c + 2) % 3
-        torch.mul(axes[..., c1, :], m[..., c2, None], out=d_pose[:, :, c])
-        d_pose[:, :, c].addcmul_(axes[..., c2, :], m[..., c1, None], value=-1)
-    if pose_correctives:  # d(R_k - I)/dw_i = [J_l e_i]_x R_k (none for the root)
+    offsets = None
+    if pose_correctives and K:  # d(R_k - I)/dw_i = [J_l e_i]_x R_k (none for the root)
         rows = torch.cat([posedirs.new_zeros(1, 9, V * 3), posedirs.view(J - 1, 9, V * 3)])[ids]  # (K, 9, V * 3)
         d_rot = skew(left.transpose(2, 3)) @ rot_mats[:, ids, None]  # (B, K, 3 (i), 3, 3)
-        d_offsets = torch.einsum("bkix,kxvc->bvcki", d_rot.flatten(-2), rows.view(K, 9, V, 3))  # (B, V, 3, K, 3)
-        d_pose = d_pose + (rotation @ d_offsets.reshape(B, V, 3, 3 * K)).view(B, V, 3, K, 3)
-    return vertices, d_coeffs, d_pose.reshape(B, V, 3, 3 * K)
+        offsets = torch.einsum("bkix,kxvc->bvcki", d_rot.flatten(-2), rows.view(K, 9, V, 3)).reshape(B, V, 3, 3 * K)
+    return SkinningDerivatives(vertices, rotation, dirs[:, :, coeff_range], shifts, weights, parent_rot @ left,
+                               arms, offsets)
+
+
+def rotation_columns(axes: torch.Tensor, arms: torch.Tensor) -> torch.Tensor:
+    """How turning the joints moves points: axes (B, K, 3, 3) (column i, the axis component i turns about),
+    arms (B, N, K, 3) -> (B, N, 3, 3K), column (k, i) = axis_ki x arm_k."""
+    B, N, K, _ = arms.shape
+    axes = axes[:, None]  # (B, 1, K, 3 (c), 3 (i))
+    # (axis_i x m)_c = a_c1 m_c2 - a_c2 m_c1 for (c, c1, c2) cyclic, written in place -> (B, N, 3 (c), K, 3 (i))
+    out = arms.new_empty(B, N, 3, K, 3)
+    for c in range(3):
+        c1, c2 = (c + 1) % 3, (c + 2) % 3
+        torch.mul(axes[..., c1, :], arms[..., c2, None], out=out[:, :, c])
+        out[:, :, c].addcmul_(axes[..., c2, :], arms[..., c1, None], value=-1)
+    return out.view(B, N, 3, 3 * K)
+
+
+def vertex_derivatives(d: SkinningDerivatives) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every vertex's derivatives: in the coefficients (B, V, 3, Dc) and the joints' axis-angles (B, V, 3, 3K)."""
+    B = d.vertices.shape[0]
+    d_coeffs = d.rotation @ d.dirs[None]
+    if d.shifts is not None:
+        d_coeffs = d_coeffs + (d.weights @ d.shifts.reshape(B, d.shifts.shape[1], -1)).view(d_coeffs.shape)
+    d_pose = rotation_columns(d.axes, d.arms)
+    if d.offsets is not None:
+        d_pose = d_pose + d.rotation @ d.offsets
+    return d_coeffs, d_pose
+
+
+def point_derivatives(d: SkinningDerivatives, corners: torch.Tensor, bary: torch.Tensor,
+                      left: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Derivatives of left @ p for points p = sum_t bary_t vertex[corners_t] (landmarks on triangles, points on
+    edges), composed from the factors without forming each vertex's columns.
+
+    corners: (L, T) vertex indices shared by the frames, or (B, L, T) per frame; bary: the same shape;
+    left: (B, L, R, 3). Returns (B, L, R, Dc) and (B, L, R, 3K).
+    """
+    B, L, R, _ = left.shape
+    T = corners.shape[-1]
+    shared = corners.dim() == 2
+    flat = corners.reshape(-1)
+
+    def at_corners(x: torch.Tensor) -> torch.Tensor:  # (B, V, ...) -> (B, L, T, ...)
+        if shared:
+            return x.index_select(1, flat).view(B, L, T, *x.shape[2:])
+        return x[torch.arange(B, device=x.device)[:, None], corners.view(B, -1)].view(B, L, T, *x.shape[2:])
+
+    w = bary if shared else bary.view(B, L, T)
+    w = w.expand(B, L, T)
+    # Each corner's rotation seen through left, weighted: (B, L, T, R, 3).
+    seen = (left[:, :, None] @ at_corners(d.rotation)) * w[..., None, None]
+    Dc = d.dirs.shape[-1]
+    if shared:  # one product per point with its corners' directions, all frames at once
+        dirs = d.dirs.index_select(0, flat).view(L, T * 3, Dc)
+        lhs = seen.permute(1, 0, 3, 2, 4).reshape(L, B * R, T * 3)
+        d_coeffs = torch.bmm(lhs, dirs).view(L, B, R, Dc).transpose(0, 1)
+    else:
+        dirs = d.dirs[corners.view(B, -1)].view(B, L, T * 3, Dc)
+        d_coeffs = seen.transpose(2, 3).reshape(B, L, R, T * 3) @ dirs
+    if d.shifts is not None:  # sum_j (the points' skinning weight of j) left @ shift_j, as one product
+        J = d.shifts.shape[1]
+        point_weights = (w[..., None] * at_corners(d.weights[None].expand(B, -1, -1))).sum(2)  # (B, L, J)
+        lhs = (point_weights[:, :, None, :, None] * left[:, :, :, None, :]).reshape(B, L * R, J * 3)
+        d_coeffs = d_coeffs + torch.bmm(lhs, d.shifts.reshape(B, J * 3, Dc)).view(B, L, R, Dc)
+    arms = (w[..., None, None] * at_corners(d.arms)).sum(2)  # (B, L, K, 3): the points' arms
+    d_pose = left @ rotation_columns(d.axes, arms)
+    if d.offsets is not None:
+        d_pose = d_pose + (seen @ at_corners(d.offsets)).sum(2)
+    return d_coeffs, d_pose
+

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tracker.flame.lbs import lbs, lbs_jacobian
+from tracker.flame.lbs import SkinningDerivatives, lbs, lbs_derivatives, point_derivatives, vertex_derivatives
 from tracker.flame.loading import FLAME_JOINTS, FlameData
 
 N_JOINTS = FLAME_JOINTS
@@ -162,22 +162,47 @@ class FlameModel(nn.Module):
         t = params.translation[:, None, :]
         return FlameOutput(vertices + t, joints + t)
 
-    def jacobian(self, params: FlameParams, fields: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posed world vertices (B, S, 3) and their exact derivatives (B, S, 3, P) in the per-frame parameter
-        fields `fields` (FlameParams names), columns in that order and each field's own order; a shared
-        `shape` gives every frame's derivative in the one identity."""
-        B = params.batch_size
-        n_shape, n_expr = params.shape.shape[1], params.expr.shape[1]
-        spans = {"shape": (0, n_shape), "expr": (n_shape, n_shape + n_expr),
-                 "eyelids": (n_shape + n_expr, n_shape + n_expr + params.eyelids.shape[1])}
+    def derivatives(self, params: FlameParams, fields: Sequence[str]) -> SkinningDerivatives:
+        """The factors of the vertices' exact derivatives in the per-frame parameter fields `fields` (FlameParams
+        names; `lbs_derivatives`), for `jacobian` and `point_jacobian`."""
+        spans = self._coefficient_spans(params)
         blend = [spans[f] for f in fields if f in spans]
         low = min((a for a, _ in blend), default=0)
         high = max((b for _, b in blend), default=0)
         joint_ids = [j for f in fields if f in POSE_JOINTS for j in POSE_JOINTS[f]]
-        vertices, d_coeffs, d_pose = lbs_jacobian(
+        return lbs_derivatives(
             self.coefficients(params), params.full_pose(), self.v_template, self.dirs, self.posedirs,
             self.joints_template, self.joint_dirs, self.parents, self.weights, slice(low, high), joint_ids,
             bool(self.moving_coefficients[low:high].any()), self.pose_correctives)
+
+    def jacobian(self, params: FlameParams, fields: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posed world vertices (B, S, 3) and their exact derivatives (B, S, 3, P) in the per-frame parameter
+        fields `fields` (FlameParams names), columns in that order and each field's own order; a shared
+        `shape` gives every frame's derivative in the one identity."""
+        d = self.derivatives(params, fields)
+        d_coeffs, d_pose = vertex_derivatives(d)
+        B, S = d.vertices.shape[:2]
+        eye = torch.eye(3, dtype=d.vertices.dtype, device=d.vertices.device).expand(B, S, 3, 3)
+        return d.vertices + params.translation[:, None, :], self._columns(params, fields, d_coeffs, d_pose, eye)
+
+    def point_jacobian(self, params: FlameParams, d: SkinningDerivatives, fields: Sequence[str],
+                       corners: torch.Tensor, bary: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+        """Derivatives (B, L, R, P) of left (B, L, R, 3) @ p for world points p = sum_t bary_t vertex[corners_t]
+        (corners, bary: (L, T) or (B, L, T); `point_derivatives`), columns as `jacobian`'s; d: `derivatives`
+        at params for `fields`."""
+        moved = left * bary.sum(-1)[..., None, None]  # a translation moves every point with it
+        return self._columns(params, fields, *point_derivatives(d, corners, bary, left), moved)
+
+    def _coefficient_spans(self, params: FlameParams) -> dict[str, tuple[int, int]]:
+        n_shape, n_expr = params.shape.shape[1], params.expr.shape[1]
+        return {"shape": (0, n_shape), "expr": (n_shape, n_shape + n_expr),
+                "eyelids": (n_shape + n_expr, n_shape + n_expr + params.eyelids.shape[1])}
+
+    def _columns(self, params: FlameParams, fields: Sequence[str], d_coeffs: torch.Tensor, d_pose: torch.Tensor,
+                 d_translation: torch.Tensor) -> torch.Tensor:
+        """The fields' columns side by side (..., P) from the coefficient, joint and translation blocks."""
+        spans = self._coefficient_spans(params)
+        low = min((spans[f][0] for f in fields if f in spans), default=0)
         blocks, pose_at = [], 0
         for f in fields:
             if f in spans:
@@ -187,8 +212,7 @@ class FlameModel(nn.Module):
                 blocks.append(d_pose[..., pose_at:pose_at + width])
                 pose_at += width
             elif f == "translation":
-                eye = torch.eye(3, dtype=vertices.dtype, device=vertices.device)
-                blocks.append(eye.expand(B, vertices.shape[1], 3, 3))
+                blocks.append(d_translation)
             else:
                 raise ValueError(f"no derivative for FLAME parameter field {f!r}")
-        return vertices + params.translation[:, None, :], torch.cat(blocks, dim=3)
+        return torch.cat(blocks, dim=-1)
