@@ -12,7 +12,7 @@ from torch.func import jacfwd
 from tests.conftest import FLAME_ASSETS, FLAME_STANDIN
 from tracker.camera import Camera
 from tracker.config import load_config
-from tracker.energy.base import Observations
+from tracker.energy.base import Observations, ScaledTerm
 from tracker.energy.contour import POINTS_KEY, WEIGHTS_KEY
 from tracker.energy.dense import CORR_TARGET, CORR_WEIGHT, CROP_PX, DenseCorrespondenceConfig, DenseCorrespondenceEnergy
 from tracker.energy.head_size import HeadSizeEnergy
@@ -217,3 +217,14 @@ def test_point_terms_derivatives_match_forward_mode():
         expected = forward_mode(lambda p, term=term: term(problem.evaluation(p, obs)), params, fields)
         assert analytic.shape == expected.shape and expected.abs().max() > 1.0
         assert (analytic - expected).abs().max() < 2e-6 * expected.abs().max(), term.name
+    # The correspondences' log-focal column, the 3D points held (the identity fit frees the focal length).
+    dense = terms[0]
+    camera = problem.camera
+
+    def at_focal(v):
+        scaled = Camera(camera.focal * torch.exp(v), camera.center, camera.height, camera.width)
+        return dense(problem.evaluation(params, obs, camera=scaled))
+
+    expected = jacfwd(at_focal)(torch.zeros(()))
+    analytic = ScaledTerm(dense, 3.0).focal_jacobian(problem.evaluation(params, obs))
+    assert expected.abs().max() > 0.1 and torch.allclose(analytic, expected * 3.0 ** 0.5, rtol=1e-4, atol=1e-6)

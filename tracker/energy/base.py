@@ -206,6 +206,8 @@ class ScaledTerm:
         self.name = term.name
         if hasattr(term, "jacobian"):
             self.jacobian = lambda ev, fields: term.jacobian(ev, fields) * factor ** 0.5
+        if hasattr(term, "focal_jacobian"):
+            self.focal_jacobian = lambda ev: term.focal_jacobian(ev) * factor ** 0.5
 
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         return self.term(ev) * self.factor ** 0.5

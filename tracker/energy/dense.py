@@ -131,13 +131,29 @@ class DenseCorrespondenceEnergy:
         return (robust_residuals(diff, self.cfg.scale, self.cfg.robust) * self.weights(ev)[..., None].sqrt()).flatten(1)
 
     def jacobian(self, ev: Evaluation, fields: Sequence[str]) -> torch.Tensor:
-        """(B, 2K, P) derivatives of the residuals in the parameter fields `fields` (matches held)."""
+        """(B, 2K, P) derivatives of the residuals in the parameter fields `fields` (matches held): per vertex,
+        the robust loss's and the projection's 2 x 3 map applied to its derivatives (FlameModel.point_jacobian,
+        without forming them)."""
         extras = ev.obs.extras
-        vertices, d_vertices = self.model.jacobian(ev.params, list(fields))
+        d = self.model.derivatives(ev.params, fields)
+        vertices = d.vertices + ev.params.translation[:, None, :]
         crop = extras[CROP_PX][:, None, None, None]
         diff = (ev.camera.project(vertices)[0] - extras[CORR_TARGET]) / crop[..., 0]
         left = robust_linear_map(diff, self.cfg.scale, self.cfg.robust) @ ev.camera.projection_jacobian(vertices)
-        return (left * (self.weights(ev)[..., None, None].sqrt() / crop) @ d_vertices).flatten(1, 2)
+        left = left * (self.weights(ev)[..., None, None].sqrt() / crop)
+        K = vertices.shape[1]
+        each = torch.arange(K, device=vertices.device)[:, None]  # every vertex is a point of its own
+        return self.model.point_jacobian(ev.params, d, fields, each, vertices.new_ones(K, 1), left).flatten(1, 2)
+
+    def focal_jacobian(self, ev: Evaluation) -> torch.Tensor:
+        """(B, 2K) derivatives of the residuals in log focal length with the 3D points held: the image scales
+        about the principal point, so each projection moves by its offset from it."""
+        extras = ev.obs.extras
+        projected, _ = ev.camera.project(self.model(ev.params).vertices)
+        crop = extras[CROP_PX][:, None, None]
+        diff = (projected - extras[CORR_TARGET]) / crop
+        moved = robust_linear_map(diff, self.cfg.scale, self.cfg.robust) @ ((projected - ev.camera.center) / crop)[..., None]
+        return (moved[..., 0] * self.weights(ev)[..., None].sqrt()).flatten(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,7 +163,7 @@ class DenseCorrespondenceEnergy:
 
 def prediction_validity(uvw: np.ndarray, canonical_tree: cKDTree, max_distance: float) -> np.ndarray:
     """(S, S) float32: 1 where the predicted uvw (S, S, 3) lies within max_distance of a canonical-map vertex."""
-    distance, _ = canonical_tree.query(uvw.reshape(-1, 3), distance_upper_bound=max_distance)
+    distance, _ = canonical_tree.query(uvw.reshape(-1, 3), distance_upper_bound=max_distance, workers=-1)
     return np.isfinite(distance).reshape(uvw.shape[:2]).astype(np.float32)
 
 
