@@ -152,7 +152,8 @@ class DenseCorrespondenceEnergy:
         projected, _ = ev.camera.project(self.model(ev.params).vertices)
         crop = extras[CROP_PX][:, None, None]
         diff = (projected - extras[CORR_TARGET]) / crop
-        moved = robust_linear_map(diff, self.cfg.scale, self.cfg.robust) @ ((projected - ev.camera.center) / crop)[..., None]
+        robust = robust_linear_map(diff, self.cfg.scale, self.cfg.robust)  # (B, K, 2, 2)
+        moved = robust @ ((projected - ev.camera.center) / crop)[..., None]
         return (moved[..., 0] * self.weights(ev)[..., None].sqrt()).flatten(1)
 
 
