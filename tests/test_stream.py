@@ -2,6 +2,7 @@
 errors and early stops handled."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -23,6 +24,12 @@ TRACK_ARRAYS = ("frame_indices", "timestamps", "points", "confidence", "valid")
 
 @pytest.fixture(scope="module")
 def detector():
+    return make_detector("dlib")
+
+
+@pytest.fixture(scope="module")
+def second_detector():
+    """Another instance, for a keyframe pass that runs beside the per-frame pass (one instance per thread)."""
     return make_detector("dlib")
 
 
@@ -108,20 +115,30 @@ def test_early_stop_joins_the_producer(detector):
         stream.track()
 
 
-def test_landmark_stage_threaded_equals_sequential(tmp_path, monkeypatch):
-    """The whole landmark stage gives bit-identical parameters with and without the producer thread."""
+@pytest.mark.parametrize("frames, keyframes", [(8, 3), (20, 1)])
+def test_landmark_stage_threaded_equals_sequential(tmp_path, monkeypatch, frames, keyframes):
+    """The whole landmark stage gives bit-identical parameters with and without the producer threads: keyframe
+    candidates that are the first frames (8 frames, 45 candidates) and a keyframe pass of its own, run beside the
+    per-frame pass when threaded (20 frames, 15 candidates)."""
     from tracker import pipeline
 
     results = []
     for background in (True, False):
-        monkeypatch.setattr(pipeline, "LandmarkStream",
-                            lambda *args, **kw: LandmarkStream(*args, **kw, background=background))
-        cfg = load_config(overrides={"video": {"max_frames": 8}, "detect": {"landmarks": "dlib", "cache": False},
-                                     "fit": {"keyframes": 3, "shape_iters": 6}, "densemarks": {"mode": "off"},
+        streams = []
+
+        def stream(*args, background=background, streams=streams, **kw):
+            streams.append(LandmarkStream(*args, **kw, background=background))
+            return streams[-1]
+
+        monkeypatch.setattr(pipeline, "LandmarkStream", stream)
+        cfg = load_config(overrides={"video": {"max_frames": frames},
+                                     "detect": {"landmarks": "dlib", "cache": False},
+                                     "fit": {"keyframes": keyframes, "shape_iters": 6}, "densemarks": {"mode": "off"},
                                      "output": {"dir": str(tmp_path / str(background)), "video": False}})
         summary = pipeline.track_video(CLIP, cfg, show_progress=False)
         results.append(read_params(tmp_path / str(background) / CLIP.stem / "flame_params.npz")[0])
-        assert summary.valid_frames == 8 and summary.seconds["detection"] > 0
+        assert summary.valid_frames == frames and summary.seconds["detection"] > 0
+        assert (streams[0]._keyframe_pass is not None) == (background and frames == 20)
     for name, value in results[0].items():
         if name != "metadata":
             np.testing.assert_array_equal(value, results[1][name], err_msg=name)
@@ -152,3 +169,69 @@ def test_short_video_keyframes_are_the_tracks_own_first_frames(detector, tmp_pat
         keys, _, track = consume(stream)
     assert counting.calls == 0 and keys.frame_indices.tolist() == alone.frame_indices[:5].tolist()
     assert_same_track(track, alone)
+
+
+class ThreadRecordingDetector(CountingDetector):
+    """Counts its calls, records the threads they came from, and whether it was closed."""
+
+    def __init__(self, detector):
+        super().__init__(detector)
+        self.threads, self.closed = set(), False
+
+    def detect(self, rgb, box_hint=None):
+        self.threads.add(threading.current_thread().name)
+        return super().detect(rgb, box_hint)
+
+    def close(self):
+        self.closed = True
+
+
+def test_keyframe_pass_beside_the_frame_pass(detector, second_detector, tmp_path):
+    """With a keyframe detector, the keyframe pass runs in a thread of its own beside the per-frame pass: the same
+    keyframes and track as the sequential stream, its detector built once (only when the keyframe cache misses,
+    never for keyframes that are the first frames) and closed."""
+    selection, positions = FrameSelection(max_frames=12), [0, 5, 11, 40]
+    with LandmarkStream(CLIP, detector, selection, positions, use_cache=False, background=False) as stream:
+        keys_alone, _, track_alone = consume(stream)
+    built = []
+
+    def make():
+        built.append(ThreadRecordingDetector(second_detector))
+        return built[-1]
+
+    for _ in range(2):  # detected, then from the caches
+        with LandmarkStream(CLIP, detector, selection, positions, cache_dir=tmp_path, keyframe_detector=make) as stream:
+            keys, frames, track = consume(stream)
+        assert_same_track(keys, keys_alone)
+        assert_same_track(track, track_alone)
+        assert [f.position for f in frames] == list(range(12))
+    assert len(built) == 1 and built[0].closed
+    assert built[0].calls == 3 and built[0].threads == {"landmark-keyframes"}  # position 40 lies past the end
+    with LandmarkStream(CLIP, detector, selection, range(12), use_cache=False, keyframe_detector=make) as stream:
+        consume(stream)  # the keyframes are the first frames: no pass of their own
+    assert len(built) == 1 and stream._keyframe_pass is None
+
+
+def test_keyframe_pass_error_reaches_the_consumer(detector, second_detector):
+    with (LandmarkStream(CLIP, detector, FrameSelection(max_frames=30), range(0, 30, 3), use_cache=False,
+                         keyframe_detector=lambda: FailingDetector(second_detector)) as stream,
+          pytest.raises(TrackerError, match="exploded")):
+        stream.keyframes()
+    assert not stream._keyframe_pass.is_alive() and not stream._thread.is_alive()
+
+
+class SlowDetector(CountingDetector):
+    def detect(self, rgb, box_hint=None):
+        time.sleep(0.05)
+        return super().detect(rgb, box_hint)
+
+
+def test_closing_stops_the_keyframe_pass_without_caching_it(detector, second_detector, tmp_path):
+    stream = LandmarkStream(CLIP, detector, FrameSelection(max_frames=30), range(0, 30, 2), cache_dir=tmp_path,
+                            keyframe_detector=lambda: SlowDetector(second_detector))
+    with stream:
+        time.sleep(0.2)  # a few of the 15 keyframes (0.05 s each) are detected
+    assert not stream._keyframe_pass.is_alive()
+    assert not cache_file(tmp_path, CLIP, "dlib-keyframes").exists()
+    with pytest.raises(RuntimeError, match="closed before its keyframes"):
+        stream.keyframes()

@@ -214,8 +214,11 @@ def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folde
     try:
         metadata = build_metadata(cfg, bundle, video, detector.settings())
         expected = _expected_frames(info.n_frames, selection)
+        # The keyframe pass runs beside the per-frame pass, with a detector of its own.
         with LandmarkStream(video, detector, selection, keyframe_positions(expected, cfg.fit.keyframes),
-                            use_cache=cfg.detect.cache) as stream:
+                            use_cache=cfg.detect.cache,
+                            keyframe_detector=lambda: make_detector(cfg.detect.landmarks,
+                                                                    **_detector_options(cfg))) as stream:
             decoding = stream.report
             metadata["input"] = {**info.describe(), **decoding.describe()}
             # The writer reads frame indices and times off the stream, which grows as frames are detected.
