@@ -22,7 +22,7 @@ from tracker.render import (
     vertex_normals,
 )
 from tracker.render.overlay import draw_landmarks, draw_mesh
-from tracker.render.shading import SH_DC_FACTOR
+from tracker.render.shading import SH_DC_FACTOR, lambert_headlight
 from tracker.render.texture import (
     FLAME_UV_MIRROR_U,
     load_obj,
@@ -420,3 +420,27 @@ def test_overlay_draws_mesh_and_landmarks(flame_mesh):
     dots = draw_landmarks(frame, np.array([[10.5, 20.5]]), color=(255, 0, 0), radius=1)
     assert tuple(dots[20, 10]) == (255, 0, 0) and tuple(dots[60, 60]) == (50, 50, 50)
     assert tuple(frame[20, 10]) == (50, 50, 50)  # the input frame is left unchanged
+
+
+def test_overlay_draws_only_the_mesh_box_with_the_whole_frames_pixels(flame_mesh):
+    """draw_mesh rasterises, shades and blends the mesh's bounding box only: the same pixels as the whole frame
+    rasterised and blended (the vertices shifted by a whole pixel move no pixel centre), for a mesh inside a larger
+    frame and one cut by its top-left corner; a mesh outside the frame or behind the camera leaves it as it was."""
+    screen, faces, camera, size = flame_mesh
+    normals = vertex_normals(camera, faces)[0]
+    frame = np.random.default_rng(0).integers(0, 256, (size + 90, 2 * size, 3), dtype=np.uint8)
+    grey = torch.tensor([200.0, 200.0, 200.0])
+    for shift in ([size * 0.7, 60.0], [-0.4 * size, -0.3 * size]):
+        verts = screen[0] + torch.tensor([*shift, 0.0])
+        fragments = rasterize(verts[None], faces, RasterSettings(frame.shape[:2]))
+        pixel_normals, mask = interpolate(fragments, verts[None], faces, normals[None])
+        shade = lambert_headlight(torch.nn.functional.normalize(pixel_normals, dim=-1, eps=1e-8)).unsqueeze(-1)
+        weight = (mask[0] * 0.5).numpy()
+        whole = np.rint(frame * (1.0 - weight) + (shade * grey).clamp(0, 255)[0].numpy() * weight).astype(np.uint8)
+        out = draw_mesh(frame, verts, faces, normals, alpha=0.5)
+        assert 0.05 < mask[0].float().mean() < 0.6  # the mesh covers part of the frame
+        np.testing.assert_array_equal(out, whole)
+    right_of_the_frame = screen[0] + torch.tensor([3.0 * size, 0.0, 0.0])
+    behind_the_camera = screen[0] * torch.tensor([1.0, 1.0, -1.0])
+    for verts in (right_of_the_frame, behind_the_camera):
+        np.testing.assert_array_equal(draw_mesh(frame, verts, faces, normals), frame)
