@@ -1,5 +1,6 @@
 """Landmark detectors, face-box tracking, square crops and the per-video detection cache."""
 
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +14,13 @@ from tests.conftest import MEDIAPIPE_TASK, SHARED, VIDEOS
 from tracker.detect.base import FaceBox, LandmarkDetector, Landmarks, make_detector
 from tracker.detect.boxes import BoxTrackerOptions, FaceBoxTracker, square_crop
 from tracker.detect.cache import cache_file
-from tracker.detect.mediapipe import MEDIAPIPE_IBUG_EQUIVALENTS, SHIPPED_MODEL, MediaPipeDetector, MediaPipeOptions
+from tracker.detect.mediapipe import (
+    MEDIAPIPE_IBUG_EQUIVALENTS,
+    SHIPPED_MODEL,
+    MediaPipeDetector,
+    MediaPipeOptions,
+    native_stderr_to_log,
+)
 from tracker.detect.sequence import detect_frames, detect_video
 from tracker.errors import MissingAssetError, TrackerError
 from tracker.io.video import FrameSelection, read_frames
@@ -265,3 +272,22 @@ def test_fan_never_downloads(tmp_path, monkeypatch):
         make_detector("fan")
     assert "\n" not in str(error.value)
     assert not any(tmp_path.rglob("*.pth*"))
+
+
+def test_native_stderr_goes_to_the_debug_log_and_comes_back(capfd, caplog):
+    """Lines written to file descriptor 2 inside the block (as native code writes them, past Python's sys.stderr)
+    reach the DEBUG log, not the terminal; afterwards the descriptor writes to the terminal again."""
+    with caplog.at_level(logging.DEBUG, logger="tracker.detect.mediapipe"):
+        with native_stderr_to_log():
+            os.write(2, b"W0000 native start-up line\n")
+        os.write(2, b"after the block\n")
+    err = capfd.readouterr().err
+    assert "native start-up line" not in err and "after the block" in err
+    assert [r.getMessage() for r in caplog.records] == ["mediapipe: W0000 native start-up line"]
+
+
+def test_mediapipe_starts_without_native_lines_on_the_terminal(capfd):
+    with make_detector("mediapipe", model_path=str(MEDIAPIPE_TASK)) as detector:
+        detector.detect(np.zeros((200, 200, 3), np.uint8))
+    err = capfd.readouterr().err
+    assert "W0000" not in err and "INFO: Created" not in err and "InitGoogle" not in err, err

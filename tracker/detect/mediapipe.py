@@ -7,8 +7,14 @@ upscaled; frames without a box are searched first whole, then in overlapping squ
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import tempfile
+import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,9 @@ from tracker.detect.base import SCHEME_MEDIAPIPE, FaceBox, Landmarks
 from tracker.detect.boxes import Crop, crop_around_box, square_crop
 from tracker.errors import MissingAssetError
 from tracker.flame.assets import REPO_ASSETS
+
+log = logging.getLogger(__name__)
+_STDERR_LOCK = threading.Lock()
 
 MODEL_ENV = "TRACKER_MEDIAPIPE_MODEL"
 SHIPPED_MODEL = REPO_ASSETS / "face_landmarker_v2_with_blendshapes.task"
@@ -65,6 +74,32 @@ def resolve_model_path(options: MediaPipeOptions) -> Path:
     if not path.is_file():
         raise MissingAssetError(f"MediaPipe model file not found: {path}")
     return path
+
+
+@contextmanager
+def native_stderr_to_log() -> Iterator[None]:
+    """Inside the block, what is written to the process's stderr (file descriptor 2: MediaPipe's and TensorFlow
+    Lite's start-up lines, which no environment variable silences) goes to this module's DEBUG log instead of the
+    terminal (`-vv` shows it). The descriptor is the whole process's, so the block is kept short (a detector's
+    start) and one at a time (a lock: two detectors started in two threads would restore each other's copies);
+    another thread's line written meanwhile lands in the log too. Restored whatever happens."""
+    with _STDERR_LOCK, tempfile.TemporaryFile() as captured:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no usable stderr: nothing to keep clean
+            yield
+            return
+        sys.stderr.flush()
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode("utf-8", "replace").splitlines():
+                log.debug("mediapipe: %s", line)
 
 
 def _create_landmarker(model_path: Path, min_confidence: float) -> vision.FaceLandmarker:
@@ -115,7 +150,11 @@ class MediaPipeDetector:
     def __init__(self, options: MediaPipeOptions = MediaPipeOptions()) -> None:
         self.options = options
         self.model_path = resolve_model_path(options)
-        self._landmarker = _create_landmarker(self.model_path, options.min_confidence)
+        with native_stderr_to_log():
+            self._landmarker = _create_landmarker(self.model_path, options.min_confidence)
+            # The graph's worker threads log their own start-up lines on the first inference.
+            self._landmarker.detect(mp.Image(image_format=mp.ImageFormat.SRGB,
+                                             data=np.zeros((options.crop_size, options.crop_size, 3), np.uint8)))
         # Free the native graph when garbage collected. Not at exit: by then mediapipe's worker
         # thread is gone, so callers that care about a quiet exit use close() or `with`.
         self._finalizer = weakref.finalize(self, self._landmarker.close)
