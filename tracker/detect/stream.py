@@ -114,13 +114,13 @@ class LandmarkStream:
             if leading:
                 yield "keyframes", first_frames(track, leading)
             elif self._keyframe_pass is None:
-                yield "keyframes", self._keyframe_track(self.detector)
+                yield "keyframes", self._keyframe_track(lambda: self.detector)
             for frame in detected_frames(track):
                 yield "frame", frame
             yield "end", True
             return
         if not leading and self._keyframe_pass is None:
-            yield "keyframes", self._keyframe_track(self.detector)
+            yield "keyframes", self._keyframe_track(lambda: self.detector)
         first: list[DetectedFrame] = []
         with closing(read_frames(self.video, self.selection, self.report)) as frames:
             detections = detect_each(frames, self.detector, self.box_options)
@@ -166,9 +166,9 @@ class LandmarkStream:
             if detector is not None and hasattr(detector, "close"):
                 detector.close()
 
-    def _keyframe_track(self, detector: LandmarkDetector | Callable[[], LandmarkDetector]) -> LandmarkTrack | None:
-        """The keyframes' detections (cached): full-frame searches, no tracked box. `detector` may be a function
-        that builds one (called only when the cache misses). None when the stream was stopped before the end."""
+    def _keyframe_track(self, detector: Callable[[], LandmarkDetector]) -> LandmarkTrack | None:
+        """The keyframes' detections (cached): full-frame searches, no tracked box, by `detector()` (called only
+        when the cache misses). None when the stream was stopped before the end."""
         key = detection_cache_key(self.video, self.detector.name, {
             "detector": self.detector.settings(), "selection": asdict(self.selection),
             "keyframe_positions": self.keyframe_positions})
@@ -179,14 +179,14 @@ class LandmarkStream:
         start = time.perf_counter()
         indices, timestamps, detections = [], [], []
         if self.keyframe_positions:
-            detector = detector if hasattr(detector, "detect") else detector()
+            searcher = detector()
             with closing(read_frames(self.video, self.selection, positions=self.keyframe_positions)) as frames:
                 for frame in frames:
                     if self._stop.is_set():
                         return None
                     indices.append(frame.index)
                     timestamps.append(frame.timestamp)
-                    detections.append(detector.detect(frame.rgb, None))  # no tracked box: full search
+                    detections.append(searcher.detect(frame.rgb, None))  # no tracked box: full search
         track = LandmarkTrack.from_detections(self.detector.scheme, indices, timestamps, detections)
         self._pass_seconds["keyframes"] += time.perf_counter() - start
         if self.use_cache:
