@@ -1,5 +1,6 @@
 """Video decoding: metadata, frame selection, timestamps (incl. variable frame rate), error messages."""
 
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from tests.conftest import VIDEOS
 from tracker.errors import TrackerError
-from tracker.io.video import FrameSelection, probe_video, read_frames
+from tracker.io.video import DecodeReport, FrameSelection, prefetched, probe_video, read_frames
 
 
 def write_video(path: Path, codec: str, pts: list[int], time_base: Fraction = Fraction(1, 1000),
@@ -126,3 +127,41 @@ def test_bad_selection(shared_data):
     assert_one_line_error(lambda: FrameSelection(stride=0), "stride")
     assert_one_line_error(lambda: FrameSelection(start=-1), "start")
     assert_one_line_error(lambda: FrameSelection(max_frames=0), "max_frames")
+
+
+def test_prefetched_frames_are_read_frames_own():
+    """Decoding ahead in a thread changes nothing: the same frames (pixels, indices, times) and decode report."""
+    clip, selection = VIDEOS / "QoT0S2vu9m4_00002.mp4", FrameSelection(start=2, max_frames=20, stride=2)
+    report, ahead_report = DecodeReport(), DecodeReport()
+    plain = list(read_frames(clip, selection, report))
+    ahead = list(prefetched(read_frames(clip, selection, ahead_report), depth=2))
+    assert [(f.index, f.timestamp) for f in ahead] == [(f.index, f.timestamp) for f in plain] and len(plain) == 20
+    for a, b in zip(ahead, plain):
+        np.testing.assert_array_equal(a.rgb, b.rgb)
+    assert ahead_report == report
+
+
+def counted_source(n: int, fail_at: int | None = None, state: dict | None = None):
+    """A frame source that can fail at one item and records that it was closed."""
+    try:
+        for i in range(n):
+            if i == fail_at:
+                raise TrackerError(f"broken frame {i}")
+            yield i
+    finally:
+        state["closed"] = threading.current_thread().name
+
+
+def test_prefetched_raises_in_order_and_stops_when_left_early():
+    state: dict = {}
+    frames = prefetched(counted_source(10, fail_at=4, state=state), depth=2)
+    assert [next(frames) for _ in range(4)] == [0, 1, 2, 3]  # the items before the error come first
+    with pytest.raises(TrackerError, match="broken frame 4"):
+        next(frames)
+    assert state["closed"] == "decode-ahead"
+    state.clear()
+    frames = prefetched(counted_source(1000, state=state), depth=2)
+    assert next(frames) == 0
+    frames.close()  # left early: the thread stops, the source is closed from it
+    assert state["closed"] == "decode-ahead"
+    assert not any(t.name == "decode-ahead" and t.is_alive() for t in threading.enumerate())

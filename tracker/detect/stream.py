@@ -9,7 +9,8 @@ its own beside the per-frame pass, which is then hundreds of frames ahead when t
 cores: 0.0177 -> 0.0155 s/frame end to end); without one, it runs first. When the candidates are the whole
 selection (a short video: `tracker.pipeline.keyframe_positions`), the keyframes are the per-frame pass's own
 first detections instead, served once all of them are in: no frame is detected twice. Only the landmarks cross
-the bounded queue (never the images), so memory stays flat in the number of frames.
+the bounded queue (never the images), so memory stays flat in the number of frames. Each pass decodes a few
+frames ahead in a thread of its own (`tracker.io.video.prefetched`), so decoding overlaps detection.
 
 Both passes are cached per video (the track under the same file and key as `detect_video`). The result does not
 depend on the threading: each pass does the same work in the same order as a run without threads
@@ -34,7 +35,7 @@ from tracker.detect.base import LandmarkDetector, Landmarks, LandmarkTrack
 from tracker.detect.boxes import BoxTrackerOptions
 from tracker.detect.cache import cache_file, cache_root, detection_cache_key, load_track, save_track
 from tracker.detect.sequence import detect_each, track_cache_key
-from tracker.io.video import DecodeReport, FrameSelection, probe_video, read_frames
+from tracker.io.video import DecodeReport, FrameSelection, prefetched, probe_video, read_frames
 
 QUEUE_FRAMES = 1024
 """Detections the producer may run ahead of the consumer (landmarks only, 6-12 KB each: at most ~12 MB),
@@ -122,7 +123,7 @@ class LandmarkStream:
         if not leading and self._keyframe_pass is None:
             yield "keyframes", self._keyframe_track(lambda: self.detector)
         first: list[DetectedFrame] = []
-        with closing(read_frames(self.video, self.selection, self.report)) as frames:
+        with closing(prefetched(read_frames(self.video, self.selection, self.report))) as frames:
             detections = detect_each(frames, self.detector, self.box_options)
             for position in itertools.count():
                 start = time.perf_counter()
@@ -180,7 +181,8 @@ class LandmarkStream:
         indices, timestamps, detections = [], [], []
         if self.keyframe_positions:
             searcher = detector()
-            with closing(read_frames(self.video, self.selection, positions=self.keyframe_positions)) as frames:
+            keyframes = read_frames(self.video, self.selection, positions=self.keyframe_positions)
+            with closing(prefetched(keyframes)) as frames:
                 for frame in frames:
                     if self._stop.is_set():
                         return None

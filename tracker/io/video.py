@@ -11,7 +11,9 @@ far it got (`DecodeReport`), which the run records.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+import queue
+import threading
+from collections.abc import Collection, Generator, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -287,3 +289,51 @@ def _upright_rgb(frame: av.VideoFrame, size: tuple[int, int], turns: int, index:
                            f"{width}x{height}: a change of aspect ratio mid-stream is not supported (track the "
                            f"frames before it with --max-frames {index}, or re-encode to one size)")
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
+DECODE_AHEAD_FRAMES = 3
+"""Frames `prefetched` decodes ahead of its consumer (a 1080p RGB frame is 6 MB)."""
+
+
+def prefetched(frames: Generator[Frame, None, None], depth: int = DECODE_AHEAD_FRAMES) -> Iterator[Frame]:
+    """The frames of `frames` (e.g. `read_frames`), decoded up to `depth` ahead in a thread of their own, so that
+    decoding and colour conversion (PyAV releases the GIL) overlap what the caller does with each frame: MediaPipe
+    on wojtek.mp4 0.0125 -> 0.0108 s/frame, on a 1080p clip 0.0144 -> 0.0123. Same frames, same order; an error
+    is raised where its frame would have come. Closing this generator (or leaving it early) stops the thread and
+    closes `frames`, from that thread (a generator can only be closed where it is not running)."""
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(message: tuple[str, object]) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(message, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def decode() -> None:
+        try:
+            for frame in frames:
+                if not put(("frame", frame)):
+                    return
+            put(("end", None))
+        except BaseException as error:  # raised again by the consumer, in order
+            put(("error", error))
+        finally:
+            frames.close()
+
+    thread = threading.Thread(target=decode, name="decode-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = out.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item  # type: ignore[misc]
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()
