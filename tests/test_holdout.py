@@ -8,17 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from eval.baselines import SequenceScorer, mean_face
+from eval.baselines import SequenceScorer, exact_landmark_track, mean_face
 from eval.holdout.__main__ import main as holdout_main
 from eval.holdout.generate import build_ground_truth, generate_holdout, load_holdout_assets
 from eval.holdout.raster import Light, rasterize, shade
 from eval.holdout.scenes import holdout_suite
+from eval.identity_probe import STEPS, identity_error_mm, probe_track
+from eval.identity_probe import main as identity_probe_main
 from eval.metrics import vertex_error_mm
 from eval.real.jaw import ContourMesh, jaw_scores, point_to_segments
 from eval.synthetic.generate import load_ground_truth
-from eval.tracked import TrackedSequence, load_tracked
+from eval.tracked import TrackedSequence, load_tracked, resized_params
 from tests.conftest import FLAME_ASSETS, FLAME_STANDIN, MEDIAPIPE_TASK
+from tracker.config import load_config
 from tracker.detect.base import make_detector
+from tracker.flame.assets import load_flame_bundle
 from tracker.flame.landmarks import load_landmark_set
 from tracker.io.video import read_frames
 
@@ -175,4 +179,34 @@ def test_jaw_metric_true_mesh_at_the_floor_and_a_widened_jaw_worse(assets, short
 def test_bad_override_is_one_line_error(capsys):
     assert holdout_main(["--set", "no_equals_sign"]) != 0
     assert holdout_main(["--set", "fit.no_such_key=1"]) != 0
+    assert capsys.readouterr().err.count("\n") == 2
+
+
+def test_identity_probe_reads_the_identity_the_points_carry(assets):
+    """eval.identity_probe on exact landmarks of the quick fast-motion head (its own random identity): with
+    everything else true the fitted identity lands far closer than the mean face, and stays closer as expression,
+    pose and focal length are freed; landmarks drawn from the mean face (the same poses and expressions) carry no
+    identity, and the probe gives back about the mean face's error."""
+    cfg = load_config(None, {})
+    bundle = load_flame_bundle(cfg.flame.path, cfg.flame.assets_dir, cfg.flame.n_shape, cfg.flame.n_expr,
+                               "mediapipe478", cfg.flame.eyelids)
+    gt, _ = build_ground_truth(QUICK["fast_motion"], assets)
+    scorer = SequenceScorer(gt, assets.model, assets.synthetic.bundle.masks["face"])
+    mean_mm = identity_error_mm(scorer, gt, torch.zeros(1, 1))
+    truth = resized_params(gt.params, bundle.model.n_shape, bundle.model.n_expr)
+    informed = probe_track(gt, exact_landmark_track(replace(gt, params=truth), bundle.model, bundle.landmarks),
+                           scorer, cfg, keyframes=6)
+    assert [r.step for r in informed] == [s.name for s in STEPS]
+    assert mean_mm > 1.0
+    assert informed[0].identity_mm < 0.6 * mean_mm and informed[0].focal_error_pct == 0
+    assert all(r.identity_mm < 0.85 * mean_mm for r in informed) and abs(informed[-1].focal_error_pct) < 5
+    mean_points = exact_landmark_track(replace(gt, params=replace(truth, shape=torch.zeros_like(truth.shape))),
+                                       bundle.model, bundle.landmarks)
+    blind = probe_track(gt, mean_points, scorer, cfg, keyframes=6)
+    assert blind[0].identity_mm > 0.9 * mean_mm
+
+
+def test_identity_probe_bad_options_are_one_line_errors(capsys):
+    assert identity_probe_main(["--keyframes", "0"]) != 0
+    assert identity_probe_main(["--detectors", "nope"]) != 0
     assert capsys.readouterr().err.count("\n") == 2
