@@ -11,7 +11,7 @@ $TRACKER_FLAME_ASSETS where set), so the numbers are those of the defaults.
 Writes the refined track's appearance and a few overlays (frame | textured mesh) under --out.
 
     python -m eval.photometric_compare ../shared/data/videos/dev/wojtek.mp4 [--max-frames 100] [--out DIR]
-    python -m eval.photometric_compare --synthetic [talking turns ...] [--quick] [--exact-landmarks]
+    python -m eval.photometric_compare --synthetic [talking turns ...] [--quick] [--exact-landmarks] [--set K=V]
                                        [--true-appearance]
 
 --synthetic tracks sequences of the synthetic suite (eval.synthetic.suite; all of it when none is named, the
@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 import torch
 
+from eval.ablation import merge, parse_override
 from eval.baselines import SequenceScorer, fit_exact_landmarks
 from eval.bench.machine import machine_description
 from eval.metrics import psnr
@@ -116,9 +117,9 @@ def region_psnr(appearance: Appearance, mesh: RegionMesh, camera: Camera, result
     return float(np.mean(values))
 
 
-def compare(video: Path, max_frames: int, out_dir: Path) -> None:
-    cfg = load_config(overrides={"video": {"max_frames": max_frames},
-                                 "output": {"dir": str(out_dir), "video": False}})
+def compare(video: Path, max_frames: int, out_dir: Path, overrides: dict) -> None:
+    cfg = load_config(overrides=merge(overrides, {"video": {"max_frames": max_frames},
+                                                  "output": {"dir": str(out_dir), "video": False}}))
     problem, result, obs, timings, bundle = landmark_run(video, cfg)
     images, crop = stage_inputs(video, cfg, obs, result)
     T = len(result.valid)
@@ -173,7 +174,7 @@ def true_appearance(gt: GroundTruth, assets: SyntheticAssets, bundle: FlameBundl
 
 
 def compare_synthetic(names: list[str], quick: bool, exact_landmarks: bool, known_appearance: bool,
-                      out_dir: Path) -> None:
+                      out_dir: Path, overrides: dict) -> None:
     """Landmark stage vs landmarks + photometric on synthetic sequences, scored against the truth (see the
     module docstring)."""
     specs = {spec.name: spec for spec in suite(quick)}
@@ -185,8 +186,8 @@ def compare_synthetic(names: list[str], quick: bool, exact_landmarks: bool, know
     for name in names or list(specs):
         sequence = generate_sequence(specs[name], assets, out_dir / "sequences")
         gt = load_ground_truth(sequence.ground_truth)
-        cfg = load_config(overrides={"output": {"dir": str(out_dir / "tracks"), "video": False},
-                                     "densemarks": {"mode": "off"}})
+        cfg = load_config(overrides=merge(overrides, {"output": {"dir": str(out_dir / "tracks"), "video": False},
+                                                      "densemarks": {"mode": "off"}}))
         problem, result, obs, _, bundle = landmark_run(sequence.video, cfg)
         images, crop = stage_inputs(sequence.video, cfg, obs, result)
         cpu_start = time.process_time()
@@ -217,7 +218,7 @@ def compare_synthetic(names: list[str], quick: bool, exact_landmarks: bool, know
         print("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("videos", nargs="*", help="videos, or with --synthetic names of synthetic sequences")
     parser.add_argument("--synthetic", action="store_true", help="score on the synthetic benchmark's sequences")
@@ -229,7 +230,9 @@ def main() -> int:
     parser.add_argument("--max-frames", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("/tmp/photometric_compare"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the stages set their own)")
-    args = parser.parse_args()
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="tracker config override, e.g. --set photometric.landmark_weight=0.05 (repeatable)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(machine_description(), f"- torch threads {torch.get_num_threads()}")
     if args.max_frames < 2:
@@ -238,10 +241,15 @@ def main() -> int:
         parser.error("give videos, or --synthetic")
 
     def compare_all() -> None:
+        overrides: dict = {}
+        for text in args.set:
+            overrides = merge(overrides, parse_override(text))
+        load_config(overrides=overrides)  # a bad key fails here, before anything runs
         if args.synthetic:
-            compare_synthetic(args.videos, args.quick, args.exact_landmarks, args.true_appearance, args.out)
+            compare_synthetic(args.videos, args.quick, args.exact_landmarks, args.true_appearance, args.out,
+                              overrides)
         for video in [] if args.synthetic else args.videos:
-            compare(Path(video), args.max_frames, args.out)
+            compare(Path(video), args.max_frames, args.out, overrides)
 
     return run_reporting_errors(compare_all)
 

@@ -560,3 +560,14 @@ def test_overlay_video_frame_draws_the_textured_regions(bundle, camera, mesh, ap
     deviation = np.abs(textured[inside].astype(float) - expected)
     assert deviation.mean() < 0.5 and deviation.max() <= 3.0  # 8-bit rounding of both blends
     assert np.abs(plain[inside].astype(float) - target).mean() > 10.0
+
+
+def test_photometric_compare_bad_override_is_one_line_error(capsys):
+    """eval.photometric_compare --set reaches the tracker's config: a wrong key or value stops it in one line
+    before anything is tracked."""
+    from eval.photometric_compare import main as compare_main
+
+    assert compare_main(["--synthetic", "talking", "--set", "photometric.no_such_key=1"]) != 0
+    assert compare_main(["--synthetic", "talking", "--set", "photometric.landmark_weight=-1"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "no_such_key" in err
