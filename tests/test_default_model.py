@@ -174,6 +174,14 @@ def test_official_flame_in_flame_assets_keeps_precedence(tmp_path, monkeypatch):
     assert default.flame_file == DEFAULT_MODEL and default.assets_dir == REPO_ASSETS and default.is_default
     assert default.model_record["sha256"] == file_sha256(DEFAULT_MODEL)
     assert default.model_record["name"] == "flame_standin" and "CC-BY-4.0" in default.model_record["license"]
+    # Which embedding a run used is recorded by content: the user's folder's files, not the shipped ones.
+    assert user.model_record["assets_dir"] == str(folder)
+    assert user.model_record["landmark_embedding"] == {
+        "flame_static_embedding_68.pkl": file_sha256(FLAME_ASSETS / "flame_static_embedding_68.pkl"),
+        "flame_dynamic_embedding.npy": file_sha256(FLAME_ASSETS / "flame_dynamic_embedding.npy")}
+    shipped = default.model_record["landmark_embedding"]
+    assert default.model_record["assets_dir"] == str(REPO_ASSETS) and len(shipped) == 2
+    assert all(shipped[name] == file_sha256(REPO_ASSETS / name) for name in shipped)
     # The same side data either way (pickles beside the user's model, plain arrays shipped).
     for name in ("corners", "bary", "contour_corners", "contour_bary", "vertex_ids"):
         assert torch.equal(getattr(user.landmarks, name), getattr(default.landmarks, name)), name
@@ -206,7 +214,8 @@ def test_cli_tracks_a_synthetic_clip_with_nothing_but_the_clone(tmp_path):
     assert all(np.isfinite(v).all() for v in arrays.values() if v.dtype.kind == "f")
     assert arrays["lmk_error_px"].max() < 1.0  # the fitted head lies on the rendered one (measured ~0.2 px)
     record = {"name": "flame_standin", "file": str(DEFAULT_MODEL), "sha256": file_sha256(DEFAULT_MODEL),
-              "shipped_default": True}
+              "shipped_default": True, "assets_dir": str(REPO_ASSETS), "landmark_embedding": {
+                  "mediapipe_landmark_embedding.npz": file_sha256(REPO_ASSETS / "mediapipe_landmark_embedding.npz")}}
     assert {k: meta["flame_model"][k] for k in record} == record and "CC-BY-4.0" in meta["flame_model"]["license"]
     assert meta["detector"]["model_path"] == str((REPO_ASSETS / "face_landmarker_v2_with_blendshapes.task").resolve())
     summary = json.loads((out / "summary.json").read_text())

@@ -16,7 +16,7 @@ import numpy as np
 from tracker.errors import MissingAssetError, TrackerError, quote
 from tracker.flame.contour import outline_region
 from tracker.flame.landmarks import STATIC_68_FILES, LandmarkSet, find_side_file, load_landmark_set
-from tracker.flame.loading import FLAME_DOWNLOAD_HINT, load_flame_file, read_array_dict
+from tracker.flame.loading import FLAME_DOWNLOAD_HINT, file_sha256, load_flame_file, read_array_dict
 from tracker.flame.model import FlameModel
 from tracker.io.safe_load import read_npy
 from tracker.resources import shipped_assets_dir
@@ -117,7 +117,8 @@ class FlameBundle:
     flame_file: Path
     assets_dir: Path
     model_record: dict
-    """What outputs record about the model: name, file, sha256, licence, whether it is the shipped default."""
+    """What outputs record about the model: name, file, sha256, licence, whether it is the shipped default, the
+    side-file folder and the landmark embedding's files (name -> sha256), which results depend on as much."""
 
     @property
     def is_default(self) -> bool:
@@ -144,5 +145,7 @@ def load_flame_bundle(flame: str | None, assets: str | None, n_shape: int, n_exp
             "name": data.name, "file": str(flame_file), "sha256": data.sha256,
             "license": data.license or "not stated in the file (see its provider's terms)",
             "shipped_default": flame_file.resolve() == DEFAULT_MODEL.resolve(),
+            "assets_dir": str(assets_dir),
+            "landmark_embedding": {path.name: file_sha256(path) for path in landmarks.sources},
         },
     )

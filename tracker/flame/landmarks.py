@@ -92,6 +92,8 @@ class LandmarkSet:
     """(C,) long: detector points on the lower face outline, matched to the silhouette (energy.contour)."""
     outline: ContourRegion | None = None
     """The mesh region whose silhouette those points lie on."""
+    sources: tuple[Path, ...] = ()
+    """The embedding files it was read from (their digests go into the outputs)."""
 
     @property
     def n_landmarks(self) -> int:
@@ -189,7 +191,7 @@ def read_dynamic_contour(path: Path) -> dict:
 
 def _build(scheme: str, faces: np.ndarray, tri_corners: list[np.ndarray], detector_index: np.ndarray,
            bary: np.ndarray, contour: tuple[np.ndarray, np.ndarray] | None,
-           sigma: np.ndarray | None = None) -> LandmarkSet:
+           sigma: np.ndarray | None = None, sources: tuple[Path, ...] = ()) -> LandmarkSet:
     used = np.unique(np.concatenate([c.reshape(-1) for c in tri_corners]))
     local = {int(v): i for i, v in enumerate(used)}
     to_local = np.vectorize(lambda v: local[int(v)], otypes=[np.int64])
@@ -207,6 +209,7 @@ def _build(scheme: str, faces: np.ndarray, tri_corners: list[np.ndarray], detect
         contour_corners=contour_corners,
         contour_bary=contour_bary,
         sigma=None if sigma is None else torch.from_numpy(np.asarray(sigma, np.float32)),
+        sources=sources,
     )
 
 
@@ -223,7 +226,7 @@ def load_ibug68(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
     static_corners = _face_corners(faces, static_faces, static_path)  # (68, 3)
     contour_corners = _face_corners(faces, contour_faces, dynamic_path)  # (79, 17, 3)
     return _build("ibug68", faces, [static_corners, contour_corners], np.arange(68), static_bary,
-                  (contour_corners, contour_bary))
+                  (contour_corners, contour_bary), sources=(static_path, dynamic_path))
 
 
 def load_mediapipe(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
@@ -241,7 +244,7 @@ def load_mediapipe(assets_dir: Path, faces: np.ndarray) -> LandmarkSet:
     if sigma is not None and not (sigma > 0).all():
         raise TrackerError(f"{path}: array landmark_sigma must be positive")
     corners = _face_corners(faces, face_idx, path)
-    return _build("mediapipe478", faces, [corners], mp_idx, bary, None, sigma)
+    return _build("mediapipe478", faces, [corners], mp_idx, bary, None, sigma, sources=(path,))
 
 
 def load_landmark_set(scheme: str, assets_dir: str | Path, faces: np.ndarray) -> LandmarkSet:
