@@ -210,3 +210,20 @@ def test_identity_probe_bad_options_are_one_line_errors(capsys):
     assert identity_probe_main(["--keyframes", "0"]) != 0
     assert identity_probe_main(["--detectors", "nope"]) != 0
     assert capsys.readouterr().err.count("\n") == 2
+
+
+def test_holdout_table_names_the_tracker_embedding():
+    """The table's header says which model and landmark embedding the tracker ran with (from the summaries), and
+    says so when sequences ran with different ones."""
+    from eval.holdout.benchmark import SequenceResult, tracker_assets
+
+    record = {"name": "flame_standin", "file": "/x/flame_standin.npz", "shipped_default": True, "assets_dir": "/x",
+              "landmark_embedding": {"mediapipe_landmark_embedding.npz": "ab" * 32}}
+    spec = QUICK["fast_motion"]
+    same = [SequenceResult(spec, [], {"tracker_flame_model": dict(record)}) for _ in range(2)]
+    assert tracker_assets(same) == ("flame_standin (shipped default), side files /x: "
+                                    "mediapipe_landmark_embedding.npz abababababab")
+    other = {**record, "assets_dir": "/shared", "landmark_embedding": {"mediapipe_landmark_embedding.npz": "cd" * 32}}
+    assert tracker_assets([*same, SequenceResult(spec, [], {"tracker_flame_model": other})]) == \
+        "differs between sequences"
+    assert tracker_assets([SequenceResult(spec, [], {"tracker_flame_model": {}}, "failed")]) == "unknown (no track)"

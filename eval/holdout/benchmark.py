@@ -97,10 +97,26 @@ def run_sequence(spec: HoldoutSpec, options: HoldoutOptions, assets, values: dic
     log(f"{spec.name}: landmark stage on exact landmarks")
     rows += scorer.baseline_rows(fit_exact_landmarks(gt, load_config(None, values), show_progress=True))
     yaw = gt.yaw_deg
+    summary = run.summary or {}
     facts = {"frames": gt.n_frames, "truth_focal_px": float(gt.camera.focal), "distance_m": spec.distance_m,
              "yaw_min_deg": float(yaw.min()), "yaw_max_deg": float(yaw.max()), "photo": spec.photo,
-             "seconds_per_frame": (run.summary or {}).get("seconds_per_frame", {}).get("total", float("nan"))}
+             "seconds_per_frame": summary.get("seconds_per_frame", {}).get("total", float("nan")),
+             "tracker_flame_model": summary.get("flame_model", {})}
     return SequenceResult(spec, rows, facts, run.skipped)
+
+
+def tracker_assets(results: list[SequenceResult]) -> str:
+    """The head model and landmark embedding the tracker ran with (from its summaries): a shell that points
+    FLAME_MODEL or TRACKER_FLAME_ASSETS elsewhere (as the tests do) measures other files than the shipped ones."""
+    records = {json.dumps(r.facts["tracker_flame_model"], sort_keys=True) for r in results if r.facts["tracker_flame_model"]}
+    if not records:
+        return "unknown (no track)"
+    if len(records) > 1:
+        return "differs between sequences"
+    record = json.loads(records.pop())
+    files = ", ".join(f"{name} {digest[:12]}" for name, digest in record.get("landmark_embedding", {}).items())
+    return (f"{record.get('name')} ({'shipped default' if record.get('shipped_default') else record.get('file')}), "
+            f"side files {record.get('assets_dir')}: {files}")
 
 
 def run_holdout(options: HoldoutOptions) -> Path:
@@ -123,6 +139,7 @@ def run_holdout(options: HoldoutOptions) -> Path:
         "tracker config": options.config or "defaults",
         "overrides": json.dumps(options.overrides) if options.overrides else "none",
         "flame": str(assets.synthetic.bundle.flame_file), "holdout version": HOLDOUT_VERSION,
+        "tracker's model and embedding": tracker_assets(results),
         "wall time (min)": round((time.perf_counter() - started) / 60, 1),
     }
     header = "# Hold-out benchmark\n\n" + "\n".join(f"- {k}: {v}" for k, v in info.items()) + "\n\n"
