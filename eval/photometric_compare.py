@@ -12,7 +12,7 @@ Writes the refined track's appearance and a few overlays (frame | textured mesh)
 
     python -m eval.photometric_compare ../shared/data/videos/dev/wojtek.mp4 [--max-frames 100] [--out DIR]
     python -m eval.photometric_compare --synthetic [talking turns ...] [--quick] [--exact-landmarks] [--set K=V]
-                                       [--true-appearance]
+                                       [--true-appearance] [--true-identity]
 
 --synthetic tracks sequences of the synthetic suite (eval.synthetic.suite; all of it when none is named, the
 --quick one with --quick) and prints per sequence the face-region vertex error after per-frame rigid alignment
@@ -21,6 +21,9 @@ the stage's seconds per frame (process CPU; the identity's fixed cost shared out
 eval.baselines: mean face with the true pose and expression, true shape with zero expression, and
 (--exact-landmarks, slower) the landmark stage fed exact projected landmarks. --true-appearance adds the stage
 given the texture and lighting the sequence was rendered with: what estimating the appearance costs.
+--true-identity adds the landmark track with the true identity swapped in (its poses, expressions and focal
+length kept) and the stage started from there (an estimated appearance, the defaults): whether the stage keeps,
+improves or spoils an identity that starts right.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -47,7 +51,7 @@ from eval.synthetic.generate import (
     sequence_texture,
 )
 from eval.synthetic.suite import suite
-from eval.tracked import TrackedSequence
+from eval.tracked import TrackedSequence, resized_params
 from tracker.camera import Camera
 from tracker.config import TrackerConfig, load_config
 from tracker.energy.base import Observations
@@ -173,8 +177,16 @@ def true_appearance(gt: GroundTruth, assets: SyntheticAssets, bundle: FlameBundl
                       coverage=torch.ones(texture.shape[1:], device=device))
 
 
+def started_from_identity(result: TrackResult, gt: GroundTruth) -> TrackResult:
+    """The landmark track with the sequence's true identity in place of its own (poses, expressions, focal
+    length and validity kept): the start of the stage when only its identity is right."""
+    own = result.params.shape
+    truth = resized_params(gt.params, own.shape[-1], result.params.expr.shape[-1]).shape[:1]
+    return replace(result, params=replace(result.params, shape=truth.to(own.device, own.dtype)))
+
+
 def compare_synthetic(names: list[str], quick: bool, exact_landmarks: bool, known_appearance: bool,
-                      out_dir: Path, overrides: dict) -> None:
+                      out_dir: Path, overrides: dict, known_identity: bool = False) -> None:
     """Landmark stage vs landmarks + photometric on synthetic sequences, scored against the truth (see the
     module docstring)."""
     specs = {spec.name: spec for spec in suite(quick)}
@@ -200,17 +212,24 @@ def compare_synthetic(names: list[str], quick: bool, exact_landmarks: bool, know
             with_truth, _, _ = run_photometric_stage(problem, result, obs, images, crop, bundle, cfg,
                                                      appearance=true_appearance(gt, assets, bundle, cfg))
             tracks.append(("known appearance", with_truth))
+        if known_identity:
+            started = started_from_identity(result, gt)
+            from_identity, _, _ = run_photometric_stage(problem, started, obs, images, crop, bundle, cfg)
+            tracks += [("true identity", started), ("true identity start", from_identity)]
         tracked = {label: scorer.score(label, TrackedSequence(track.params, camera, np.arange(gt.n_frames),
                                                               track.valid))
                    for label, track in tracks}
         baselines = scorer.baseline_rows(fit_exact_landmarks(gt, cfg) if exact_landmarks else None)
         landmark_mm, photometric_mm = tracked["landmarks"].v2v_rigid_mm, tracked["photometric"].v2v_rigid_mm
-        known = [tracked["known appearance"].v2v_rigid_mm] if known_appearance else []
+        extra = [tracked[label].v2v_rigid_mm for label, on in (("known appearance", known_appearance),
+                                                               ("true identity", known_identity),
+                                                               ("true identity start", known_identity)) if on]
         rows.append([name, gt.n_frames, landmark_mm, tracked["landmarks"].reproj_px, photometric_mm,
                      tracked["photometric"].reproj_px, 100 * (1 - photometric_mm / landmark_mm), stage_cpu,
-                     *known, *[row.v2v_rigid_mm for row in baselines], report["guard"]["rejected"]])
+                     *extra, *[row.v2v_rigid_mm for row in baselines], report["guard"]["rejected"]])
     header = ["sequence", "frames", "landmarks (mm)", "(px)", "+ photometric (mm)", "(px)", "cut (%)",
               "stage CPU s/frame"] + (["+ photometric, true appearance (mm)"] if known_appearance else []) + \
+        (["landmarks, true identity swapped in (mm)", "+ photometric from there (mm)"] if known_identity else []) + \
         ["mean face, true pose/expr (mm)", "true shape, zero expr (mm)"] + \
         (["exact landmarks (mm)"] if exact_landmarks else []) + ["guard rejected"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
@@ -232,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the stages set their own)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="tracker config override, e.g. --set photometric.landmark_weight=0.05 (repeatable)")
+    parser.add_argument("--true-identity", action="store_true",
+                        help="with --synthetic: also the stage started from the true identity (what its identity "
+                             "start costs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(machine_description(), f"- torch threads {torch.get_num_threads()}")
@@ -247,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         load_config(overrides=overrides)  # a bad key fails here, before anything runs
         if args.synthetic:
             compare_synthetic(args.videos, args.quick, args.exact_landmarks, args.true_appearance, args.out,
-                              overrides)
+                              overrides, args.true_identity)
         for video in [] if args.synthetic else args.videos:
             compare(Path(video), args.max_frames, args.out, overrides)
 

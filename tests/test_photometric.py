@@ -43,7 +43,7 @@ from tracker.fit.photometric import (
     surface_samples,
 )
 from tracker.fit.sequence import TrackResult, landmark_error_px
-from tracker.fit.solver import Problem, torch_threads
+from tracker.fit.solver import FRAME_FIELDS, Problem, torch_threads
 from tracker.flame.assets import load_flame_bundle
 from tracker.flame.lbs import batch_rodrigues
 from tracker.flame.model import FlameParams
@@ -571,3 +571,30 @@ def test_photometric_compare_bad_override_is_one_line_error(capsys):
     assert compare_main(["--synthetic", "talking", "--set", "photometric.landmark_weight=-1"]) != 0
     err = capsys.readouterr().err
     assert err.count("\n") == 2 and "no_such_key" in err
+
+
+@pytest.mark.parametrize("truth_width", [40, 120])  # fewer identity components than the model (padded), more (cut)
+def test_photometric_compare_true_identity_start_swaps_only_the_identity(bundle, truth_width):
+    """--true-identity starts the stage from the landmark track with the sequence's true identity: the shape
+    of every frame is the truth's, sized to the model; poses, expressions, focal length and validity are the
+    track's own."""
+    from types import SimpleNamespace
+
+    from eval.photometric_compare import started_from_identity
+
+    model = bundle.model
+    generator = torch.Generator().manual_seed(3)
+    track = make_truth(model, [[0.1, 0.2, 0.0], [0.0, -0.3, 0.1]])
+    track.expr = torch.randn(track.expr.shape, generator=generator)
+    track.shape = torch.randn(1, model.n_shape, generator=generator)
+    result = TrackResult(track, 1234.0, np.array([True, False]), np.array([1.5, np.nan]), np.zeros(2, bool))
+    truth = FlameParams.zeros(2, truth_width, 10)
+    truth.shape = torch.randn(1, truth_width, generator=generator).expand(2, -1)
+    started = started_from_identity(result, SimpleNamespace(params=truth))
+    kept = min(truth_width, model.n_shape)
+    assert started.params.shape.shape == (1, model.n_shape)
+    assert torch.equal(started.params.shape[0, :kept], truth.shape[0, :kept])
+    assert not started.params.shape[0, kept:].any()
+    for name in FRAME_FIELDS:
+        assert torch.equal(getattr(started.params, name), getattr(track, name)), name
+    assert started.focal == 1234.0 and started.valid.tolist() == [True, False]
