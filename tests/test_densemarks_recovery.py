@@ -115,9 +115,8 @@ def test_exact_correspondences_give_an_exact_fit(bundle, sequence, tmp_path):
     assert info["ran"] and info["frames_without_landmarks_tracked"] == int((~result.valid).sum()) > 0
     assert refined.valid.all() and not info["guard"]["sequence_fallback"]
     assert np.median(landmark_rigid) > 1.5 and abs(result.focal / float(camera.focal) - 1) > 0.05  # a poor start
-    # Past 60 degrees of yaw half the face is out of sight (its expression comes from the prior alone): the last
-    # two frames (70 and 85 degrees) end at 0.6-1.3 mm (higher inside the full suite than alone).
-    assert np.median(rigid) <= 0.3 and rigid.max() <= 1.5, rigid
+    # Past 60 degrees of yaw half the face is out of sight; the profiles end at 0.3-0.4 mm.
+    assert np.median(rigid) <= 0.3 and rigid.max() <= 0.6, rigid
     assert np.median(reprojection) <= 0.5 and reprojection.max() < 10.0, reprojection
     assert abs(refined.focal / float(camera.focal) - 1) <= 0.02
     assert float(stage_camera.focal) == pytest.approx(refined.focal)
@@ -132,9 +131,10 @@ def test_map_estimated_by_the_tracker_gives_a_close_fit(bundle, sequence, tmp_pa
     refined, info, _ = refine(bundle, sequence, tmp_path)
     rigid, reprojection = errors(bundle, refined.params, refined.focal, truth, camera)
     assert info["map_source"] == "estimated" and refined.valid.all()
-    assert np.median(rigid) <= 1.0 and np.median(rigid) < 0.5 * np.median(landmark_rigid), rigid
+    assert np.median(rigid) <= 0.6 and rigid.max() <= 1.0, rigid  # 0.35 / 0.6 measured
+    assert np.median(rigid) < 0.3 * np.median(landmark_rigid)
     assert np.median(reprojection) <= 1.5 and reprojection.max() < 10.0, reprojection
-    assert abs(refined.focal / float(camera.focal) - 1) <= 0.06  # 5.4% measured
+    assert abs(refined.focal / float(camera.focal) - 1) <= 0.05  # 3.5% measured
 
 
 def test_corrupted_maps_cannot_make_a_fit_worse_than_the_landmark_stage(bundle, sequence, tmp_path):
@@ -161,7 +161,7 @@ def test_corrupted_maps_cannot_make_a_fit_worse_than_the_landmark_stage(bundle, 
 
 def test_garbage_maps_on_some_frames_fall_back_frame_by_frame(bundle, sequence, tmp_path):
     """Random uvw on two detected frames: those frames lack support and keep their (re-fitted) landmark fit, the
-    others are refined; nothing ends worse than the landmark stage."""
+    others are refined, the frames after them unharmed; nothing ends worse than the landmark stage."""
     truth, camera, oracle_truth, _, result, _ = sequence
 
     class GarbageOnSome(OracleDenseMarks):
@@ -188,9 +188,15 @@ def test_garbage_maps_on_some_frames_fall_back_frame_by_frame(bundle, sequence, 
     assert refined.valid[[4, 7]].all()
     landmark_rigid, _ = errors(bundle, result.params, result.focal, truth, camera)
     rigid, _ = errors(bundle, refined.params, refined.focal, truth, camera)
-    assert (rigid[[4, 7]] <= landmark_rigid[[4, 7]] + 0.5).all()
+    # Every frame ends better than the landmark stage left it, the lost profiles included (0.22-0.44 mm
+    # measured; they drifted to 2-5 mm while a hidden eye's eyelid could run off), the garbage frames re-fitted
+    # to their landmarks (0.9-1.0 mm against 1.6).
+    assert (rigid <= landmark_rigid).all(), (rigid, landmark_rigid)
+    # The frames after a garbage frame do not inherit it: their motion prediction starts afresh (0.12 / 0.26
+    # mm measured; 0.86 / 0.68 when extrapolated from the garbage fit).
+    assert (rigid[[5, 8]] <= 0.5).all(), rigid
     others = np.setdiff1d(np.arange(FRAMES), [4, 7])
-    assert np.median(rigid[others]) < 0.5 * np.median(landmark_rigid[others]), (rigid, landmark_rigid, info)
+    assert np.median(rigid[others]) < 0.3 * np.median(landmark_rigid[others]), (rigid, landmark_rigid, info)
 
 
 def test_landmark_fits_are_refitted_under_a_far_focal_length(bundle, sequence):

@@ -73,6 +73,21 @@ def test_expression_prior_follows_the_basis(bundle):
     assert float(rig) == pytest.approx(float(pca + 0.2 * smooth_l1 + 10.0 * outside), rel=1e-4)
 
 
+def test_eyelid_prior_is_light_l2_and_a_barrier_outside_open_to_closed(bundle):
+    """Eyelid closing coefficients: a light pull towards open, and a barrier outside [-0.25, 1.25] (open 0,
+    closed 1, with a margin) whatever the expression basis (an eyelid turned away from the camera must not drift
+    to any value)."""
+    cfg = PriorConfig(weight=2.0, shape=0.0, expr=0.0, expr_sparsity=0.0, expr_bounds=0.0, jaw=0.0, neck=0.0,
+                      eyes=0.0, eyelids=0.01, eyelid_bounds=10.0)
+    params = FlameParams.zeros(2, bundle.model.n_shape, bundle.model.n_expr)
+    params.eyelids = torch.tensor([[-0.2, 1.25], [-0.5, 1.5]])
+    inside = 0.2 ** 2 + 1.25 ** 2 + 0.5 ** 2 + 1.5 ** 2
+    outside = 0.25 ** 2 + 0.25 ** 2
+    for model in (bundle.model, Pca()):
+        assert prior_energy(PriorEnergy(cfg, model), params) == pytest.approx(2.0 * (0.01 * inside + 10.0 * outside),
+                                                                              rel=1e-5)
+
+
 def test_barrier_and_sparsity_residuals():
     a = torch.tensor([[-0.5, 0.0, 0.3, 1.0, 1.25]])
     assert torch.allclose(barrier_residuals(a), torch.tensor([[0.5, 0.0, 0.0, 0.0, 0.25]]))

@@ -238,7 +238,7 @@ def refine_sequence_dense(fitter: DenseFitter, result: TrackResult, obs: Observa
                           dense_frame: Callable[[int], DenseFrame],
                           progress: Callable[[str], None] | None = None,
                           refits: FlameParams | None = None) -> tuple[TrackResult, dict]:
-    """Refine every frame, in order (temporal reference: the refined predecessors), then guard the result.
+    """Refine every frame, in order (temporal reference: the refined predecessors the dense evidence supports).
 
     `result` holds the landmark fits under the stage's identity and camera (frames without landmarks hold a
     neighbour's values); frames without landmarks are fitted too when densemarks.track_lost, and become valid
@@ -286,7 +286,9 @@ def refine_sequence_dense(fitter: DenseFitter, result: TrackResult, obs: Observa
         if valid[t] and bool((frame_obs.landmark_weights > 0).any()):
             errors[t] = float(landmark_error_px(fitter.problem, params, frame_obs)[0])
         refined.append(params)
-        prev2, prev = (prev, params) if valid[t] else (None, None)
+        # An unsupported frame (wrong or empty maps) breaks the motion chain like a missing one: extrapolating
+        # its refinement would pull the next frames after it.
+        prev2, prev = (prev, params) if inlier_fraction[t] >= stage.min_inliers else (None, None)
         if progress:
             progress("refine")
     stacked = FlameParams(shape=result.params.shape,

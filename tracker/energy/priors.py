@@ -18,6 +18,9 @@ import torch
 
 from tracker.energy.base import Evaluation
 
+EYELID_RANGE = (-0.25, 1.25)
+"""Eyelid closing coefficients run from open (0) to closed (1); the barrier leaves a margin for wide-open and
+squeezed eyes, and keeps its kink away from 0, where every track starts."""
 SPARSITY_EPS = 0.05
 """Below this activation the sparsity term is quadratic (smooth for Gauss-Newton), above it linear."""
 
@@ -42,7 +45,10 @@ class PriorConfig:
     eyes: float = 0.005
     """Eyeball rotation, per rad^2."""
     eyelids: float = 0.001
-    """Eyelid closing coefficients."""
+    """Eyelid closing coefficients: light L2 towards open."""
+    eyelid_bounds: float = 10.0
+    """Eyelid closing coefficients: quadratic barrier outside [-0.25, 1.25] (open 0 .. closed 1, with a margin;
+    an eyelid turned away from the camera is otherwise free to drift)."""
 
 
 def gaussian_residuals(coefficients: torch.Tensor) -> torch.Tensor:
@@ -117,7 +123,8 @@ class PriorEnergy:
         blocks += [("jaw_pose", c.jaw ** 0.5 * jaw_slope, [1, 2, 0]),
                    ("neck_pose", torch.full_like(p.neck_pose, c.neck ** 0.5), None),
                    ("eyes_pose", torch.full_like(p.eyes_pose, c.eyes ** 0.5), None),
-                   ("eyelids", torch.full_like(p.eyelids, c.eyelids ** 0.5), None)]
+                   ("eyelids", torch.full_like(p.eyelids, c.eyelids ** 0.5), None),
+                   ("eyelids", c.eyelid_bounds ** 0.5 * barrier_slope(p.eyelids, *EYELID_RANGE), None)]
         return c.weight ** 0.5 * diagonal_blocks(blocks, columns, p.batch_size, p.expr)
 
     def focal_jacobian(self, ev: Evaluation) -> torch.Tensor:
@@ -131,7 +138,8 @@ class PriorEnergy:
         shape = c.shape ** 0.5 * gaussian_residuals(p.shape).expand(B, -1) / ev.shared_frames ** 0.5
         jaw = torch.cat([p.jaw_pose[:, 1:], torch.relu(-p.jaw_pose[:, :1])], dim=1)
         parts = [shape, self.expression_residuals(p.expr), c.jaw ** 0.5 * jaw, c.neck ** 0.5 * p.neck_pose,
-                 c.eyes ** 0.5 * p.eyes_pose, c.eyelids ** 0.5 * p.eyelids]
+                 c.eyes ** 0.5 * p.eyes_pose, c.eyelids ** 0.5 * p.eyelids,
+                 c.eyelid_bounds ** 0.5 * barrier_residuals(p.eyelids, *EYELID_RANGE)]
         return c.weight ** 0.5 * torch.cat(parts, dim=1)
 
 
