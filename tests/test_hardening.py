@@ -216,6 +216,16 @@ def test_bad_focal_is_refused_before_any_work(tmp_path, capsys, clip, focal, wor
     assert code == 1 and "focal" in line and words in line and not (tmp_path / "out").exists()
 
 
+def test_missing_albedo_model_is_refused_before_any_work(tmp_path, capsys, clip):
+    config = tmp_path / "albedo.yaml"
+    config.write_text(f"photometric:\n  albedo_model: {tmp_path / 'FLAME_texture.npz'}\n")
+    code, _, err = run_cli([clip, "--config", config, "--photometric", "on", "--out", tmp_path / "out", "--quiet"],
+                           capsys)
+    line = one_line(err)
+    assert code == 1 and "photometric.albedo_model" in line and "not found" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_input_refused_during_the_run_leaves_nothing(tmp_path, capsys, clip):
     """A start frame past the end is only found while decoding, after the run folder was made: the folder (and
     the --out it created) is removed again."""

@@ -210,6 +210,19 @@ class PhotometricStageConfig:
     """Weight of the albedo's total variation (texture) or edge differences (vertex colours)."""
     albedo_symmetry: float = 0.0
     """Weight of the texture's left-right symmetry prior (0 = off)."""
+    albedo_model: str | None = None
+    """Statistical albedo model .npz (FLAME texture space FLAME_texture.npz, or FLAME_albedo_from_BFM.npz; each
+    comes with a registration): the albedo is confined to it, and the images may change the head's size
+    (albedo_model_size_weight); None: a free texture (smoothness and symmetry above)."""
+    albedo_components: int = 50
+    """Directions of the albedo model used (its first ones)."""
+    albedo_prior: float = 0.0
+    """Weight of the squared albedo-model coefficients (0: none; a prior held the albedo off the person's in
+    development runs)."""
+    albedo_model_size_weight: float = 0.0
+    """Under an albedo model, how firmly the identity step holds the head's size (HeadSizeEnergy: weight of the
+    squared relative size change; 1e4 without a model, which holds it). 0: free, what a model that spans the
+    person's albedo needs (README: 10 and 100 gave back a third to two thirds of its gain)."""
     pyramid_levels: int = 2
     """Coarse-to-fine levels of the identity and per-frame refinements, each half the size of the next (1 = full
     size only)."""
@@ -387,6 +400,7 @@ NUMBER_RANGES: tuple[tuple[str, float, float, bool], ...] = (
     ("photometric.resolution", 32, math.inf, True), ("photometric.texture_size", 8, math.inf, True),
     ("photometric.frame_iters", 1, math.inf, True), ("photometric.keyframes", 1, math.inf, True),
     ("photometric.identity_iters", 1, math.inf, True), ("photometric.samples", 1, math.inf, True),
+    ("photometric.albedo_components", 1, math.inf, True),
     ("photometric.guard.max_shift", 0, math.inf, False), ("photometric.guard.max_rejected", 0, 1, True),
     ("bridge.flow_size", 32, math.inf, True), ("bridge.max_flow_error", 0, math.inf, False), ("bridge.max_grey_change", 0, math.inf, False),
     ("bridge.min_points", 3, math.inf, True), ("bridge.min_facing", -1, 1, True), ("bridge.points", 3, math.inf, True), ("bridge.iters", 1, math.inf, True),

@@ -48,6 +48,7 @@ from tracker.io.overlay_video import write_overlay_video
 from tracker.io.params_writer import OnDisk, OutputWriter
 from tracker.io.report import write_report
 from tracker.io.video import DecodeReport, FrameSelection, probe_video, read_frames
+from tracker.render.albedo_model import albedo_model_path
 
 SCHEME_OF_DETECTOR = {"mediapipe": SCHEME_MEDIAPIPE, "dlib": SCHEME_IBUG68, "fan": SCHEME_IBUG68}
 log = logging.getLogger(__name__)
@@ -197,6 +198,8 @@ def _track_video(video: Path, cfg: TrackerConfig, show_progress: bool, run_folde
     selection = FrameSelection(cfg.video.start, cfg.video.max_frames, cfg.video.stride, cfg.video.stream)
     info = probe_video(video, selection.stream)
     check_focal(cfg.camera.focal, info.width, info.height)
+    if cfg.photometric.enabled and cfg.photometric.albedo_model:
+        albedo_model_path(cfg.photometric.albedo_model)
     timings: dict[str, float] = {}
 
     scheme = SCHEME_OF_DETECTOR[cfg.detect.landmarks]

@@ -17,6 +17,10 @@ def head_size(model: FlameModel, shape: torch.Tensor) -> torch.Tensor:
     return (vertices - vertices.mean(0)).square().sum(-1).mean().sqrt()
 
 
+HOLD_WEIGHT = 1e4
+"""Weight of the squared relative size change that holds a head's size (a 1% change costs 1)."""
+
+
 class HeadSizeEnergy:
     """Holds the neutral head's size at that of a reference identity while the identity is re-estimated.
 
@@ -28,7 +32,7 @@ class HeadSizeEnergy:
 
     name = "head_size"
 
-    def __init__(self, model: FlameModel, reference_shape: torch.Tensor, weight: float = 1e4):
+    def __init__(self, model: FlameModel, reference_shape: torch.Tensor, weight: float = HOLD_WEIGHT):
         self.model = model
         self.reference = head_size(model, reference_shape).detach()
         self.weight = weight

@@ -25,6 +25,7 @@ from tracker.camera import Camera, to_camera
 from tracker.energy.base import robust_ratio
 from tracker.errors import TrackerError
 from tracker.flame.model import FlameModel, FlameParams
+from tracker.render.albedo_model import AlbedoModel
 from tracker.render.rasterize import Fragments
 from tracker.render.renderer import Albedo, RenderOutput, TextureAlbedo, VertexAlbedo, shade_sh
 from tracker.render.shading import SH_DC_FACTOR, vertex_normals
@@ -63,7 +64,8 @@ class Appearance:
     """Albedo and lighting of a sequence, shared by its frames (texture or vertex colours, not both)."""
 
     sh: Tensor
-    """(9, 3) SH lighting in camera coordinates (render.shading's basis), DC fixed to SH_UNIT_DC."""
+    """(9, 3) SH lighting in camera coordinates (render.shading's basis), DC fixed to SH_UNIT_DC (free under an
+    albedo model, which fixes the albedo's scale)."""
     texture: Tensor | None = None
     """(3, Ht, Wt) albedo in FLAME's UV layout, row 0 at v = 1, values nominally in [0, 1]."""
     corner_uvs: Tensor | None = None
@@ -73,6 +75,11 @@ class Appearance:
     coverage: Tensor | None = None
     """(Ht, Wt) or (V,) how many pixels' worth of the fitted frames each texel (vertex) was seen by; None when
     unknown. Albedo that no frame showed is a guess: the stage does not compare it."""
+    albedo_model: AlbedoModel | None = None
+    """The statistical albedo model the texture comes from (texture = its albedo(albedo_code)); None: a free
+    per-texel texture."""
+    albedo_code: Tensor | None = None
+    """(K,) the albedo model's coefficients."""
 
     def albedo(self) -> Albedo:
         if self.texture is not None:
@@ -86,8 +93,9 @@ class Appearance:
         return replace(self, vertex_colors=self.vertex_colors.index_select(0, mesh.vertex_ids))
 
     def detach(self) -> Appearance:
-        return Appearance(*(None if t is None else t.detach().clone()
-                            for t in (self.sh, self.texture, self.corner_uvs, self.vertex_colors, self.coverage)))
+        return replace(self, **{name: getattr(self, name).detach().clone() for name in
+                                ("sh", "texture", "corner_uvs", "vertex_colors", "coverage", "albedo_code")
+                                if getattr(self, name) is not None})
 
     def blurred(self, factor: int) -> Appearance:
         """The texture (and its coverage) box-filtered by `factor` (a mip level), to render images `factor`

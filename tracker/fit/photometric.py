@@ -36,7 +36,7 @@ from tracker.camera import Camera, to_camera
 from tracker.config import PhotometricStageConfig, TrackerConfig
 from tracker.energy.base import Observations, reweighted
 from tracker.energy.contour import POINTS_KEY as CONTOUR_POINTS
-from tracker.energy.head_size import HeadSizeEnergy
+from tracker.energy.head_size import HOLD_WEIGHT, HeadSizeEnergy
 from tracker.energy.photometric import (
     Appearance,
     PhotometricConfig,
@@ -56,6 +56,7 @@ from tracker.fit.solver import FRAME_FIELDS, LANDMARK_FIELDS, Problem, adam_mini
 from tracker.flame.assets import FlameBundle
 from tracker.flame.landmarks import yaw_degrees
 from tracker.flame.model import FlameModel, FlameParams
+from tracker.render.albedo_model import AlbedoModel, load_albedo_model
 from tracker.render.backends import get_rasterizer
 from tracker.render.barycentric import face_corner_values
 from tracker.render.interpolate import interpolate_covered
@@ -138,9 +139,16 @@ def load_corner_uvs(stage: PhotometricStageConfig, bundle: FlameBundle, device: 
     return mesh.corner_uvs().to(device)
 
 
-def initial_appearance(stage: PhotometricStageConfig, bundle: FlameBundle, color: Tensor) -> Appearance:
-    """Uniform albedo of `color` (3,) under neutral white light, as a texture or as vertex colours."""
+def initial_appearance(stage: PhotometricStageConfig, bundle: FlameBundle, color: Tensor,
+                       model: AlbedoModel | None = None) -> Appearance:
+    """Uniform albedo of `color` (3,) under neutral white light, as a texture or as vertex colours; with an
+    albedo model, its mean albedo under light that makes it `color` on average."""
     device = color.device
+    if model is not None:
+        mean = model.mean.to(device)
+        sh = neutral_sh(device) * (color / mean.mean(dim=(1, 2)).clamp(min=1e-3))  # per channel: white balance
+        return Appearance(sh, texture=mean.clone(), corner_uvs=load_corner_uvs(stage, bundle, device),
+                          albedo_model=model.to(device), albedo_code=torch.zeros(model.components, device=device))
     if stage.albedo == "texture":
         size = stage.texture_size
         return Appearance(neutral_sh(device), texture=color.view(3, 1, 1).expand(3, size, size).clone(),
@@ -233,43 +241,57 @@ def fit_appearance(geometry: PixelGeometry, init: Appearance, faces: Tensor, ter
 
     With photometric.frame_lighting each frame has its own lighting (lights change; the first frame's DC term
     is the fixed convention, the others' may differ: brightness changes), and the appearance's lighting is their
-    mean; otherwise one lighting beyond its fixed DC term.
+    mean; otherwise one lighting beyond its fixed DC term. With an albedo model (init.albedo_model) its
+    coefficients are fitted instead of texels, and no DC term is fixed: the model fixes the albedo's scale.
     iters: Adam steps (default photometric.texture_keyframe_iters). The first `warmup` of them (default half)
     use the robust loss only, the rest also drop outlier pixels: with the uniform initial albedo every
     distinctive feature (brows, lips) would look like an outlier; from a fitted albedo no warm-up is needed.
     """
     iters = stage.texture_keyframe_iters if iters is None else iters
     warmup = iters // 2 if warmup is None else min(warmup, iters)
-    albedo = (init.texture if init.texture is not None else init.vertex_colors).detach().clone().requires_grad_(True)
+    model = init.albedo_model
+    free = (init.albedo_code if model is not None else init.texture if init.texture is not None
+            else init.vertex_colors).detach().clone().requires_grad_(True)
     lights = geometry.batch if stage.frame_lighting else 1
     sh_free = init.sh.detach().expand(lights, -1, -1).clone().requires_grad_(True)  # row 0 of frame 0: fixed
-    fixed_dc = torch.zeros(lights, 9, 1, device=albedo.device)
-    fixed_dc[0, 0] = 1.0
+    fixed_dc = torch.zeros(lights, 9, 1, device=free.device)
+    fixed_dc[0, 0] = 1.0 if model is None else 0.0
     pixel_frame = geometry.image if lights > 1 else torch.zeros_like(geometry.image)
     basis = sh_basis(geometry.normals)  # (9, P)
     edges = mesh_edges(faces) if init.texture is None else faces.new_zeros(0, 2)
 
     albedo_at_pixels = pixel_albedo_sampler(init, faces, geometry)
-    coverage = seen_weight(albedo_at_pixels, albedo)
+    shaped = init.texture if init.texture is not None else init.vertex_colors
+    coverage = seen_weight(albedo_at_pixels, shaped)
     if init.coverage is not None:  # refitting from a fitted appearance: what it saw stays seen
         coverage = torch.maximum(coverage, init.coverage)
+
+    def albedo() -> Tensor:
+        return model.albedo(free) if model is not None else free
 
     def frame_sh() -> Tensor:
         return fixed_dc * init.sh + (1 - fixed_dc) * sh_free  # (lights, 9, 3)
 
     def current() -> Appearance:
+        if model is not None:
+            return replace(init, sh=frame_sh().mean(dim=0), coverage=coverage, texture=albedo(), albedo_code=free)
         return replace(init, sh=frame_sh().mean(dim=0), coverage=coverage,
-                       **({"texture": albedo} if init.texture is not None else {"vertex_colors": albedo}))
+                       **({"texture": free} if init.texture is not None else {"vertex_colors": free}))
+
+    def regulariser() -> Tensor:
+        if model is not None:  # the model is the albedo's prior
+            return stage.albedo_prior * free.pow(2).sum()
+        return appearance_regulariser(current(), stage, edges)
 
     def loss_with(cfg: PhotometricConfig) -> Callable[[], Tensor]:
         def loss() -> Tensor:
             shading = torch.einsum("kp,pkc->cp", basis, frame_sh()[pixel_frame])
-            color = albedo_at_pixels(albedo) * shading
+            color = albedo_at_pixels(albedo()) * shading
             residual = masked_photometric_residuals(color, geometry.target, geometry.image, geometry.batch, cfg)
-            return residual.pow(2).sum() / geometry.batch + appearance_regulariser(current(), stage, edges)
+            return residual.pow(2).sum() / geometry.batch + regulariser()
         return loss
 
-    tensors = {"albedo": albedo, "sh": sh_free}
+    tensors = {"albedo": free, "sh": sh_free}
     unit = replace(term, weight=1.0)  # the regulariser weights are relative to a unit data term
     if warmup > 0:
         adam_minimise(loss_with(replace(unit, outlier_k=float("inf"))), tensors, warmup, stage.appearance_lr)
@@ -292,12 +314,14 @@ def frames_geometry(mesh: RegionMesh, camera: Camera, params: FlameParams, image
 
 
 def estimate_appearance(mesh: RegionMesh, camera: Camera, params: FlameParams, images: np.ndarray,
-                        bundle: FlameBundle, cfg: TrackerConfig, keyframes: np.ndarray) -> Appearance:
-    """Appearance from the keyframes' images (camera: theirs) with their poses held fixed."""
+                        bundle: FlameBundle, cfg: TrackerConfig, keyframes: np.ndarray,
+                        model: AlbedoModel | None = None) -> Appearance:
+    """Appearance from the keyframes' images (camera: theirs) with their poses held fixed (with `model`, its
+    albedo)."""
     geometry = frames_geometry(mesh, camera, params, images, keyframes, cfg.photometric.renderer)
     if geometry.face.numel() == 0:
         raise TrackerError("photometric stage: the compared regions are not visible in any keyframe")
-    init = initial_appearance(cfg.photometric, bundle, geometry.target.mean(dim=1))
+    init = initial_appearance(cfg.photometric, bundle, geometry.target.mean(dim=1), model)
     return fit_appearance(geometry, init, bundle.model.faces.to(init.sh.device), cfg.energy.photometric,
                           cfg.photometric)
 
@@ -468,15 +492,18 @@ def refine_identity(problem: Problem, mesh: RegionMesh, appearance: Appearance, 
     not with refit_appearance off: a known appearance).
     A single camera sees the head's size only together with its distance: the compared regions of the neutral
     head keep their size under the landmark identity (`HeadSizeEnergy` on the region mesh), the images choose
-    their shape.
+    their shape. Under an albedo model the size is held only as firmly as photometric.albedo_model_size_weight
+    says (default: free): its albedo cannot follow a wrong head, and the images then tell the size better than
+    the landmarks did (README: with a free texture, freeing the size made fits worse; with a model, better).
     """
     stage = cfg.photometric
     device = mesh.vertex_ids.device
     index = torch.as_tensor(keyframes, device=device)
     params = result.params.frames(index).detach()
     key_obs, key_images = obs.frames(index), stacked_images(images, keyframes, device)
-    problem = problem.with_terms([term for term in problem.terms if term.name != "temporal"] +
-                                 [HeadSizeEnergy(mesh.model, result.params.shape)])
+    weight = HOLD_WEIGHT if appearance.albedo_model is None else stage.albedo_model_size_weight
+    size = [HeadSizeEnergy(mesh.model, result.params.shape, weight)] if weight > 0 else []
+    problem = problem.with_terms([term for term in problem.terms if term.name != "temporal"] + size)
     faces = bundle.model.faces.to(device)
     for _ in range(stage.identity_rounds):
         params = fit_photometric(problem, mesh, appearance, params, key_obs, key_images, cfg, LANDMARK_FIELDS,
@@ -523,6 +550,8 @@ def check_stage_inputs(result: TrackResult, images: np.ndarray, crop: StageCrop,
                            f"uint8 (the crop of every tracked frame), got {images.shape} {images.dtype}")
     if stage.albedo not in ("texture", "vertex"):
         raise TrackerError(f"photometric.albedo must be texture or vertex, got {stage.albedo!r}")
+    if stage.albedo_model and stage.albedo != "texture":
+        raise TrackerError("photometric.albedo_model is a texture model: it needs photometric.albedo: texture")
     if stage.pyramid_levels < 1 or stage.keyframes < 1 or stage.texture_size < 8 or stage.frame_iters < 1 \
             or stage.samples < 1:
         raise TrackerError("photometric.pyramid_levels, keyframes, frame_iters and samples must be >= 1, "
@@ -560,8 +589,12 @@ def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observatio
         mesh = region_mesh(problem.model, bundle.masks, term.regions)
         keyframes = appearance_keyframes(result, stage.keyframes)
         known = appearance is not None
+        model = None
+        if not known and stage.albedo_model:
+            model = load_albedo_model(stage.albedo_model, stage.texture_size, stage.albedo_components)
         if not known:
-            appearance = estimate_appearance(mesh, crop_problem.camera, result.params, images, bundle, cfg, keyframes)
+            appearance = estimate_appearance(mesh, crop_problem.camera, result.params, images, bundle, cfg, keyframes,
+                                             model)
         shape, appearance = refine_identity(crop_problem, mesh, appearance, result, crop_obs, images, keyframes,
                                             bundle, cfg, refit_appearance=not known)
         # The neck turns the head like the global rotation: free it only when the neck itself is compared.
@@ -573,7 +606,8 @@ def run_photometric_stage(problem: Problem, result: TrackResult, obs: Observatio
         if not known:
             appearance = refine_appearance(appearance, mesh, crop_problem.camera, refined, images, bundle, cfg)
     report = {"keyframes": len(keyframes), "identity_change_mm": round(shape_change_mm(
-        problem.model, result.params.shape, refined.params.shape), 3), "guard": guard}
+        problem.model, result.params.shape, refined.params.shape), 3), "guard": guard,
+        "albedo_model": model.source if model is not None else None}
     return refined, appearance, report
 
 
